@@ -1,0 +1,174 @@
+"""`harvest`: the command line. Turns every HarvestError into one line and an exit status."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from crawler.config import Config, load_config
+from crawler.errors import ExitCode, HarvestError
+from crawler.lock import OutputLock
+from crawler.pipeline import RunSummary, run_harvest
+from crawler.report import print_status, print_summary, write_summary
+from crawler.state import State
+
+log = logging.getLogger("harvest")
+KEY_ENV = "CIVITAI_API_KEY"
+
+EPILOG = """\
+exit status:
+  0    every shard finished
+  1    the run cannot go on (API key rejected, region blocked, disk full, state broken)
+  2    bad config or usage: nothing was requested
+  3    some shards failed; the others finished. Rerun the same command to resume
+  4    another harvest holds the output dir
+  130  interrupted by SIGINT, 143 by SIGTERM; committed work is kept, rerun to resume
+
+The API key is read from the environment variable CIVITAI_API_KEY and is never printed.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="harvest",
+        description="Exactly-once, resumable bulk harvester for Civitai's images API.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    run = sub.add_parser(
+        "run",
+        help="harvest a config into its output dir (rerun to resume)",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    run.add_argument("config", type=Path, help="TOML config file")
+    _add_verbosity(run)
+    status = sub.add_parser("status", help="show where every shard of a config's harvest stands")
+    status.add_argument("config", type=Path, help="TOML config file")
+    demo = sub.add_parser("demo", help="harvest a sample from the bundled fake API on loopback")
+    demo.add_argument("--dir", type=Path, default=Path("demo"), help="where to write (default: ./demo)")
+    _add_verbosity(demo)
+    return parser
+
+
+def _add_verbosity(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("-v", "--verbose", action="store_true", help="log every page")
+    group.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(getattr(args, "verbose", False), getattr(args, "quiet", False))
+    key = os.environ.get(KEY_ENV) or None
+    try:
+        if args.command == "run":
+            return cmd_run(load_config(args.config), key)
+        if args.command == "status":
+            return cmd_status(load_config(args.config))
+        from crawler.demo import run_demo  # the fake API is only loaded when asked for
+
+        return run_demo(args.dir, cmd_run)
+    except HarvestError as exc:
+        print(f"harvest: error: {redact(str(exc), key)}", file=sys.stderr)
+        return exc.exit_code
+
+
+def cmd_run(config: Config, key: str | None) -> int:
+    lock = OutputLock(config.output.dir)
+    state = State.open(config.output.dir)
+    try:
+        summary, signum = _run_interruptibly(lambda: run_harvest(config, state, key))
+        if signum is not None:
+            name = signal.Signals(signum).name
+            print(
+                f"harvest: interrupted by {name}; committed work is kept. "
+                f"Resume with: harvest run {config.path}",
+                file=sys.stderr,
+            )
+            return 128 + signum
+        assert summary is not None
+        write_summary(config.output.dir, summary)
+        print_summary(summary, config)
+        return ExitCode.OK if summary.ok else ExitCode.SHARDS_FAILED
+    finally:
+        state.close()
+        lock.release()
+
+
+def _run_interruptibly(
+    make: Callable[[], object],
+) -> tuple[RunSummary | None, int | None]:
+    """Run the harvest; the first SIGINT/SIGTERM cancels it cleanly, a second exits at once.
+
+    Exiting at once is safe: every commit is one SQLite transaction and an
+    uncommitted tail of the output is cut away on the next start.
+    """
+    caught: list[int] = []
+
+    async def guarded() -> RunSummary | None:
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+
+        def on_signal(signum: int) -> None:
+            if caught:
+                os._exit(128 + caught[0])
+            caught.append(signum)
+            log.warning("%s: finishing the page being committed, then stopping", signal.Signals(signum).name)
+            task.cancel()
+
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, on_signal, signum)
+        try:
+            return await make()  # type: ignore[no-any-return, misc]
+        except asyncio.CancelledError:
+            if caught:
+                return None
+            raise
+
+    summary = asyncio.run(guarded())
+    return summary, (caught[0] if caught else None)
+
+
+def cmd_status(config: Config) -> int:
+    state = State.open(config.output.dir, create=False)
+    try:
+        print_status(state, config)
+    finally:
+        state.close()
+    return ExitCode.OK
+
+
+def redact(text: str, key: str | None) -> str:
+    """Belt and braces: the key is never put into messages, but never let one through."""
+    return text.replace(key, "[redacted]") if key else text
+
+
+class _RedactingFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = os.environ.get(KEY_ENV)
+        if key:
+            record.msg = redact(record.getMessage(), key)
+            record.args = None
+        return True
+
+
+def _setup_logging(verbose: bool, quiet: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    handler.addFilter(_RedactingFilter())
+    log.handlers[:] = [handler]
+    log.propagate = False
+    log.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

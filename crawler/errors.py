@@ -1,0 +1,88 @@
+"""One exception root for everything the harvester can say went wrong.
+
+Each family names whose fault it is and carries the exit status the CLI uses, so
+`cli.main` turns any `HarvestError` into one line on stderr and that status.
+"""
+
+from __future__ import annotations
+
+
+class ExitCode:
+    """Process exit statuses, documented in the README and `harvest --help`."""
+
+    OK = 0
+    ERROR = 1  # the run cannot go on: key rejected, region blocked, disk or state broken
+    USAGE = 2  # bad config or command line: nothing was requested
+    SHARDS_FAILED = 3  # some shards stopped; a rerun resumes them
+    LOCKED = 4  # another harvest holds the output dir
+    SIGINT = 130
+    SIGTERM = 143
+
+
+class HarvestError(Exception):
+    """Base of every error the CLI reports as one clean line."""
+
+    exit_code: int = ExitCode.ERROR
+
+
+class ConfigError(HarvestError):
+    """The config file or command line is wrong: the user's to fix."""
+
+    exit_code = ExitCode.USAGE
+
+
+class StateError(HarvestError):
+    """The output dir's state or files are inconsistent or unusable."""
+
+    exit_code = ExitCode.ERROR
+
+
+class OutputError(HarvestError):
+    """Writing the harvest failed (disk full, permissions)."""
+
+    exit_code = ExitCode.ERROR
+
+
+class LockedError(HarvestError):
+    """Another harvest is running on the same output dir."""
+
+    exit_code = ExitCode.LOCKED
+
+
+class ApiError(HarvestError):
+    """The API answered something the harvester cannot go on from."""
+
+    exit_code = ExitCode.SHARDS_FAILED
+
+
+class ShardError(ApiError):
+    """Fatal for one shard only: other shards go on, the run exits 3."""
+
+
+class CursorLoopError(ShardError):
+    """The API served a cursor this walk had already followed."""
+
+
+class ForeignItemsError(ShardError):
+    """The API served items that do not match the shard's key."""
+
+
+class BadRequestError(ShardError):
+    """A 400: the API rejected a parameter (named in the message)."""
+
+
+class NotFoundError(ShardError):
+    """A 404: the model (or path) does not exist."""
+
+
+class RetriesExhaustedError(ShardError):
+    """Transient failures outlasted the retry budget; the checkpoint is intact."""
+
+
+class RunFatalError(ApiError):
+    """Fatal for the whole run: rejected key (401/403), blocked region (451).
+
+    A rerun cannot help until the cause is fixed, so this is not exit 3.
+    """
+
+    exit_code = ExitCode.ERROR

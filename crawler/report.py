@@ -1,0 +1,78 @@
+"""What a person or a cron wrapper reads: the run summary and the shard table."""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, TextIO
+
+import orjson
+
+from crawler.config import Config
+from crawler.pipeline import RunSummary
+from crawler.state import State
+
+SUMMARY_FILE = "last-run.json"
+
+
+def summary_dict(summary: RunSummary) -> dict[str, Any]:
+    counters = asdict(summary.counters)
+    return {
+        "ok": summary.ok,
+        "new_items": summary.new_items,
+        "pages": summary.pages,
+        "requests": counters["requests"],
+        "retries": counters["retries"],
+        "rate_limited": counters["rate_limited"],
+        "cooldown_seconds": round(counters["cooldown_seconds"], 3),
+        "failed_attempts": counters["by_reason"],
+        "shards": summary.shards,
+        "shards_done": summary.shards_done,
+        "failures": summary.failures,
+        "elapsed_seconds": round(summary.elapsed, 3),
+    }
+
+
+def write_summary(out_dir: Path, summary: RunSummary) -> None:
+    """Atomically replace the output dir's summary, for dashboards and cron wrappers."""
+    target = out_dir / SUMMARY_FILE
+    temp = target.with_suffix(".tmp")
+    temp.write_bytes(orjson.dumps(summary_dict(summary), option=orjson.OPT_INDENT_2) + b"\n")
+    os.replace(temp, target)
+
+
+def print_summary(summary: RunSummary, config: Config, out: TextIO = sys.stderr) -> None:
+    c = summary.counters
+    print(
+        f"harvest: {summary.new_items} new images in {summary.pages} pages; "
+        f"{c.requests} requests, {c.retries} retries, {c.rate_limited} rate-limited; "
+        f"{summary.shards_done}/{summary.shards} shards done; {summary.elapsed:.1f} s "
+        f"-> {config.output.dir}",
+        file=out,
+    )
+    for failure in summary.failures:
+        print(f"harvest: failed: {failure}", file=out)
+    if summary.failures:
+        print(f"harvest: rerun `harvest run {config.path}` to resume", file=out)
+
+
+def print_status(state: State, config: Config, out: TextIO = sys.stdout) -> None:
+    shards = state.shards()
+    rows = [("STATUS", "IMAGES", "PAGES", "QUERY", "SHARD")]
+    rows += [(s.status, str(s.items), str(s.pages), s.query, s.key) for s in shards]
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for row in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[4], file=out)
+    for shard in shards:
+        if shard.error:
+            print(f"{shard.query} [{shard.key}]: {shard.error}", file=out)
+    segments = state.segments()
+    pass_no = state.get_meta("pass") or "0"
+    open_ = "in progress" if state.get_meta("pass_open") == "1" else "complete"
+    print(
+        f"{state.seen_count()} images in {len(segments)} file(s) under {config.output.dir}; "
+        f"pass {pass_no} {open_}",
+        file=out,
+    )

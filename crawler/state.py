@@ -1,0 +1,297 @@
+"""The harvest's durable state: one SQLite file per output dir.
+
+It holds every shard's cursor, the output segments' committed sizes and the ids
+already written, and changes them together in one transaction per page. That
+transaction is the commit point of exactly-once: lines written to a segment
+before it are cut away on the next start if it never happened.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+
+from crawler.errors import StateError
+
+STATE_FILE = "harvest.sqlite"
+SCHEMA_VERSION = "1"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS shards (
+    key TEXT PRIMARY KEY,
+    query TEXT NOT NULL,
+    pass INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    cursor TEXT,
+    tail_cursor TEXT,
+    items INTEGER NOT NULL DEFAULT 0,
+    pages INTEGER NOT NULL DEFAULT 0,
+    error TEXT,
+    updated REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS segments (
+    name TEXT PRIMARY KEY,
+    size INTEGER NOT NULL,
+    items INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS seen (id INTEGER PRIMARY KEY) WITHOUT ROWID;
+"""
+
+Cursor = str | int
+
+
+class ShardStatus:
+    """A shard's place in the current pass."""
+
+    PENDING = "pending"  # not fetched yet in this pass
+    ACTIVE = "active"  # walked part way; `cursor` is the next page
+    DONE = "done"  # walked to the end in this pass
+    FAILED = "failed"  # stopped on an error; a rerun resumes from `cursor`
+
+
+@dataclass(frozen=True, slots=True)
+class ShardRow:
+    """One shard as the state knows it."""
+
+    key: str
+    query: str
+    pass_no: int
+    status: str
+    cursor: Cursor | None
+    tail_cursor: Cursor | None
+    items: int
+    pages: int
+    error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentRow:
+    """One output file and how much of it is committed."""
+
+    name: str
+    size: int
+    items: int
+
+
+@dataclass(frozen=True, slots=True)
+class PageCommit:
+    """Everything one page changes, applied in a single transaction."""
+
+    shard_key: str
+    segment: str
+    segment_size: int
+    new_ids: Sequence[int]
+    next_cursor: Cursor | None
+    page_cursor: Cursor | None
+
+
+def _dump_cursor(cursor: Cursor | None) -> str | None:
+    return None if cursor is None else orjson.dumps(cursor).decode()
+
+
+def _load_cursor(text: str | None) -> Cursor | None:
+    return None if text is None else orjson.loads(text)
+
+
+class State:
+    """The SQLite store of one output dir. Not thread-safe: one user at a time."""
+
+    def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
+        self._conn = conn
+        self.path = path
+
+    @classmethod
+    def open(cls, out_dir: Path, *, create: bool = True) -> State:
+        path = out_dir / STATE_FILE
+        if not create and not path.exists():
+            raise StateError(f"{out_dir}: no harvest state here yet (run `harvest run` first)")
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            # isolation_level=None: we issue BEGIN/COMMIT ourselves, one per page.
+            conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")
+            # NORMAL in WAL mode may lose the last commit on power loss, never
+            # consistency; a lost commit only means that page is fetched again.
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.executescript(_SCHEMA)
+        except (OSError, sqlite3.Error) as exc:
+            raise StateError(f"{path}: cannot open harvest state: {exc}") from None
+        state = cls(conn, path)
+        state._check_version()
+        return state
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def _check_version(self) -> None:
+        found = self.get_meta("schema")
+        if found is None:
+            self.set_meta("schema", SCHEMA_VERSION)
+        elif found != SCHEMA_VERSION:
+            raise StateError(f"{self.path}: state schema {found}, this harvest reads {SCHEMA_VERSION}")
+
+    def get_meta(self, key: str) -> str | None:
+        row = self._conn.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return None if row is None else row[0]
+
+    def set_meta(self, key: str, value: str) -> None:
+        self._conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+
+    # -- passes ---------------------------------------------------------------
+
+    def begin_pass(self, shards: Iterable[tuple[str, str]]) -> int:
+        """Register the run's shards and return the pass they belong to.
+
+        A pass is one walk of every shard. While the last one is unfinished a
+        run resumes it (done shards stay done); once it finished, the next run
+        opens a new pass in which every shard walks again.
+        """
+        pass_no = int(self.get_meta("pass") or 0)
+        with self._transaction():
+            if self.get_meta("pass_open") != "1":
+                pass_no += 1
+                self.set_meta("pass", str(pass_no))
+                self.set_meta("pass_open", "1")
+            for key, query in shards:
+                self._enrol(key, query, pass_no)
+        return pass_no
+
+    def _enrol(self, key: str, query: str, pass_no: int) -> None:
+        row = self._conn.execute("SELECT pass FROM shards WHERE key=?", (key,)).fetchone()
+        now = time.time()
+        if row is None:
+            self._conn.execute(
+                "INSERT INTO shards (key, query, pass, status, updated) VALUES (?,?,?,?,?)",
+                (key, query, pass_no, ShardStatus.PENDING, now),
+            )
+        elif row[0] != pass_no:
+            # A new pass walks from the head again; the old tail is kept for
+            # sorts that can continue from it.
+            self._conn.execute(
+                "UPDATE shards SET pass=?, status=?, cursor=NULL, error=NULL, updated=? WHERE key=?",
+                (pass_no, ShardStatus.PENDING, now, key),
+            )
+
+    def finish_pass_if_complete(self, keys: Iterable[str]) -> bool:
+        """Close the pass when every one of `keys` is done; say whether it closed."""
+        statuses = [self.shard(k).status for k in keys]
+        complete = all(s == ShardStatus.DONE for s in statuses)
+        if complete:
+            self.set_meta("pass_open", "0")
+        return complete
+
+    # -- shards ---------------------------------------------------------------
+
+    def shard(self, key: str) -> ShardRow:
+        row = self._conn.execute(
+            "SELECT key, query, pass, status, cursor, tail_cursor, items, pages, error "
+            "FROM shards WHERE key=?",
+            (key,),
+        ).fetchone()
+        if row is None:
+            raise StateError(f"{self.path}: unknown shard {key}")
+        return _shard_row(row)
+
+    def shards(self) -> list[ShardRow]:
+        rows = self._conn.execute(
+            "SELECT key, query, pass, status, cursor, tail_cursor, items, pages, error "
+            "FROM shards ORDER BY query, key"
+        ).fetchall()
+        return [_shard_row(r) for r in rows]
+
+    def mark_failed(self, key: str, error: str) -> None:
+        self._conn.execute(
+            "UPDATE shards SET status=?, error=?, updated=? WHERE key=?",
+            (ShardStatus.FAILED, error, time.time(), key),
+        )
+
+    # -- pages ----------------------------------------------------------------
+
+    def known_ids(self, ids: Sequence[int]) -> set[int]:
+        """Which of `ids` were already written to this output dir."""
+        found: set[int] = set()
+        for start in range(0, len(ids), 500):  # stay under SQLite's variable limit
+            chunk = ids[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            rows = self._conn.execute(f"SELECT id FROM seen WHERE id IN ({marks})", chunk)
+            found.update(r[0] for r in rows)
+        return found
+
+    def commit_page(self, page: PageCommit) -> None:
+        """Record one page: its new ids, the segment's size, the shard's next cursor."""
+        done = page.next_cursor is None
+        with self._transaction():
+            self._conn.executemany("INSERT INTO seen (id) VALUES (?)", ((i,) for i in page.new_ids))
+            self._conn.execute(
+                "INSERT INTO segments (name, size, items) VALUES (?, ?, ?) "
+                "ON CONFLICT(name) DO UPDATE SET size=excluded.size, items=items+excluded.items",
+                (page.segment, page.segment_size, len(page.new_ids)),
+            )
+            self._conn.execute(
+                "UPDATE shards SET status=?, cursor=?, tail_cursor=COALESCE(?, tail_cursor), "
+                "items=items+?, pages=pages+1, error=NULL, updated=? WHERE key=?",
+                (
+                    ShardStatus.DONE if done else ShardStatus.ACTIVE,
+                    _dump_cursor(page.next_cursor),
+                    _dump_cursor(page.page_cursor),
+                    len(page.new_ids),
+                    time.time(),
+                    page.shard_key,
+                ),
+            )
+
+    # -- segments -------------------------------------------------------------
+
+    def segments(self) -> list[SegmentRow]:
+        rows = self._conn.execute("SELECT name, size, items FROM segments ORDER BY name").fetchall()
+        return [SegmentRow(*r) for r in rows]
+
+    def seen_count(self) -> int:
+        return int(self._conn.execute("SELECT count(*) FROM seen").fetchone()[0])
+
+    def _transaction(self) -> _Transaction:
+        return _Transaction(self._conn, self.path)
+
+
+class _Transaction:
+    """BEGIN IMMEDIATE … COMMIT, rolled back on any error, errors made one line."""
+
+    def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
+        self._conn = conn
+        self._path = path
+
+    def __enter__(self) -> None:
+        self._conn.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        if exc is not None:
+            self._conn.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.Error):
+                raise StateError(f"{self._path}: {exc}") from None
+            return
+        try:
+            self._conn.execute("COMMIT")
+        except sqlite3.Error as err:
+            self._conn.execute("ROLLBACK")
+            raise StateError(f"{self._path}: commit failed: {err}") from None
+
+
+def _shard_row(row: tuple[object, ...]) -> ShardRow:
+    key, query, pass_no, status, cursor, tail, items, pages, error = row
+    return ShardRow(
+        key=str(key),
+        query=str(query),
+        pass_no=int(pass_no),  # type: ignore[call-overload]
+        status=str(status),
+        cursor=_load_cursor(cursor),  # type: ignore[arg-type]
+        tail_cursor=_load_cursor(tail),  # type: ignore[arg-type]
+        items=int(items),  # type: ignore[call-overload]
+        pages=int(pages),  # type: ignore[call-overload]
+        error=None if error is None else str(error),
+    )

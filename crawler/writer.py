@@ -1,0 +1,102 @@
+"""Append-only NDJSON segments whose committed length lives in the state.
+
+Lines are appended and fsynced *before* the state commit that covers them, so the
+state never points past data on disk; on open, anything past the committed
+length (a torn line, a page whose commit never happened) is cut away.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from crawler.errors import OutputError, StateError
+from crawler.state import SegmentRow
+
+SEGMENT_SUFFIX = ".ndjson"
+
+
+def segment_name(number: int) -> str:
+    return f"images-{number:06d}{SEGMENT_SUFFIX}"
+
+
+def dump_item(item: Any) -> bytes:
+    """One image as one JSON line: every key as served, nothing added."""
+    try:
+        return orjson.dumps(item) + b"\n"
+    except (TypeError, orjson.JSONEncodeError):
+        # orjson refuses lone surrogates and integers past 64 bits, which the
+        # standard library (our parse fallback) lets through; keep them intact.
+        return json.dumps(item, ensure_ascii=True, separators=(",", ":")).encode() + b"\n"
+
+
+class SegmentWriter:
+    """Appends lines to the active segment of one output dir."""
+
+    def __init__(self, out_dir: Path, committed: Sequence[SegmentRow]) -> None:
+        self._dir = out_dir
+        if committed:
+            self.name = committed[-1].name
+            self.size = committed[-1].size
+        else:
+            self.name, self.size = segment_name(1), 0
+        self._fd = self._open_at_commit()
+
+    def _open_at_commit(self) -> int:
+        path = self._dir / self.name
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+            on_disk = os.fstat(fd).st_size
+        except OSError as exc:
+            raise OutputError(f"{path}: cannot open for writing: {exc.strerror}") from None
+        if on_disk < self.size:
+            os.close(fd)
+            raise StateError(
+                f"{path}: holds {on_disk} bytes but the state committed {self.size}: "
+                "the file was truncated or replaced outside the harvest"
+            )
+        if on_disk > self.size:
+            os.ftruncate(fd, self.size)  # an uncommitted tail from an interrupted run
+        os.lseek(fd, self.size, os.SEEK_SET)
+        return fd
+
+    @property
+    def path(self) -> Path:
+        return self._dir / self.name
+
+    def append(self, lines: Sequence[bytes]) -> int:
+        """Write and fsync `lines`; return the segment's new size."""
+        data = b"".join(lines)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self._fd, view) :]
+            os.fsync(self._fd)
+        except OSError as exc:
+            self._rewind()
+            raise OutputError(f"{self.path}: write failed: {_describe(exc)}") from None
+        self.size += len(data)
+        return self.size
+
+    def _rewind(self) -> None:
+        """Drop a partial write so later appends never follow garbage."""
+        try:
+            os.ftruncate(self._fd, self.size)
+            os.lseek(self._fd, self.size, os.SEEK_SET)
+        except OSError:
+            pass  # the next start cuts the tail anyway
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+def _describe(exc: OSError) -> str:
+    if exc.errno == errno.ENOSPC:
+        return "no space left on device (what was committed is intact; rerun once space is free)"
+    return exc.strerror or str(exc)
