@@ -2,9 +2,7 @@
 
 Only a few compact integer columns are stored per image (about 25 bytes), so a
 million images fit in tens of megabytes; everything else an item carries (url,
-stats, meta, tags...) is derived on demand from a hash of its id and the seed,
-and rendered straight to JSON bytes (cached, bounded) because the server only
-ever needs bytes.
+stats, meta, tags...) is derived on demand from a hash of its id and the seed.
 """
 
 from __future__ import annotations
@@ -15,10 +13,8 @@ import random
 from array import array
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
-
-import orjson
 
 LEVELS = (1, 2, 4, 8, 16)  # browsingLevel bits, one per item
 LEVEL_NAMES = ("None", "Soft", "Mature", "X", "X")  # deprecated nsfwLevel strings
@@ -27,6 +23,7 @@ SORTS = ("Most Reactions", "Most Comments", "Most Collected", "Newest", "Oldest"
 PERIODS = ("Day", "Week", "Month", "Year", "AllTime")
 PERIOD_MS = {"Day": 86_400_000, "Week": 7 * 86_400_000, "Month": 30 * 86_400_000, "Year": 365 * 86_400_000}
 
+_FIRST_USER_ID = 1000
 _HIDDEN, _DELETED = 1, 2  # bits of the per-image flags column
 _M64 = (1 << 64) - 1
 _T0_MS = 1_672_531_200_000  # 2023-01-01: the oldest image
@@ -197,7 +194,7 @@ _METRICS = {"Most Reactions": _reactions, "Most Comments": lambda h: (h >> 26) &
 
 
 def _iso(ms: int) -> str:
-    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
+    return datetime.fromtimestamp(ms / 1000, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
 
 
 def _uuid(h: int) -> str:
@@ -224,7 +221,7 @@ class _Columns:
 class Dataset:
     """The image index: built once from a spec, then grown or shrunk live by tests."""
 
-    def __init__(self, spec: DatasetSpec, *, cache_bytes: int = 64 << 20) -> None:
+    def __init__(self, spec: DatasetSpec) -> None:
         self.spec = spec
         self.generation = 0  # bumped on every change: selections cached by it
         self._rng = random.Random(spec.seed)
@@ -236,11 +233,9 @@ class Dataset:
         self._user_index = {n.lower(): u for u, n in enumerate(self._usernames)}
         self.cols = _Columns()
         self._members: list[array] = [array("i") for _ in self._versions]
-        self._step_ms = _SPAN_MS // max(spec.total_images * 2, 1)
+        self._step_ms = _SPAN_MS // max(spec.total_images * 3, 1)  # ids grow ~2.5 per image
         self._selections: dict[tuple[int, ImageQuery], array] = {}
         self._post_members: list[array] | None = None
-        self._bytes: dict[tuple[int, int], bytes] = {}
-        self._bytes_size, self._bytes_cap = 0, cache_bytes
         self._build()
 
     # -------------------------------------------------------- building
@@ -344,7 +339,7 @@ class Dataset:
         return self.spec.first_post_id + self.cols.post[i]
 
     def user_id(self, u: int) -> int:
-        return 1000 + u
+        return _FIRST_USER_ID + u
 
     def username_of(self, i: int) -> str:
         return self._usernames[self._post_user[self.cols.post[i]]]
@@ -421,7 +416,15 @@ class Dataset:
         if q.post_id is not None:
             p = self.post_index(q.post_id)
             return () if p is None else self._by_post()[p]
+        if q.username is not None:
+            return self._by_user(self._user_index.get(q.username, -1))
+        if q.user_id is not None:
+            return self._by_user(q.user_id - _FIRST_USER_ID)
         return range(len(self.cols.ids))
+
+    def _by_user(self, u: int) -> list[int]:
+        posts = [p for p, owner in enumerate(self._post_user) if owner == u]
+        return sorted(itertools.chain.from_iterable(self._by_post()[p] for p in posts))
 
     def _by_post(self) -> list[array]:
         """Indices per post, built on first use (post shards are common) and dropped on change."""
@@ -470,19 +473,6 @@ class Dataset:
 
     # -------------------------------------------------------- rendering
 
-    def item_bytes(self, i: int, *, with_meta: bool = False, with_tags: bool = False,
-                   nested_meta: bool = False) -> bytes:
-        """The item at index i as JSON bytes (cached, bounded by cache_bytes)."""
-        key = (i, with_meta | with_tags << 1 | nested_meta << 2)
-        hit = self._bytes.get(key)
-        if hit is None:
-            hit = orjson.dumps(self.item(i, with_meta=with_meta, with_tags=with_tags, nested_meta=nested_meta))
-            self._bytes_size += len(hit)
-            while self._bytes_size > self._bytes_cap and self._bytes:
-                self._bytes_size -= len(self._bytes.pop(next(iter(self._bytes))))
-            self._bytes[key] = hit
-        return hit
-
     def item(self, i: int, *, with_meta: bool = False, with_tags: bool = False,
              nested_meta: bool = False) -> dict[str, Any]:
         c = self.cols
@@ -522,7 +512,8 @@ class Dataset:
         if c.extra[i] >= 0 and (h >> 24) % 10 < 7:
             out.append({"type": "lora", "weight": 0.65, "modelVersionId": self._versions[c.extra[i]].id})
         for k in range((h >> 28) % 3):
-            out.append({"type": "lora", "weight": round(0.3 + k * 0.2, 2), "modelVersionId": 100_000 + (h >> (30 + 7 * k)) % 5000})
+            other = 100_000 + (h >> (30 + 7 * k)) % 5000  # popular LoRAs outside the dataset
+            out.append({"type": "lora", "weight": round(0.3 + k * 0.2, 2), "modelVersionId": other})
         return out
 
     def _meta(self, i: int, h: int, resources: list[dict[str, Any]]) -> dict[str, Any] | None:

@@ -1,0 +1,29 @@
+"""A fake Civitai images API, shipped so users can test a harvest offline.
+
+    async with serve(Dataset(default_spec())) as api:
+        ...  # point the harvester at api.base_url
+"""
+
+from crawler.fakeapi.dataset import (
+    Dataset,
+    DatasetSpec,
+    ImageQuery,
+    ModelSpec,
+    VersionSpec,
+    default_spec,
+)
+from crawler.fakeapi.faults import KINDS as FAULT_KINDS
+from crawler.fakeapi.faults import FaultInjector, FaultSpec, RateLimit
+from crawler.fakeapi.server import (
+    FakeServer,
+    RequestLog,
+    RequestRecord,
+    ServerOptions,
+    make_app,
+    serve,
+)
+
+__all__ = [
+    "FAULT_KINDS", "Dataset", "DatasetSpec", "FakeServer", "FaultInjector", "FaultSpec", "ImageQuery", "ModelSpec",
+    "RateLimit", "RequestLog", "RequestRecord", "ServerOptions", "VersionSpec", "default_spec", "make_app", "serve",
+]

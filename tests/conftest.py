@@ -1,0 +1,154 @@
+"""Shared harness: the bundled fake API on 127.0.0.1 in a background thread, and the
+real `harvest` console script run as a subprocess against it."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from crawler.fakeapi import Dataset, DatasetSpec, FakeServer, FaultSpec, ServerOptions, serve
+
+HARVEST = str(Path(sys.executable).with_name("harvest"))
+
+
+class ServerThread:
+    """Runs `serve(...)` on its own event loop so tests can block on subprocesses."""
+
+    def __init__(self, dataset: Dataset, faults: FaultSpec | None = None, **kwargs: Any) -> None:
+        self._args = (dataset, faults)
+        self._kwargs = kwargs
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._main, daemon=True)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self.server: FakeServer | None = None
+        self._error: BaseException | None = None
+
+    def _main(self) -> None:
+        try:
+            asyncio.run(self._serve())
+        except BaseException as exc:  # surfaced to the test in __enter__
+            self._error = exc
+            self._ready.set()
+
+    async def _serve(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        async with serve(*self._args, **self._kwargs) as server:
+            self.server = server
+            self._ready.set()
+            await self._stop.wait()
+
+    def __enter__(self) -> FakeServer:
+        self._thread.start()
+        self._ready.wait(timeout=30)
+        if self.server is None:
+            raise RuntimeError(f"fake API did not start: {self._error!r}")
+        return self.server
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._loop is not None and self._stop is not None
+        self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(timeout=30)
+
+
+def make_dataset(versions: Mapping[int, int] | None = None, **spec: Any) -> Dataset:
+    """Model 500 with the given {versionId: images}; other spec fields as keywords."""
+    versions = versions or {5001: 230, 5002: 170, 5003: 90}
+    spec = {
+        "seed": 7,
+        "models": {"500": {"versions": [{"id": v, "images": n} for v, n in versions.items()]}},
+        "posts": 8,
+        "users": 5,
+        "hidden_rate": 0.05,
+        **spec,
+    }
+    return Dataset(DatasetSpec.from_dict(spec))
+
+
+@pytest.fixture
+def dataset() -> Dataset:
+    return make_dataset()
+
+
+@pytest.fixture
+def api(dataset: Dataset) -> Iterator[FakeServer]:
+    with ServerThread(dataset) as server:
+        yield server
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, str):
+        return orjson.dumps(value).decode()
+    return repr(value)
+
+
+def write_config(
+    path: Path,
+    base_url: str,
+    queries: Sequence[Mapping[str, Any]],
+    out: str = "out",
+    **api: Any,
+) -> Path:
+    """A config file whose output dir is `path.parent / out`; fast retries unless overridden."""
+    api = {"base_url": base_url, "requests_per_second": 500, "concurrency": 4, "timeout": 5,
+           "max_backoff": 0.05, **api}
+    lines = ["[api]", *(f"{k} = {_toml_value(v)}" for k, v in api.items()), "", "[output]", f'dir = "{out}"']
+    for query in queries:
+        lines += ["", "[[queries]]", *(f"{k} = {_toml_value(v)}" for k, v in query.items())]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@dataclass(frozen=True)
+class Result:
+    code: int
+    stdout: str
+    stderr: str
+
+
+def harvest(*args: str | Path, env: Mapping[str, str] | None = None, timeout: float = 120) -> Result:
+    """The real console script, as a user runs it."""
+    full_env = {k: v for k, v in os.environ.items() if k != "CIVITAI_API_KEY"}
+    full_env.update(env or {})
+    proc = subprocess.run(
+        [HARVEST, *map(str, args)], capture_output=True, text=True, env=full_env, timeout=timeout
+    )
+    return Result(proc.returncode, proc.stdout, proc.stderr)
+
+
+def read_items(out_dir: Path) -> list[dict[str, Any]]:
+    """Every line of every segment, parsed; fails on a torn or non-JSON line."""
+    items = []
+    for segment in sorted(out_dir.glob("*.ndjson")):
+        data = segment.read_bytes()
+        assert not data or data.endswith(b"\n"), f"{segment.name} ends in a torn line"
+        items += [orjson.loads(line) for line in data.splitlines()]
+    return items
+
+
+def ids_of(items: Sequence[Mapping[str, Any]]) -> list[int]:
+    return [item["id"] for item in items]
+
+
+def expected_ids(dataset: Dataset, versions: Sequence[int], levels: int = 31) -> set[int]:
+    return {i for v in versions for i in dataset.version_image_ids(v, levels=levels)}
+
+
+@pytest.fixture
+def options() -> ServerOptions:
+    return ServerOptions()
