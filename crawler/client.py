@@ -193,7 +193,7 @@ def _parse_model(body: Any) -> list[int] | None:
     versions = body.get("modelVersions") if isinstance(body, dict) else None
     if not isinstance(versions, list):
         return None
-    ids = [v.get("id") for v in versions if isinstance(v, dict)]
+    ids: list[Any] = [v.get("id") for v in versions if isinstance(v, dict)]
     return [i for i in ids if _is_id(i)]
 
 

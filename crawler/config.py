@@ -84,8 +84,15 @@ def _at(prefix: str) -> Iterator[None]:
 
 # Order matters: bool is an int, datetime is a date.
 _TOML_TYPES: tuple[tuple[type, str], ...] = (
-    (bool, "boolean"), (int, "integer"), (float, "float"), (str, "string"), (list, "array"),
-    (dict, "table"), (dt.datetime, "datetime"), (dt.date, "date"), (dt.time, "time"),
+    (bool, "boolean"),
+    (int, "integer"),
+    (float, "float"),
+    (str, "string"),
+    (list, "array"),
+    (dict, "table"),
+    (dt.datetime, "datetime"),
+    (dt.date, "date"),
+    (dt.time, "time"),
 )
 
 
@@ -123,8 +130,13 @@ def _is_int(value: Any) -> bool:
 def _int(value: Any, low: int, high: int | None = None) -> int:
     if _is_int(value) and value >= low and (high is None or value <= high):
         return value
-    wanted = (f"an integer from {low} to {high}" if high is not None
-              else "a positive integer" if low == 1 else f"an integer >= {low}")
+    wanted = (
+        f"an integer from {low} to {high}"
+        if high is not None
+        else "a positive integer"
+        if low == 1
+        else f"an integer >= {low}"
+    )
     raise _Invalid(f"expected {wanted}, {_got(value)}")
 
 
@@ -239,12 +251,15 @@ def _is_secret(key: str) -> bool:
     return "token" in flat or "apikey" in flat or flat in {"key", "auth", "authorization", "bearer", "secret"}
 
 
-def _check_keys(table: Mapping[str, Any], known: Iterable[str], refused: Mapping[str, str] | None = None) -> None:
+def _check_keys(
+    table: Mapping[str, Any], known: Iterable[str], refused: Mapping[str, str] | None = None
+) -> None:
     known = tuple(known)
     for key in table:
         if _is_secret(key):
-            raise _Invalid(f"the API key never goes in the config; set the environment variable {API_KEY_ENV}",
-                           f".{key}")
+            raise _Invalid(
+                f"the API key never goes in the config; set the environment variable {API_KEY_ENV}", f".{key}"
+            )
         if refused and key in refused:
             raise _Invalid(refused[key], f".{key}")
         if key not in known:
@@ -298,7 +313,9 @@ def _parse_query(raw: Any, position: int) -> Query:
                 params[key] = _QUERY_CHECKS[key](value)
         if isinstance(params[key], tuple):
             if list_key is not None:
-                raise _Invalid(f'"{list_key}" and "{key}" are both lists; only one key per query may be a list')
+                raise _Invalid(
+                    f'"{list_key}" and "{key}" are both lists; only one key per query may be a list'
+                )
             list_key = key
     with _at(".name"):
         name = _text(table.get("name", f"query-{position}"))

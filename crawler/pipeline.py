@@ -128,9 +128,7 @@ async def _produce(
     await queue.put(_STOP)
 
 
-async def _walk(
-    shard: Shard, cursor: Cursor | None, client: ApiClient, queue: asyncio.Queue[Any]
-) -> None:
+async def _walk(shard: Shard, cursor: Cursor | None, client: ApiClient, queue: asyncio.Queue[Any]) -> None:
     """Follow one shard's cursors until `nextCursor` is absent, never on a short page."""
     used: set[str] = set()
     try:
@@ -150,9 +148,7 @@ async def _walk(
         await queue.put(_Failed(shard, str(exc)))
 
 
-async def _consume(
-    queue: asyncio.Queue[Any], sink: Checkpointer, state: State, summary: RunSummary
-) -> None:
+async def _consume(queue: asyncio.Queue[Any], sink: Checkpointer, state: State, summary: RunSummary) -> None:
     while (message := await queue.get()) is not _STOP:
         if isinstance(message, _Failed):
             state.mark_failed(message.shard.key, message.error)
@@ -161,9 +157,7 @@ async def _consume(
             continue
         page = message.page
         result = await _uncancellable(
-            asyncio.to_thread(
-                sink.commit, message.shard.key, message.cursor, page.items, page.next_cursor
-            )
+            asyncio.to_thread(sink.commit, message.shard.key, message.cursor, page.items, page.next_cursor)
         )
         summary.pages += 1
         summary.new_items += result.new_items

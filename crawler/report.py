@@ -64,7 +64,7 @@ def print_status(state: State, config: Config, out: TextIO = sys.stdout) -> None
     rows += [(s.status, str(s.items), str(s.pages), s.query, s.key) for s in shards]
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     for row in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[4], file=out)
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) + "  " + row[4], file=out)
     for shard in shards:
         if shard.error:
             print(f"{shard.query} [{shard.key}]: {shard.error}", file=out)

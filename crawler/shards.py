@@ -120,4 +120,3 @@ def check_items(shard: Shard, items: Sequence[dict[str, Any]]) -> None:
 
 def describe(shard: Shard) -> str:
     return f"{shard.query} [{shard.key}]"
-

@@ -1,13 +1,11 @@
-"""Shared harness: the bundled fake API on 127.0.0.1 in a background thread, and the
-real `harvest` console script run as a subprocess against it."""
+"""Shared harness: the bundled fake API on 127.0.0.1 in a background thread
+(`ServerThread`), and the real `harvest` console script run as a subprocess against it."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,50 +14,10 @@ from typing import Any
 import orjson
 import pytest
 
-from crawler.fakeapi import Dataset, DatasetSpec, FakeServer, FaultSpec, ServerOptions, serve
+from crawler.fakeapi import Dataset, DatasetSpec, FakeServer, ServerOptions
+from crawler.fakeapi.background import ServerThread
 
 HARVEST = str(Path(sys.executable).with_name("harvest"))
-
-
-class ServerThread:
-    """Runs `serve(...)` on its own event loop so tests can block on subprocesses."""
-
-    def __init__(self, dataset: Dataset, faults: FaultSpec | None = None, **kwargs: Any) -> None:
-        self._args = (dataset, faults)
-        self._kwargs = kwargs
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._main, daemon=True)
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stop: asyncio.Event | None = None
-        self.server: FakeServer | None = None
-        self._error: BaseException | None = None
-
-    def _main(self) -> None:
-        try:
-            asyncio.run(self._serve())
-        except BaseException as exc:  # surfaced to the test in __enter__
-            self._error = exc
-            self._ready.set()
-
-    async def _serve(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._stop = asyncio.Event()
-        async with serve(*self._args, **self._kwargs) as server:
-            self.server = server
-            self._ready.set()
-            await self._stop.wait()
-
-    def __enter__(self) -> FakeServer:
-        self._thread.start()
-        self._ready.wait(timeout=30)
-        if self.server is None:
-            raise RuntimeError(f"fake API did not start: {self._error!r}")
-        return self.server
-
-    def __exit__(self, *exc: object) -> None:
-        assert self._loop is not None and self._stop is not None
-        self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(timeout=30)
 
 
 def make_dataset(versions: Mapping[int, int] | None = None, **spec: Any) -> Dataset:
@@ -105,8 +63,14 @@ def write_config(
     **api: Any,
 ) -> Path:
     """A config file whose output dir is `path.parent / out`; fast retries unless overridden."""
-    api = {"base_url": base_url, "requests_per_second": 500, "concurrency": 4, "timeout": 5,
-           "max_backoff": 0.05, **api}
+    api = {
+        "base_url": base_url,
+        "requests_per_second": 500,
+        "concurrency": 4,
+        "timeout": 5,
+        "max_backoff": 0.05,
+        **api,
+    }
     lines = ["[api]", *(f"{k} = {_toml_value(v)}" for k, v in api.items()), "", "[output]", f'dir = "{out}"']
     for query in queries:
         lines += ["", "[[queries]]", *(f"{k} = {_toml_value(v)}" for k, v in query.items())]

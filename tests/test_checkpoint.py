@@ -33,7 +33,13 @@ def test_pages_dedupe_within_page_and_across_pages(tmp_path: Path) -> None:
     assert sink.commit("k", "c1", _items(3, 4), None).new_items == 1
     assert [i["id"] for i in _lines(tmp_path)] == [1, 2, 3, 4]
     row = state.shard("k")
-    assert (row.status, row.cursor, row.tail_cursor, row.items, row.pages) == (ShardStatus.DONE, None, "c1", 4, 2)
+    assert (row.status, row.cursor, row.tail_cursor, row.items, row.pages) == (
+        ShardStatus.DONE,
+        None,
+        "c1",
+        4,
+        2,
+    )
 
 
 def test_uncommitted_tail_is_cut_on_reopen(tmp_path: Path) -> None:

@@ -50,7 +50,9 @@ def refused(path: Path | str) -> str:
 def test_full_config_round_trips(tmp_path: Path) -> None:
     configs = tmp_path / "configs"
     configs.mkdir()
-    path = write(configs, """
+    path = write(
+        configs,
+        """
 [api]
 base_url = "http://127.0.0.1:8080/api/v1/"
 requests_per_second = 5
@@ -87,27 +89,50 @@ nsfw = "Soft"
 imageId = 9
 userId = 3
 modelVersionId = 44
-""")
+""",
+    )
     config = load_config(str(path))
     assert config == Config(
         path=path,
         api=ApiConfig("http://127.0.0.1:8080/api/v1", 5.0, 2, 12.5, 0, 4.0),
         output=OutputConfig((tmp_path / "data" / "model-827184").resolve()),
         queries=(
-            Query("model 827184", (
-                ("browsingLevel", "31"), ("limit", "200"), ("modelId", "827184"),
-                ("sort", "Newest"), ("withMeta", "true"),
-            )),
-            Query("query-2", (
-                ("baseModels", "SDXL 1.0,Pony"), ("limit", "50"), ("nsfw", "false"),
-                ("period", "AllTime"), ("postId", ("3", "1", "2")), ("tags", "7,8"),
-                ("type", "video"), ("withTags", "false"),
-            )),
-            Query("query-3", (
-                ("baseModels", "SDXL 1.0"), ("imageId", "9"), ("limit", "200"),
-                ("modelVersionId", "44"), ("nsfw", "Soft"), ("tags", "4,5"),
-                ("userId", "3"), ("username", "Ajuro"),
-            )),
+            Query(
+                "model 827184",
+                (
+                    ("browsingLevel", "31"),
+                    ("limit", "200"),
+                    ("modelId", "827184"),
+                    ("sort", "Newest"),
+                    ("withMeta", "true"),
+                ),
+            ),
+            Query(
+                "query-2",
+                (
+                    ("baseModels", "SDXL 1.0,Pony"),
+                    ("limit", "50"),
+                    ("nsfw", "false"),
+                    ("period", "AllTime"),
+                    ("postId", ("3", "1", "2")),
+                    ("tags", "7,8"),
+                    ("type", "video"),
+                    ("withTags", "false"),
+                ),
+            ),
+            Query(
+                "query-3",
+                (
+                    ("baseModels", "SDXL 1.0"),
+                    ("imageId", "9"),
+                    ("limit", "200"),
+                    ("modelVersionId", "44"),
+                    ("nsfw", "Soft"),
+                    ("tags", "4,5"),
+                    ("userId", "3"),
+                    ("username", "Ajuro"),
+                ),
+            ),
         ),
     )
     assert isinstance(config.api.requests_per_second, float)
@@ -161,84 +186,98 @@ Q = '[output]\ndir = "o"\n[[queries]]\n'  # a file whose (only) query follows
 
 ERRORS: list[tuple[str, list[str]]] = [
     # unknown keys, with and without a suggestion
-    ('quries = 1\n' + MINIMAL, ['unknown key "quries"; did you mean "queries"?']),
-    ('[api]\ntimout = 3\n' + MINIMAL, ['api: unknown key "timout"; did you mean "timeout"?']),
-    ('[output]\ndir = "o"\ndirr = 1\n[[queries]]\nmodelId = 1\n', ['output: unknown key "dirr"; did you mean "dir"?']),
-    (Q + 'zzzzz = 1\n', ['queries[1]: unknown key "zzzzz"']),
+    ("quries = 1\n" + MINIMAL, ['unknown key "quries"; did you mean "queries"?']),
+    ("[api]\ntimout = 3\n" + MINIMAL, ['api: unknown key "timout"; did you mean "timeout"?']),
+    (
+        '[output]\ndir = "o"\ndirr = 1\n[[queries]]\nmodelId = 1\n',
+        ['output: unknown key "dirr"; did you mean "dir"?'],
+    ),
+    (Q + "zzzzz = 1\n", ['queries[1]: unknown key "zzzzz"']),
     (Q + 'BASEMODELS = "x"\n', ['did you mean "baseModels"?']),
     # wrong types and ranges
-    (Q + 'limit = 0\n', ['queries[1].limit: expected an integer from 1 to 200, got 0 (integer)']),
-    (Q + 'limit = 201\n', ['queries[1].limit', 'got 201']),
-    (Q + 'limit = true\n', ['queries[1].limit', 'got true (boolean)']),
-    (Q + 'limit = 100.0\n', ['queries[1].limit', 'got 100.0 (float)']),
-    (Q + 'modelId = 0\n', ['queries[1].modelId: expected a positive integer, got 0']),
-    (Q + 'imageId = true\n', ['queries[1].imageId', '(boolean)']),
-    (Q + 'userId = "5"\n', ['queries[1].userId', '"5" (string)']),
-    (Q + 'browsingLevel = 32\n', ['queries[1].browsingLevel: expected an integer from 1 to 31']),
-    (Q + 'browsingLevel = 0\n', ['queries[1].browsingLevel']),
+    (Q + "limit = 0\n", ["queries[1].limit: expected an integer from 1 to 200, got 0 (integer)"]),
+    (Q + "limit = 201\n", ["queries[1].limit", "got 201"]),
+    (Q + "limit = true\n", ["queries[1].limit", "got true (boolean)"]),
+    (Q + "limit = 100.0\n", ["queries[1].limit", "got 100.0 (float)"]),
+    (Q + "modelId = 0\n", ["queries[1].modelId: expected a positive integer, got 0"]),
+    (Q + "imageId = true\n", ["queries[1].imageId", "(boolean)"]),
+    (Q + 'userId = "5"\n', ["queries[1].userId", '"5" (string)']),
+    (Q + "browsingLevel = 32\n", ["queries[1].browsingLevel: expected an integer from 1 to 31"]),
+    (Q + "browsingLevel = 0\n", ["queries[1].browsingLevel"]),
     (Q + 'withMeta = "true"\n', ['queries[1].withMeta: expected true or false, got "true" (string)']),
-    (Q + 'withTags = 1\n', ['queries[1].withTags', '1 (integer)']),
-    (Q + 'period = "alltime"\n', ['queries[1].period', 'did you mean "AllTime"?']),
-    (Q + 'type = "Image"\n', ['queries[1].type', 'did you mean "image"?']),
-    (Q + 'type = 1\n', ['queries[1].type: expected one of "image", "video", "audio", got 1 (integer)']),
-    (Q + 'nsfw = "soft"\n', ['queries[1].nsfw', 'did you mean "Soft"?']),
-    (Q + 'nsfw = 3\n', ['queries[1].nsfw: expected true, false or one of']),
-    (Q + 'tags = "1,a"\n', ['queries[1].tags', '"1,a" (string)']),
-    (Q + 'tags = []\n', ['queries[1].tags']),
-    (Q + 'tags = [1, 0]\n', ['queries[1].tags[2]: expected a positive integer, got 0']),
-    (Q + 'baseModels = []\n', ['queries[1].baseModels']),
-    (Q + 'baseModels = ["SDXL", 3]\n', ['queries[1].baseModels[2]: expected a non-empty string, got 3']),
-    (Q + 'username = ""\n', ['queries[1].username: expected a non-empty string']),
-    (Q + 'name = 3\n', ['queries[1].name: expected a non-empty string, got 3 (integer)']),
-    (Q + 'when = 1979-05-27\n', ['queries[1]: unknown key "when"']),
-    (Q + 'sort = 1979-05-27T07:32:00Z\n', ['queries[1].sort', '(datetime)']),
+    (Q + "withTags = 1\n", ["queries[1].withTags", "1 (integer)"]),
+    (Q + 'period = "alltime"\n', ["queries[1].period", 'did you mean "AllTime"?']),
+    (Q + 'type = "Image"\n', ["queries[1].type", 'did you mean "image"?']),
+    (Q + "type = 1\n", ['queries[1].type: expected one of "image", "video", "audio", got 1 (integer)']),
+    (Q + 'nsfw = "soft"\n', ["queries[1].nsfw", 'did you mean "Soft"?']),
+    (Q + "nsfw = 3\n", ["queries[1].nsfw: expected true, false or one of"]),
+    (Q + 'tags = "1,a"\n', ["queries[1].tags", '"1,a" (string)']),
+    (Q + "tags = []\n", ["queries[1].tags"]),
+    (Q + "tags = [1, 0]\n", ["queries[1].tags[2]: expected a positive integer, got 0"]),
+    (Q + "baseModels = []\n", ["queries[1].baseModels"]),
+    (Q + 'baseModels = ["SDXL", 3]\n', ["queries[1].baseModels[2]: expected a non-empty string, got 3"]),
+    (Q + 'username = ""\n', ["queries[1].username: expected a non-empty string"]),
+    (Q + "name = 3\n", ["queries[1].name: expected a non-empty string, got 3 (integer)"]),
+    (Q + "when = 1979-05-27\n", ['queries[1]: unknown key "when"']),
+    (Q + "sort = 1979-05-27T07:32:00Z\n", ["queries[1].sort", "(datetime)"]),
     # lists
-    (Q + 'postId = []\n', ['queries[1].postId: expected a non-empty list, got [] (array)']),
+    (Q + "postId = []\n", ["queries[1].postId: expected a non-empty list, got [] (array)"]),
     (Q + 'postId = [1, "x"]\n', ['queries[1].postId[2]: expected a positive integer, got "x" (string)']),
-    (Q + 'username = ["a", ""]\n', ['queries[1].username[2]']),
-    (Q + 'imageId = [1, 2]\n', ['queries[1].imageId: expected a positive integer, got [1, 2] (array)']),
-    (Q + 'sort = ["Newest"]\n', ['queries[1].sort', '(array)']),
-    (Q + 'postId = [1]\nuserId = [2, 3]\n', ['queries[1]: ', '"postId" and "userId" are both lists']),
+    (Q + 'username = ["a", ""]\n', ["queries[1].username[2]"]),
+    (Q + "imageId = [1, 2]\n", ["queries[1].imageId: expected a positive integer, got [1, 2] (array)"]),
+    (Q + 'sort = ["Newest"]\n', ["queries[1].sort", "(array)"]),
+    (Q + "postId = [1]\nuserId = [2, 3]\n", ["queries[1]: ", '"postId" and "userId" are both lists']),
     # cursors and secrets
-    (Q + 'page = 2\n', ['queries[1].page: the harvester walks cursors itself; remove it']),
-    (Q + 'modelId = 1\ncursor = "5|1"\n', ['queries[1].cursor: the harvester walks cursors itself; remove it']),
-    (Q + 'token = "abc"\n', ['queries[1].token', 'CIVITAI_API_KEY']),
-    ('[api]\napi_key = "abc"\n' + MINIMAL, ['api.api_key', 'environment variable CIVITAI_API_KEY']),
-    ('apiKey = "abc"\n' + MINIMAL, ['apiKey', 'CIVITAI_API_KEY']),
-    ('[output]\ndir = "o"\nauth_token = "x"\n[[queries]]\nmodelId = 1\n', ['output.auth_token', 'CIVITAI_API_KEY']),
+    (Q + "page = 2\n", ["queries[1].page: the harvester walks cursors itself; remove it"]),
+    (
+        Q + 'modelId = 1\ncursor = "5|1"\n',
+        ["queries[1].cursor: the harvester walks cursors itself; remove it"],
+    ),
+    (Q + 'token = "abc"\n', ["queries[1].token", "CIVITAI_API_KEY"]),
+    ('[api]\napi_key = "abc"\n' + MINIMAL, ["api.api_key", "environment variable CIVITAI_API_KEY"]),
+    ('apiKey = "abc"\n' + MINIMAL, ["apiKey", "CIVITAI_API_KEY"]),
+    (
+        '[output]\ndir = "o"\nauth_token = "x"\n[[queries]]\nmodelId = 1\n',
+        ["output.auth_token", "CIVITAI_API_KEY"],
+    ),
     # tables and their shapes
-    ('[output]\ndir = "o"\n', ['no queries: add at least one [[queries]] table']),
-    ('queries = []\n[output]\ndir = "o"\n', ['no queries']),
-    ('[output]\ndir = "o"\n[queries]\nmodelId = 1\n', ['queries: expected an array of tables ([[queries]])']),
-    ('queries = [1]\n[output]\ndir = "o"\n', ['queries[1]: expected a table ([[queries]]), got 1 (integer)']),
-    ('api = 3\n' + MINIMAL, ['api: expected a table ([api]), got 3 (integer)']),
-    ('output = "o"\n[[queries]]\nmodelId = 1\n', ['output: expected a table ([output])']),
-    ('[[queries]]\nmodelId = 1\n', ['missing [output] table']),
-    ('[output]\n[[queries]]\nmodelId = 1\n', ['output: missing key "dir"']),
-    ('[output]\ndir = ""\n[[queries]]\nmodelId = 1\n', ['output.dir: expected a non-empty string']),
-    ('[output]\ndir = "a\\u0000b"\n[[queries]]\nmodelId = 1\n', ['output.dir: unusable path']),
-    ('queries = 0\n[output]\ndir = "o"\n', ['queries: expected an array of tables', 'got 0 (integer)']),
+    ('[output]\ndir = "o"\n', ["no queries: add at least one [[queries]] table"]),
+    ('queries = []\n[output]\ndir = "o"\n', ["no queries"]),
+    ('[output]\ndir = "o"\n[queries]\nmodelId = 1\n', ["queries: expected an array of tables ([[queries]])"]),
+    ('queries = [1]\n[output]\ndir = "o"\n', ["queries[1]: expected a table ([[queries]]), got 1 (integer)"]),
+    ("api = 3\n" + MINIMAL, ["api: expected a table ([api]), got 3 (integer)"]),
+    ('output = "o"\n[[queries]]\nmodelId = 1\n', ["output: expected a table ([output])"]),
+    ("[[queries]]\nmodelId = 1\n", ["missing [output] table"]),
+    ("[output]\n[[queries]]\nmodelId = 1\n", ['output: missing key "dir"']),
+    ('[output]\ndir = ""\n[[queries]]\nmodelId = 1\n', ["output.dir: expected a non-empty string"]),
+    ('[output]\ndir = "a\\u0000b"\n[[queries]]\nmodelId = 1\n', ["output.dir: unusable path"]),
+    ('queries = 0\n[output]\ndir = "o"\n', ["queries: expected an array of tables", "got 0 (integer)"]),
     # names
-    (Q + 'name = "a"\n[[queries]]\nname = "b"\n[[queries]]\nname = "a"\n',
-     ['queries[3].name: "a" is already the name of queries[1]']),
+    (
+        Q + 'name = "a"\n[[queries]]\nname = "b"\n[[queries]]\nname = "a"\n',
+        ['queries[3].name: "a" is already the name of queries[1]'],
+    ),
     (Q + 'modelId = 1\n[[queries]]\nname = "query-1"\n', ['queries[2].name: "query-1" is already the name']),
     # [api] values
-    ('[api]\nbase_url = "ftp://x.org"\n' + MINIMAL, ['api.base_url: expected an http(s) URL', '"ftp://x.org"']),
-    ('[api]\nbase_url = "https://"\n' + MINIMAL, ['api.base_url']),
-    ('[api]\nbase_url = "civitai.com/api/v1"\n' + MINIMAL, ['api.base_url']),
-    ('[api]\nbase_url = "http://h:99999"\n' + MINIMAL, ['api.base_url']),
-    ('[api]\nbase_url = "http://h/?a=1"\n' + MINIMAL, ['api.base_url']),
-    ('[api]\nbase_url = 1\n' + MINIMAL, ['api.base_url', '(integer)']),
-    ('[api]\nrequests_per_second = 0\n' + MINIMAL, ['api.requests_per_second: expected a number > 0, got 0']),
-    ('[api]\nrequests_per_second = "2"\n' + MINIMAL, ['api.requests_per_second', '(string)']),
-    ('[api]\ntimeout = -1.5\n' + MINIMAL, ['api.timeout: expected a number > 0, got -1.5 (float)']),
-    ('[api]\ntimeout = inf\n' + MINIMAL, ['api.timeout', 'got inf (float)']),
-    ('[api]\nmax_backoff = nan\n' + MINIMAL, ['api.max_backoff', 'got nan']),
-    ('[api]\nmax_backoff = true\n' + MINIMAL, ['api.max_backoff', '(boolean)']),
-    ('[api]\nconcurrency = 0\n' + MINIMAL, ['api.concurrency: expected a positive integer, got 0']),
-    ('[api]\nconcurrency = 2.0\n' + MINIMAL, ['api.concurrency', '(float)']),
-    ('[api]\nmax_retries = -1\n' + MINIMAL, ['api.max_retries: expected an integer >= 0, got -1']),
-    ('[api]\nmax_retries = false\n' + MINIMAL, ['api.max_retries', '(boolean)']),
+    (
+        '[api]\nbase_url = "ftp://x.org"\n' + MINIMAL,
+        ["api.base_url: expected an http(s) URL", '"ftp://x.org"'],
+    ),
+    ('[api]\nbase_url = "https://"\n' + MINIMAL, ["api.base_url"]),
+    ('[api]\nbase_url = "civitai.com/api/v1"\n' + MINIMAL, ["api.base_url"]),
+    ('[api]\nbase_url = "http://h:99999"\n' + MINIMAL, ["api.base_url"]),
+    ('[api]\nbase_url = "http://h/?a=1"\n' + MINIMAL, ["api.base_url"]),
+    ("[api]\nbase_url = 1\n" + MINIMAL, ["api.base_url", "(integer)"]),
+    ("[api]\nrequests_per_second = 0\n" + MINIMAL, ["api.requests_per_second: expected a number > 0, got 0"]),
+    ('[api]\nrequests_per_second = "2"\n' + MINIMAL, ["api.requests_per_second", "(string)"]),
+    ("[api]\ntimeout = -1.5\n" + MINIMAL, ["api.timeout: expected a number > 0, got -1.5 (float)"]),
+    ("[api]\ntimeout = inf\n" + MINIMAL, ["api.timeout", "got inf (float)"]),
+    ("[api]\nmax_backoff = nan\n" + MINIMAL, ["api.max_backoff", "got nan"]),
+    ("[api]\nmax_backoff = true\n" + MINIMAL, ["api.max_backoff", "(boolean)"]),
+    ("[api]\nconcurrency = 0\n" + MINIMAL, ["api.concurrency: expected a positive integer, got 0"]),
+    ("[api]\nconcurrency = 2.0\n" + MINIMAL, ["api.concurrency", "(float)"]),
+    ("[api]\nmax_retries = -1\n" + MINIMAL, ["api.max_retries: expected an integer >= 0, got -1"]),
+    ("[api]\nmax_retries = false\n" + MINIMAL, ["api.max_retries", "(boolean)"]),
 ]
 
 
@@ -250,7 +289,7 @@ def test_each_mistake_is_one_line_naming_the_culprit(tmp_path: Path, text: str, 
 
 
 def test_no_suggestion_when_nothing_is_close(tmp_path: Path) -> None:
-    assert "did you mean" not in refused(write(tmp_path, Q + 'zzzzz = 1\n'))
+    assert "did you mean" not in refused(write(tmp_path, Q + "zzzzz = 1\n"))
     assert "did you mean" not in refused(write(tmp_path, Q + 'sort = "qqq"\n'))
 
 
@@ -293,6 +332,7 @@ def test_not_utf8(tmp_path: Path) -> None:
 
 # --- properties ------------------------------------------------------------------------
 
+
 def toml_value(value: Any) -> str:
     if isinstance(value, list):
         return "[" + ", ".join(map(toml_value, value)) + "]"
@@ -303,15 +343,23 @@ ids = st.integers(min_value=1, max_value=2**40)
 text = st.text(st.characters(blacklist_categories=("Cs", "Cc")), min_size=1, max_size=12).filter(str.strip)
 SCALARS: dict[str, st.SearchStrategy[Any]] = {
     "limit": st.integers(1, 200),
-    "postId": ids, "modelId": ids, "modelVersionId": ids, "imageId": ids, "userId": ids,
+    "postId": ids,
+    "modelId": ids,
+    "modelVersionId": ids,
+    "imageId": ids,
+    "userId": ids,
     "username": text,
-    "period": st.sampled_from(PERIODS), "sort": st.sampled_from(SORTS), "type": st.sampled_from(TYPES),
+    "period": st.sampled_from(PERIODS),
+    "sort": st.sampled_from(SORTS),
+    "type": st.sampled_from(TYPES),
     "nsfw": st.booleans() | st.sampled_from(NSFW_LEVELS),
     "browsingLevel": st.integers(1, 31),
-    "tags": ids | st.lists(ids, min_size=1, max_size=4)
+    "tags": ids
+    | st.lists(ids, min_size=1, max_size=4)
     | st.lists(ids, min_size=1, max_size=4, unique=True).map(lambda xs: ",".join(map(str, xs))),
     "baseModels": text | st.lists(text, min_size=1, max_size=3),
-    "withMeta": st.booleans(), "withTags": st.booleans(),
+    "withMeta": st.booleans(),
+    "withTags": st.booleans(),
 }
 
 

@@ -29,14 +29,21 @@ from crawler.fakeapi import (
 SPEC = {
     "seed": 3,
     "models": {
-        "827184": {"name": "Pony", "versions": [
-            {"id": 11, "images": 400, "baseModel": "Pony"},
-            {"id": 12, "images": 250},
-            {"id": 13, "images": 60, "published": False},
-        ]},
+        "827184": {
+            "name": "Pony",
+            "versions": [
+                {"id": 11, "images": 400, "baseModel": "Pony"},
+                {"id": 12, "images": 250},
+                {"id": 13, "images": 60, "published": False},
+            ],
+        },
         "42": [[21, 90]],
     },
-    "overlap": 0.2, "posts": 10, "users": 5, "hidden_rate": 0.08, "legacy_timeout_rows": 600,
+    "overlap": 0.2,
+    "posts": 10,
+    "users": 5,
+    "hidden_rate": 0.08,
+    "legacy_timeout_rows": 600,
 }
 ALL = {"browsingLevel": "31"}
 
@@ -83,7 +90,9 @@ def ids_of(pages: list[dict]) -> list[int]:
 # ---------------------------------------------------------------- feed path
 
 
-async def test_version_walk_yields_every_visible_item_once(api: FakeServer, http: aiohttp.ClientSession) -> None:
+async def test_version_walk_yields_every_visible_item_once(
+    api: FakeServer, http: aiohttp.ClientSession
+) -> None:
     pages = await walk(http, f"{api.base_url}/images", modelVersionId=11, limit=20, sort="Newest", **ALL)
     ids = ids_of(pages)
     assert len(ids) == len(set(ids))
@@ -96,8 +105,9 @@ async def test_version_walk_yields_every_visible_item_once(api: FakeServer, http
 
 
 @pytest.mark.parametrize(("limit", "sort"), [(3, "Most Comments"), (7, "Random"), (200, "Most Collected")])
-async def test_any_limit_and_sort_walks_exactly_once(api: FakeServer, http: aiohttp.ClientSession, limit: int,
-                                                     sort: str) -> None:
+async def test_any_limit_and_sort_walks_exactly_once(
+    api: FakeServer, http: aiohttp.ClientSession, limit: int, sort: str
+) -> None:
     ids = ids_of(await walk(http, f"{api.base_url}/images", modelVersionId=12, limit=limit, sort=sort, **ALL))
     assert sorted(ids) == sorted(api.dataset.version_image_ids(12))
 
@@ -109,18 +119,37 @@ async def test_empty_page_still_has_a_cursor(api: FakeServer, http: aiohttp.Clie
 
 
 async def test_items_carry_the_documented_fields(api: FakeServer, http: aiohttp.ClientSession) -> None:
-    _, body = await get(http, f"{api.base_url}/images", modelVersionId=11, limit=200, withMeta="true",
-                        withTags="yes", **ALL)
+    _, body = await get(
+        http, f"{api.base_url}/images", modelVersionId=11, limit=200, withMeta="true", withTags="yes", **ALL
+    )
     items = body["items"]
-    fields = {"id", "url", "hash", "width", "height", "nsfwLevel", "type", "nsfw", "browsingLevel", "createdAt",
-              "postId", "stats", "meta", "username", "baseModel", "modelVersionIds", "tags"}
+    fields = {
+        "id",
+        "url",
+        "hash",
+        "width",
+        "height",
+        "nsfwLevel",
+        "type",
+        "nsfw",
+        "browsingLevel",
+        "createdAt",
+        "postId",
+        "stats",
+        "meta",
+        "username",
+        "baseModel",
+        "modelVersionIds",
+        "tags",
+    }
     assert all(set(i) == fields for i in items)
     assert all(i["browsingLevel"] in (1, 2, 4, 8, 16) for i in items)
     assert {"image", "video"} <= {i["type"] for i in items}
     assert any(11 not in i["modelVersionIds"] for i in items), "served version need not be listed"
     metas = [i["meta"] for i in items if i["meta"]]
-    assert metas and all({"prompt", "seed", "steps", "sampler", "cfgScale", "civitaiResources"} <= set(m)
-                         for m in metas)
+    assert metas and all(
+        {"prompt", "seed", "steps", "sampler", "cfgScale", "civitaiResources"} <= set(m) for m in metas
+    )
     assert any(not m["prompt"].isascii() for m in metas)
     _, plain = await get(http, f"{api.base_url}/images", modelVersionId=11, limit=5, **ALL)
     assert all(i["meta"] is None and "tags" not in i for i in plain["items"])
@@ -133,13 +162,17 @@ async def test_sorts_and_created_at(api: FakeServer, http: aiohttp.ClientSession
     stamps = [i["createdAt"] for i in newest["items"]]
     assert stamps == sorted(stamps, reverse=True) and stamps[0].endswith("Z")
     _, top = await get(http, f"{api.base_url}/images", modelVersionId=12, limit=50, **ALL)
-    reactions = [sum(v for k, v in i["stats"].items() if k not in ("commentCount", "dislikeCount"))
-                 for i in top["items"]]
+    reactions = [
+        sum(v for k, v in i["stats"].items() if k not in ("commentCount", "dislikeCount"))
+        for i in top["items"]
+    ]
     assert reactions == sorted(reactions, reverse=True)
 
 
 async def test_next_page_copies_every_parameter(api: FakeServer, http: aiohttp.ClientSession) -> None:
-    _, body = await get(http, f"{api.base_url}/images", modelVersionId=11, limit=5, token="secret", bogus=1, **ALL)
+    _, body = await get(
+        http, f"{api.base_url}/images", modelVersionId=11, limit=5, token="secret", bogus=1, **ALL
+    )
     next_page = body["metadata"]["nextPage"]
     assert next_page.startswith(api.base_url + "/images?")
     assert "token=secret" in next_page and "bogus=1" in next_page and "cursor=5" in next_page
@@ -151,7 +184,9 @@ async def test_null_end_cursor_option(dataset: Dataset, http: aiohttp.ClientSess
     assert pages[-1]["metadata"] == {"nextCursor": None}
 
 
-async def test_browsing_levels_partition_and_nsfw_mapping(api: FakeServer, http: aiohttp.ClientSession) -> None:
+async def test_browsing_levels_partition_and_nsfw_mapping(
+    api: FakeServer, http: aiohttp.ClientSession
+) -> None:
     url = f"{api.base_url}/images"
     counts = {}
     for level in (1, 2, 4, 8, 16):
@@ -206,7 +241,9 @@ async def test_live_index_duplicates_and_misses(http: aiohttp.ClientSession) -> 
 
 
 async def test_legacy_model_path_loses_one_row_per_page(api: FakeServer, http: aiohttp.ClientSession) -> None:
-    pages = await walk(http, f"{api.base_url}/images", modelId=42, limit=10, sort="Newest", withMeta="true", **ALL)
+    pages = await walk(
+        http, f"{api.base_url}/images", modelId=42, limit=10, sort="Newest", withMeta="true", **ALL
+    )
     cursors = [p["metadata"]["nextCursor"] for p in pages[:-1]]
     assert all(isinstance(c, int) for c in cursors)
     expected = set(api.dataset.version_image_ids(21))
@@ -217,7 +254,9 @@ async def test_legacy_model_path_loses_one_row_per_page(api: FakeServer, http: a
     assert pages[-1]["metadata"] == {}
 
 
-async def test_legacy_model_path_goes_silent_when_too_big(api: FakeServer, http: aiohttp.ClientSession) -> None:
+async def test_legacy_model_path_goes_silent_when_too_big(
+    api: FakeServer, http: aiohttp.ClientSession
+) -> None:
     status, body = await get(http, f"{api.base_url}/images", modelId=827184, limit=100, **ALL)
     assert (status, body) == (200, {"items": [], "metadata": {}})
     _, small = await get(http, f"{api.base_url}/images", modelId=827184, limit=10, browsingLevel=16)
@@ -232,7 +271,9 @@ async def test_legacy_oldest_loses_nothing(api: FakeServer, http: aiohttp.Client
 # ---------------------------------------------------------------- errors
 
 
-async def test_page_cap_is_429_and_page_is_ignored_on_the_feed(api: FakeServer, http: aiohttp.ClientSession) -> None:
+async def test_page_cap_is_429_and_page_is_ignored_on_the_feed(
+    api: FakeServer, http: aiohttp.ClientSession
+) -> None:
     status, body = await get(http, f"{api.base_url}/images", page=11, limit=100)
     assert status == 429
     assert body == {"error": "You've requested too many pages, please use cursors instead"}
@@ -241,15 +282,19 @@ async def test_page_cap_is_429_and_page_is_ignored_on_the_feed(api: FakeServer, 
     assert paged["items"] == first["items"]
 
 
-@pytest.mark.parametrize(("params", "path", "code"), [
-    ({"sort": "newest"}, ["sort"], "invalid_enum_value"),
-    ({"period": "alltime"}, ["period"], "invalid_enum_value"),
-    ({"limit": 201}, ["limit"], "too_big"),
-    ({"limit": "ten"}, ["limit"], "invalid_type"),
-    ({"withMeta": "maybe"}, ["withMeta"], "invalid_type"),
-])
-async def test_bad_parameters_answer_zod_400(api: FakeServer, http: aiohttp.ClientSession,
-                                             params: dict, path: list, code: str) -> None:
+@pytest.mark.parametrize(
+    ("params", "path", "code"),
+    [
+        ({"sort": "newest"}, ["sort"], "invalid_enum_value"),
+        ({"period": "alltime"}, ["period"], "invalid_enum_value"),
+        ({"limit": 201}, ["limit"], "too_big"),
+        ({"limit": "ten"}, ["limit"], "invalid_type"),
+        ({"withMeta": "maybe"}, ["withMeta"], "invalid_type"),
+    ],
+)
+async def test_bad_parameters_answer_zod_400(
+    api: FakeServer, http: aiohttp.ClientSession, params: dict, path: list, code: str
+) -> None:
     status, body = await get(http, f"{api.base_url}/images", **params)
     assert status == 400 and body["error"]["name"] == "ZodError"
     issues = json.loads(body["error"]["message"])
@@ -286,9 +331,18 @@ async def test_headers_auth_and_request_log(dataset: Dataset, http: aiohttp.Clie
 
 
 def _expect(kind: str) -> tuple[int, str]:
-    return {"503": (503, "json"), "429": (429, "text"), "429_retry_after": (429, "json"), "challenge": (200, "html"),
-            "challenge_403": (403, "html"), "502": (502, "html"), "504": (504, "html"), "524": (524, "html"),
-            "500": (500, "json"), "451": (451, "json")}[kind]
+    return {
+        "503": (503, "json"),
+        "429": (429, "text"),
+        "429_retry_after": (429, "json"),
+        "challenge": (200, "html"),
+        "challenge_403": (403, "html"),
+        "502": (502, "html"),
+        "504": (504, "html"),
+        "524": (524, "html"),
+        "500": (500, "json"),
+        "451": (451, "json"),
+    }[kind]
 
 
 @pytest.mark.parametrize("kind", [k for k in FAULT_KINDS if k not in ("reset", "truncated", "slow")])
@@ -324,7 +378,9 @@ async def test_slow_fault_outlasts_client_timeout(dataset: Dataset, http: aiohtt
     assert [r.fault for r in api.log] == ["slow"]
 
 
-async def test_retry_after_http_date_and_models_faulted(dataset: Dataset, http: aiohttp.ClientSession) -> None:
+async def test_retry_after_http_date_and_models_faulted(
+    dataset: Dataset, http: aiohttp.ClientSession
+) -> None:
     spec = FaultSpec.only("503", retry_after_http_date=True)
     async with serve(dataset, spec) as api, http.get(f"{api.base_url}/models/827184") as resp:
         assert resp.status == 503
@@ -370,8 +426,14 @@ async def test_cursor_loop_hook(dataset: Dataset, http: aiohttp.ClientSession) -
     async with serve(dataset, options=ServerOptions(cursor_loops=frozenset({("postId", post)}))) as api:
         cursors, cursor = [], None
         for _ in range(4):
-            _, body = await get(http, f"{api.base_url}/images", postId=post, limit=1,
-                                **({"cursor": cursor} if cursor else {}), **ALL)
+            _, body = await get(
+                http,
+                f"{api.base_url}/images",
+                postId=post,
+                limit=1,
+                **({"cursor": cursor} if cursor else {}),
+                **ALL,
+            )
             cursor = body["metadata"]["nextCursor"]
             cursors.append(cursor)
     assert cursors[2] == cursors[0] and cursors[3] == cursors[1]
@@ -379,7 +441,9 @@ async def test_cursor_loop_hook(dataset: Dataset, http: aiohttp.ClientSession) -
 
 async def test_fallback_to_global_feed_hook(dataset: Dataset, http: aiohttp.ClientSession) -> None:
     name = dataset.usernames[1]
-    options = ServerOptions(fallback_usernames=frozenset({name}), fallback_post_ids=frozenset({dataset.post_ids[0]}))
+    options = ServerOptions(
+        fallback_usernames=frozenset({name}), fallback_post_ids=frozenset({dataset.post_ids[0]})
+    )
     async with serve(dataset, options=options) as api:
         _, by_user = await get(http, f"{api.base_url}/images", username=name, limit=100, **ALL)
         _, by_post = await get(http, f"{api.base_url}/images", postId=dataset.post_ids[0], limit=100, **ALL)
@@ -395,15 +459,19 @@ def test_spec_from_dict_and_determinism() -> None:
     assert [m.id for m in spec.models] == [827184, 42] and spec.total_images == 800
     assert not spec.models[0].versions[2].published
     a, b = Dataset(spec), Dataset(spec)
-    assert orjson.dumps([a.item(i, with_meta=True) for i in range(50)]) == \
-        orjson.dumps([b.item(i, with_meta=True) for i in range(50)])
-    overlap = set(a.version_image_ids(11, visible_only=False)) & set(a.version_image_ids(12, visible_only=False))
+    assert orjson.dumps([a.item(i, with_meta=True) for i in range(50)]) == orjson.dumps(
+        [b.item(i, with_meta=True) for i in range(50)]
+    )
+    overlap = set(a.version_image_ids(11, visible_only=False)) & set(
+        a.version_image_ids(12, visible_only=False)
+    )
     assert overlap, "versions of one model share images"
 
 
 async def test_command_line_serves_and_stops_on_sigterm(http: aiohttp.ClientSession) -> None:
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "crawler.fakeapi", "--port", "0",
-                                                stdout=asyncio.subprocess.PIPE)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "crawler.fakeapi", "--port", "0", stdout=asyncio.subprocess.PIPE
+    )
     assert proc.stdout is not None
     try:
         line = (await asyncio.wait_for(proc.stdout.readline(), 15)).decode()

@@ -1,9 +1,10 @@
 """A fake Civitai images API, shipped so users can test a harvest offline.
 
-    async with serve(Dataset(default_spec())) as api:
-        ...  # point the harvester at api.base_url
+async with serve(Dataset(default_spec())) as api:
+    ...  # point the harvester at api.base_url
 """
 
+from crawler.fakeapi.background import ServerThread
 from crawler.fakeapi.dataset import (
     Dataset,
     DatasetSpec,
@@ -24,6 +25,21 @@ from crawler.fakeapi.server import (
 )
 
 __all__ = [
-    "FAULT_KINDS", "Dataset", "DatasetSpec", "FakeServer", "FaultInjector", "FaultSpec", "ImageQuery", "ModelSpec",
-    "RateLimit", "RequestLog", "RequestRecord", "ServerOptions", "VersionSpec", "default_spec", "make_app", "serve",
+    "FAULT_KINDS",
+    "Dataset",
+    "DatasetSpec",
+    "FakeServer",
+    "FaultInjector",
+    "FaultSpec",
+    "ImageQuery",
+    "ModelSpec",
+    "RateLimit",
+    "RequestLog",
+    "RequestRecord",
+    "ServerOptions",
+    "ServerThread",
+    "VersionSpec",
+    "default_spec",
+    "make_app",
+    "serve",
 ]

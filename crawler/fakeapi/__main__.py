@@ -20,15 +20,21 @@ from crawler.fakeapi.server import ServerOptions, serve
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m crawler.fakeapi", description="Serve a fake Civitai images API.")
+    p = argparse.ArgumentParser(
+        prog="python -m crawler.fakeapi", description="Serve a fake Civitai images API."
+    )
     p.add_argument("--host", default="127.0.0.1", help="loopback address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=0, help="port (default 0: any free port)")
     p.add_argument("--spec", type=Path, help="dataset spec JSON (default: model 827184, five versions)")
-    p.add_argument("--faults", type=Path, help="fault spec JSON, e.g. {\"seed\": 1, \"rates\": {\"503\": 0.05}}")
+    p.add_argument("--faults", type=Path, help='fault spec JSON, e.g. {"seed": 1, "rates": {"503": 0.05}}')
     p.add_argument("--rate-limit", type=float, help="requests per second before edge 429s")
     p.add_argument("--burst", type=int, default=1, help="token bucket burst for --rate-limit (default 1)")
-    p.add_argument("--rate-limit-mode", choices=("429", "503"), default="429",
-                   help="429 without Retry-After (Cloudflare) or 503 with Retry-After: 2")
+    p.add_argument(
+        "--rate-limit-mode",
+        choices=("429", "503"),
+        default="429",
+        help="429 without Retry-After (Cloudflare) or 503 with Retry-After: 2",
+    )
     p.add_argument("--api-key", help="reject Authorization: Bearer headers carrying any other key")
     return p
 
@@ -45,8 +51,14 @@ async def _run(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    async with serve(dataset, faults, host=args.host, port=args.port, api_key=args.api_key,
-                     options=ServerOptions(rate_limit=limit)) as api:
+    async with serve(
+        dataset,
+        faults,
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key,
+        options=ServerOptions(rate_limit=limit),
+    ) as api:
         print(f"listening on {api.base_url}", flush=True)
         await stop.wait()
 

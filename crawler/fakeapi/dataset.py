@@ -72,7 +72,11 @@ class ModelSpec:
     @classmethod
     def from_obj(cls, model_id: int, obj: Any) -> ModelSpec:
         if isinstance(obj, Mapping):
-            versions, name, mtype = obj["versions"], str(obj.get("name", "")), str(obj.get("type", "Checkpoint"))
+            versions, name, mtype = (
+                obj["versions"],
+                str(obj.get("name", "")),
+                str(obj.get("type", "Checkpoint")),
+            )
         else:  # a bare list of versions
             versions, name, mtype = obj, "", "Checkpoint"
         return cls(int(model_id), tuple(VersionSpec.from_obj(v) for v in versions), name, mtype)
@@ -108,19 +112,35 @@ class DatasetSpec:
 
 def default_spec() -> DatasetSpec:
     """Model 827184 with five versions of a few hundred images each: the CLI default."""
-    return DatasetSpec.from_dict({
-        "seed": 827184,
-        "models": {
-            "827184": {"name": "Pony Realism", "type": "Checkpoint", "versions": [
-                {"id": 1920896, "images": 420, "name": "v2.2", "baseModel": "Pony"},
-                {"id": 1720374, "images": 380, "name": "v2.1", "baseModel": "Pony"},
-                {"id": 1481542, "images": 300, "name": "v2.0", "baseModel": "Pony"},
-                {"id": 1254211, "images": 260, "name": "v1.5", "baseModel": "Pony"},
-                {"id": 925000, "images": 150, "name": "v1.0 (withdrawn)", "baseModel": "Pony", "published": False},
-            ]},
-        },
-        "overlap": 0.15, "posts": 12, "users": 6, "hidden_rate": 0.03, "legacy_timeout_rows": 1000,
-    })
+    return DatasetSpec.from_dict(
+        {
+            "seed": 827184,
+            "models": {
+                "827184": {
+                    "name": "Pony Realism",
+                    "type": "Checkpoint",
+                    "versions": [
+                        {"id": 1920896, "images": 420, "name": "v2.2", "baseModel": "Pony"},
+                        {"id": 1720374, "images": 380, "name": "v2.1", "baseModel": "Pony"},
+                        {"id": 1481542, "images": 300, "name": "v2.0", "baseModel": "Pony"},
+                        {"id": 1254211, "images": 260, "name": "v1.5", "baseModel": "Pony"},
+                        {
+                            "id": 925000,
+                            "images": 150,
+                            "name": "v1.0 (withdrawn)",
+                            "baseModel": "Pony",
+                            "published": False,
+                        },
+                    ],
+                },
+            },
+            "overlap": 0.15,
+            "posts": 12,
+            "users": 6,
+            "hidden_rate": 0.03,
+            "legacy_timeout_rows": 1000,
+        }
+    )
 
 
 # ---------------------------------------------------------------- queries
@@ -162,16 +182,62 @@ class Stats:
 # ---------------------------------------------------------------- vocabulary
 
 _WORDS = (
-    "masterpiece", "best quality", "1girl", "portrait", "cinematic lighting", "landscape", "cyberpunk city",
-    "forest at dawn", "watercolor", "photorealistic", "8k", "bokeh", "neon", "castle", "dragon",
-    "café au lait", "naïve art", "日本の風景", "桜の木", "ночной город", "Ünïcödé façade", "✨ sparkles ✨",
-    "smiling", "detailed eyes", "film grain", "oil painting",
+    "masterpiece",
+    "best quality",
+    "1girl",
+    "portrait",
+    "cinematic lighting",
+    "landscape",
+    "cyberpunk city",
+    "forest at dawn",
+    "watercolor",
+    "photorealistic",
+    "8k",
+    "bokeh",
+    "neon",
+    "castle",
+    "dragon",
+    "café au lait",
+    "naïve art",
+    "日本の風景",
+    "桜の木",
+    "ночной город",
+    "Ünïcödé façade",
+    "✨ sparkles ✨",
+    "smiling",
+    "detailed eyes",
+    "film grain",
+    "oil painting",
 )
 _SAMPLERS = ("DPM++ 2M Karras", "Euler a", "Euler", "DPM++ SDE Karras", "DDIM", "UniPC")
 _SIZES = ((832, 1216), (1216, 832), (1024, 1024), (512, 768), (768, 512), (896, 1152), (1920, 1080))
-_TAGS = tuple(enumerate(("woman", "man", "outdoors", "indoors", "animal", "car", "robot", "anime",
-                         "architecture", "food", "fantasy", "sci-fi", "portrait", "landscape", "clothing",
-                         "horror", "cat", "dog", "flower", "water"), start=5133))
+_TAGS = tuple(
+    enumerate(
+        (
+            "woman",
+            "man",
+            "outdoors",
+            "indoors",
+            "animal",
+            "car",
+            "robot",
+            "anime",
+            "architecture",
+            "food",
+            "fantasy",
+            "sci-fi",
+            "portrait",
+            "landscape",
+            "clothing",
+            "horror",
+            "cat",
+            "dog",
+            "flower",
+            "water",
+        ),
+        start=5133,
+    )
+)
 _TAG_NAMES = dict(_TAGS)
 _B83 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz#$%*+,-.:;=?@[]^_{|}~"
 _BLUR = "".join(random.Random(83).choices(_B83, k=4036))  # hashes are windows of it: no per-item loop
@@ -189,8 +255,11 @@ def _reactions(h: int) -> int:
     return ((h >> 13) & 0x1F) + ((h >> 18) & 0x3F) + like + like * ((h >> 24) & 0x3) // 4
 
 
-_METRICS = {"Most Reactions": _reactions, "Most Comments": lambda h: (h >> 26) & 0x1F,
-            "Most Collected": lambda h: (h >> 31) & 0xFF}
+_METRICS = {
+    "Most Reactions": _reactions,
+    "Most Comments": lambda h: (h >> 26) & 0x1F,
+    "Most Collected": lambda h: (h >> 31) & 0xFF,
+}
 
 
 def _iso(ms: int) -> str:
@@ -228,7 +297,9 @@ class Dataset:
         self._versions: list[VersionSpec] = [v for m in spec.models for v in m.versions]
         self._version_model: list[int] = [m.id for m in spec.models for _ in m.versions]
         self._version_index = {v.id: i for i, v in enumerate(self._versions)}
-        self._post_user = array("i", (self._rng.randrange(max(spec.users, 1)) for _ in range(max(spec.posts, 1))))
+        self._post_user = array(
+            "i", (self._rng.randrange(max(spec.users, 1)) for _ in range(max(spec.posts, 1)))
+        )
         self._usernames = [self._username(u) for u in range(max(spec.users, 1))]
         self._user_index = {n.lower(): u for u, n in enumerate(self._usernames)}
         self.cols = _Columns()
@@ -282,7 +353,7 @@ class Dataset:
             while budget > 0:
                 run = min(budget, self._rng.randint(1, 12))
                 start = self._rng.randrange(len(members))
-                for i in members[start:start + run]:
+                for i in members[start : start + run]:
                     self.cols.flags[i] |= _HIDDEN
                 budget -= run
 
@@ -365,8 +436,15 @@ class Dataset:
     def stats(self, image_id: int) -> Stats:
         h = self._stat_hash(image_id)
         like = _like(h)
-        return Stats(cry=(h >> 13) & 0x1F, laugh=(h >> 18) & 0x3F, like=like, dislike=0,
-                     heart=like * ((h >> 24) & 0x3) // 4, comment=(h >> 26) & 0x1F, collected=(h >> 31) & 0xFF)
+        return Stats(
+            cry=(h >> 13) & 0x1F,
+            laugh=(h >> 18) & 0x3F,
+            like=like,
+            dislike=0,
+            heart=like * ((h >> 24) & 0x3) // 4,
+            comment=(h >> 26) & 0x1F,
+            collected=(h >> 31) & 0xFF,
+        )
 
     def _stat_hash(self, image_id: int) -> int:
         return mix64(image_id ^ (self.spec.seed << 40))
@@ -383,11 +461,14 @@ class Dataset:
         """Ids a complete walk of modelVersionId=version_id should yield (for tests)."""
         c = self.cols
         skip = (_HIDDEN | _DELETED) if visible_only else _DELETED
-        return [c.ids[i] for i in self._members[self._version_index[version_id]]
-                if not c.flags[i] & skip and LEVELS[c.level[i]] & levels]
+        return [
+            c.ids[i]
+            for i in self._members[self._version_index[version_id]]
+            if not c.flags[i] & skip and LEVELS[c.level[i]] & levels
+        ]
 
     def version_ids(self, model_id: int) -> list[int]:
-        return [v.id for v, m in zip(self._versions, self._version_model) if m == model_id]
+        return [v.id for v, m in zip(self._versions, self._version_model, strict=True) if m == model_id]
 
     # -------------------------------------------------------- selection
 
@@ -473,8 +554,9 @@ class Dataset:
 
     # -------------------------------------------------------- rendering
 
-    def item(self, i: int, *, with_meta: bool = False, with_tags: bool = False,
-             nested_meta: bool = False) -> dict[str, Any]:
+    def item(
+        self, i: int, *, with_meta: bool = False, with_tags: bool = False, nested_meta: bool = False
+    ) -> dict[str, Any]:
         c = self.cols
         image_id, level, kind = c.ids[i], c.level[i], TYPES[c.type[i]]
         h = mix64(image_id ^ self.spec.seed)
@@ -485,14 +567,26 @@ class Dataset:
         item: dict[str, Any] = {
             "id": image_id,
             "url": self._url(h, kind, width),
-            "hash": _BLUR[h % 4000:h % 4000 + 36],
-            "width": width, "height": height,
-            "nsfwLevel": LEVEL_NAMES[level], "type": kind, "nsfw": level > 0, "browsingLevel": LEVELS[level],
-            "createdAt": _iso(self.created_ms(image_id)), "postId": self.post_id(i),
-            "stats": {"cryCount": s.cry, "laughCount": s.laugh, "likeCount": s.like,
-                      "dislikeCount": s.dislike, "heartCount": s.heart, "commentCount": s.comment},
+            "hash": _BLUR[h % 4000 : h % 4000 + 36],
+            "width": width,
+            "height": height,
+            "nsfwLevel": LEVEL_NAMES[level],
+            "type": kind,
+            "nsfw": level > 0,
+            "browsingLevel": LEVELS[level],
+            "createdAt": _iso(self.created_ms(image_id)),
+            "postId": self.post_id(i),
+            "stats": {
+                "cryCount": s.cry,
+                "laughCount": s.laugh,
+                "likeCount": s.like,
+                "dislikeCount": s.dislike,
+                "heartCount": s.heart,
+                "commentCount": s.comment,
+            },
             "meta": {"id": image_id, "meta": meta} if nested_meta and with_meta else meta,
-            "username": self.username_of(i), "baseModel": self.base_model(i),
+            "username": self.username_of(i),
+            "baseModel": self.base_model(i),
             "modelVersionIds": list(dict.fromkeys(r["modelVersionId"] for r in resources)),
         }
         if with_tags:
@@ -522,11 +616,16 @@ class Dataset:
         g = mix64(h)  # fresh bits, cheaper than a Random per item
         width, height = _SIZES[h % len(_SIZES)]
         meta: dict[str, Any] = {
-            "Size": f"{width}x{height}", "seed": g & 0xFFFFFFFF, "steps": (20, 25, 30, 45)[(g >> 32) & 3],
+            "Size": f"{width}x{height}",
+            "seed": g & 0xFFFFFFFF,
+            "steps": (20, 25, 30, 45)[(g >> 32) & 3],
             "prompt": ", ".join(_WORDS[(g >> (5 * k)) % len(_WORDS)] for k in range(2, 8)),
             "negativePrompt": "lowres, bad anatomy, 低品質",
-            "sampler": _SAMPLERS[(g >> 40) % len(_SAMPLERS)], "cfgScale": (3.5, 5, 7, 7.5)[(g >> 44) & 3],
-            "clipSkip": 1 + (g >> 46) % 2, "resources": [], "civitaiResources": resources,
+            "sampler": _SAMPLERS[(g >> 40) % len(_SAMPLERS)],
+            "cfgScale": (3.5, 5, 7, 7.5)[(g >> 44) & 3],
+            "clipSkip": 1 + (g >> 46) % 2,
+            "resources": [],
+            "civitaiResources": resources,
         }
         if (g >> 48) & 1:  # tools drop in keys of their own: keep them opaque
             meta["Model hash"] = f"{g & 0xFFFFFFFFFF:010x}"
@@ -541,8 +640,13 @@ class Dataset:
         if m is None:
             return None
         return {
-            "id": m.id, "name": m.name or f"Model {m.id}", "description": "<p>A synthetic model.</p>",
-            "type": m.type, "poi": False, "nsfw": False, "allowNoCredit": True,
+            "id": m.id,
+            "name": m.name or f"Model {m.id}",
+            "description": "<p>A synthetic model.</p>",
+            "type": m.type,
+            "poi": False,
+            "nsfw": False,
+            "allowNoCredit": True,
             "creator": {"username": self._usernames[m.id % len(self._usernames)], "image": None},
             "tags": ["base model"],
             "modelVersions": [self._version_obj(m, v) for v in m.versions if v.published],
@@ -550,13 +654,26 @@ class Dataset:
 
     def _version_obj(self, m: ModelSpec, v: VersionSpec) -> dict[str, Any]:
         return {
-            "id": v.id, "modelId": m.id, "name": v.name or f"v{v.id}", "baseModel": v.base_model,
-            "baseModelType": "Standard", "status": "Published",
-            "createdAt": _iso(_T0_MS + v.id % 1000 * 86_400_000), "trainedWords": [],
-            "files": [{"id": v.id * 10, "name": f"model_{v.id}.safetensors", "type": "Model", "primary": True,
-                       "sizeKB": 6_775_430.0,
-                       "downloadUrl": f"https://civitai.com/api/download/models/{v.id}"}],
-            "images": [], "downloadUrl": f"https://civitai.com/api/download/models/{v.id}",
+            "id": v.id,
+            "modelId": m.id,
+            "name": v.name or f"v{v.id}",
+            "baseModel": v.base_model,
+            "baseModelType": "Standard",
+            "status": "Published",
+            "createdAt": _iso(_T0_MS + v.id % 1000 * 86_400_000),
+            "trainedWords": [],
+            "files": [
+                {
+                    "id": v.id * 10,
+                    "name": f"model_{v.id}.safetensors",
+                    "type": "Model",
+                    "primary": True,
+                    "sizeKB": 6_775_430.0,
+                    "downloadUrl": f"https://civitai.com/api/download/models/{v.id}",
+                }
+            ],
+            "images": [],
+            "downloadUrl": f"https://civitai.com/api/download/models/{v.id}",
         }
 
 

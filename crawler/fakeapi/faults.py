@@ -20,18 +20,35 @@ from typing import Any
 
 from aiohttp import web
 
-KINDS = ("503", "429", "429_retry_after", "challenge", "challenge_403", "502", "504", "524", "500",
-         "reset", "truncated", "slow", "451")
+KINDS = (
+    "503",
+    "429",
+    "429_retry_after",
+    "challenge",
+    "challenge_403",
+    "502",
+    "504",
+    "524",
+    "500",
+    "reset",
+    "truncated",
+    "slow",
+    "451",
+)
 
-_CHALLENGE = (b"<!DOCTYPE html><html lang=\"en-US\"><head><title>Just a moment...</title></head><body>"
-              b"<noscript>Enable JavaScript and cookies to continue</noscript>"
-              b"<script>window._cf_chl_opt={cvId:'3'};</script></body></html>")
+_CHALLENGE = (
+    b'<!DOCTYPE html><html lang="en-US"><head><title>Just a moment...</title></head><body>'
+    b"<noscript>Enable JavaScript and cookies to continue</noscript>"
+    b"<script>window._cf_chl_opt={cvId:'3'};</script></body></html>"
+)
 
 
 def _cf_page(code: int, title: str) -> bytes:
-    return (f"<!DOCTYPE html><html><head><title>civitai.com | {code}: {title}</title></head>"
-            f"<body><h1>Error {code}</h1><p>{title}</p><p>Cloudflare Ray ID: 8f1c2a3b4d5e6f70</p>"
-            f"</body></html>").encode()
+    return (
+        f"<!DOCTYPE html><html><head><title>civitai.com | {code}: {title}</title></head>"
+        f"<body><h1>Error {code}</h1><p>{title}</p><p>Cloudflare Ray ID: 8f1c2a3b4d5e6f70</p>"
+        f"</body></html>"
+    ).encode()
 
 
 @dataclass(frozen=True)
@@ -54,7 +71,9 @@ class FaultSpec:
         """{"seed": 1, "rates": {"503": 0.05}, ...}; kinds may also sit at the top level."""
         rates = dict(d.get("rates", {}))
         rates.update({k: v for k, v in d.items() if k in KINDS})
-        options = {k: d[k] for k in ("seed", "retry_after", "retry_after_http_date", "slow_seconds") if k in d}
+        options = {
+            k: d[k] for k in ("seed", "retry_after", "retry_after_http_date", "slow_seconds") if k in d
+        }
         return cls(rates=tuple((k, float(v)) for k, v in rates.items()), **options)
 
     @classmethod
@@ -101,8 +120,9 @@ class FaultInjector:
             return formatdate(time.time() + self.spec.retry_after, usegmt=True)
         return str(self.spec.retry_after)
 
-    async def respond(self, kind: str, request: web.Request,
-                      real: Callable[[], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    async def respond(
+        self, kind: str, request: web.Request, real: Callable[[], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
         """The response for kind; `real` produces the genuine answer the fault spoils or delays."""
         if kind == "slow":
             await asyncio.sleep(self.spec.slow_seconds)
@@ -114,24 +134,40 @@ class FaultInjector:
     def _canned(self, kind: str) -> web.Response:
         json_type = "application/json"
         if kind == "503":
-            return web.Response(status=503, body=b'{"error":"Service Unavailable"}', content_type=json_type,
-                                headers={"Retry-After": self.retry_after()})
+            return web.Response(
+                status=503,
+                body=b'{"error":"Service Unavailable"}',
+                content_type=json_type,
+                headers={"Retry-After": self.retry_after()},
+            )
         if kind == "429_retry_after":
-            return web.Response(status=429, body=b'{"error":"Too Many Requests"}', content_type=json_type,
-                                headers={"Retry-After": self.retry_after()})
+            return web.Response(
+                status=429,
+                body=b'{"error":"Too Many Requests"}',
+                content_type=json_type,
+                headers={"Retry-After": self.retry_after()},
+            )
         if kind == "429":  # Cloudflare's edge: plain text, no Retry-After
             return web.Response(status=429, text="error code: 1015")
         if kind in ("challenge", "challenge_403"):
-            return web.Response(status=200 if kind == "challenge" else 403, body=_CHALLENGE,
-                                content_type="text/html", headers={"cf-mitigated": "challenge"})
+            return web.Response(
+                status=200 if kind == "challenge" else 403,
+                body=_CHALLENGE,
+                content_type="text/html",
+                headers={"cf-mitigated": "challenge"},
+            )
         if kind in ("502", "504", "524"):
             title = {"502": "Bad gateway", "504": "Gateway time-out", "524": "A timeout occurred"}[kind]
             return web.Response(status=int(kind), body=_cf_page(int(kind), title), content_type="text/html")
         if kind == "500":
-            return web.Response(status=500, content_type=json_type,
-                                body=b'{"error":"An unexpected error occurred","code":"INTERNAL_SERVER_ERROR"}')
-        return web.Response(status=451, content_type=json_type,
-                            body=b'{"error":"Unavailable For Legal Reasons"}')
+            return web.Response(
+                status=500,
+                content_type=json_type,
+                body=b'{"error":"An unexpected error occurred","code":"INTERNAL_SERVER_ERROR"}',
+            )
+        return web.Response(
+            status=451, content_type=json_type, body=b'{"error":"Unavailable For Legal Reasons"}'
+        )
 
 
 async def _cut_short(request: web.Request, resp: web.StreamResponse, *, reset: bool) -> web.StreamResponse:
@@ -192,7 +228,10 @@ class TokenBucket:
 
     def rejection(self) -> web.Response:
         if self.limit.mode == "503":
-            return web.Response(status=503, body=b'{"error":"Service Unavailable"}',
-                                content_type="application/json",
-                                headers={"Retry-After": str(self.limit.retry_after)})
+            return web.Response(
+                status=503,
+                body=b'{"error":"Service Unavailable"}',
+                content_type="application/json",
+                headers={"Retry-After": str(self.limit.retry_after)},
+            )
         return web.Response(status=429, text="error code: 1015")

@@ -130,19 +130,40 @@ class _Params:
         except ValueError:
             value = math.nan
         if not math.isfinite(value):
-            self._issue(name, "Expected number, received nan", code="invalid_type", expected="number", received="nan")
+            self._issue(
+                name, "Expected number, received nan", code="invalid_type", expected="number", received="nan"
+            )
             return None
         if not value.is_integer():
-            self._issue(name, "Expected integer, received float", code="invalid_type", expected="integer",
-                        received="float")
+            self._issue(
+                name,
+                "Expected integer, received float",
+                code="invalid_type",
+                expected="integer",
+                received="float",
+            )
             return None
         n = int(value)
         if lo is not None and n < lo:
-            self._issue(name, f"Number must be greater than or equal to {lo}", code="too_small", minimum=lo,
-                        type="number", inclusive=True, exact=False)
+            self._issue(
+                name,
+                f"Number must be greater than or equal to {lo}",
+                code="too_small",
+                minimum=lo,
+                type="number",
+                inclusive=True,
+                exact=False,
+            )
         if hi is not None and n > hi:
-            self._issue(name, f"Number must be less than or equal to {hi}", code="too_big", maximum=hi,
-                        type="number", inclusive=True, exact=False)
+            self._issue(
+                name,
+                f"Number must be less than or equal to {hi}",
+                code="too_big",
+                maximum=hi,
+                type="number",
+                inclusive=True,
+                exact=False,
+            )
         return n
 
     def enum(self, name: str, options: tuple[str, ...], default: str | None = None) -> str | None:
@@ -151,8 +172,15 @@ class _Params:
             return default
         if raw not in options:  # case-sensitive, as the server's enums are
             expected = " | ".join(f"'{o}'" for o in options)
-            self.issues.append({"received": raw, "code": "invalid_enum_value", "options": list(options),
-                                "path": [name], "message": f"Invalid enum value. Expected {expected}, received '{raw}'"})
+            self.issues.append(
+                {
+                    "received": raw,
+                    "code": "invalid_enum_value",
+                    "options": list(options),
+                    "path": [name],
+                    "message": f"Invalid enum value. Expected {expected}, received '{raw}'",
+                }
+            )
             return default
         return raw
 
@@ -161,8 +189,13 @@ class _Params:
         if raw is None:
             return False
         if raw not in _BOOLS:
-            self._issue(name, "Expected boolean, received string", code="invalid_type", expected="boolean",
-                        received="string")
+            self._issue(
+                name,
+                "Expected boolean, received string",
+                code="invalid_type",
+                expected="boolean",
+                received="string",
+            )
             return False
         return _BOOLS[raw]
 
@@ -181,7 +214,9 @@ class _Params:
         raw = self.raw(name)
         parts = [p.strip() for p in raw.split(",")] if raw else []
         if not all(p.lstrip("-").isdigit() for p in parts):
-            self._issue(name, "Expected number, received nan", code="invalid_type", expected="number", received="nan")
+            self._issue(
+                name, "Expected number, received nan", code="invalid_type", expected="number", received="nan"
+            )
             return frozenset()
         return frozenset(int(p) for p in parts)
 
@@ -216,16 +251,31 @@ def _parse_images(query: Mapping[str, str], options: ServerOptions) -> tuple[Ima
     nsfw = p.nsfw()
     username = p.raw("username")
     q = ImageQuery(
-        post_id=p.integer("postId"), model_id=p.integer("modelId"), model_version_id=p.integer("modelVersionId"),
-        image_id=p.integer("imageId"), username=username.lower() if username else None, user_id=p.integer("userId"),
+        post_id=p.integer("postId"),
+        model_id=p.integer("modelId"),
+        model_version_id=p.integer("modelVersionId"),
+        image_id=p.integer("imageId"),
+        username=username.lower() if username else None,
+        user_id=p.integer("userId"),
         period=p.enum("period", PERIODS, "AllTime") or "AllTime",
         sort=p.enum("sort", SORTS, "Most Reactions") or "Most Reactions",
-        levels=(level & 31) if level else nsfw if nsfw is not None else options.default_levels,  # browsingLevel wins
-        tags=p.int_list("tags"), type=p.enum("type", TYPES), base_models=p.str_list("baseModels"),
+        levels=(level & 31)
+        if level
+        else nsfw
+        if nsfw is not None
+        else options.default_levels,  # browsingLevel wins
+        tags=p.int_list("tags"),
+        type=p.enum("type", TYPES),
+        base_models=p.str_list("baseModels"),
     )
     limit = p.integer("limit", lo=0, hi=200)
-    paging = _Paging(limit=limit or 100, cursor=p.cursor(), page=p.integer("page", lo=1),  # JS: 0 is falsy -> 100
-                     with_meta=p.boolean("withMeta"), with_tags=p.boolean("withTags"))
+    paging = _Paging(
+        limit=limit or 100,
+        cursor=p.cursor(),
+        page=p.integer("page", lo=1),  # JS: 0 is falsy -> 100
+        with_meta=p.boolean("withMeta"),
+        with_tags=p.boolean("withTags"),
+    )
     return q, paging, p.issues
 
 
@@ -233,12 +283,16 @@ def _parse_images(query: Mapping[str, str], options: ServerOptions) -> tuple[Ima
 
 
 def _json(obj: Any, status: int = 200) -> web.Response:
-    return web.Response(body=orjson.dumps(obj), status=status, content_type="application/json", headers=_HEADERS)
+    return web.Response(
+        body=orjson.dumps(obj), status=status, content_type="application/json", headers=_HEADERS
+    )
 
 
 def _zod(issues: list[dict[str, Any]]) -> web.Response:
-    return _json({"error": {"name": "ZodError", "message": orjson.dumps(issues, option=orjson.OPT_INDENT_2).decode()}},
-                 400)
+    return _json(
+        {"error": {"name": "ZodError", "message": orjson.dumps(issues, option=orjson.OPT_INDENT_2).decode()}},
+        400,
+    )
 
 
 def _next_page(request: web.Request, cursor: str | int) -> str:
@@ -255,8 +309,12 @@ def _feed_page(st: _State, request: web.Request, q: ImageQuery, paging: _Paging)
     ds = st.dataset
     rows = ds.select(q)
     offset = paging.cursor or 0
-    chunk = rows[offset:offset + paging.limit]
-    items = [ds.item(i, with_meta=paging.with_meta, with_tags=paging.with_tags) for i in chunk if not ds.is_hidden(i)]
+    chunk = rows[offset : offset + paging.limit]
+    items = [
+        ds.item(i, with_meta=paging.with_meta, with_tags=paging.with_tags)
+        for i in chunk
+        if not ds.is_hidden(i)
+    ]
     nxt: int | None = offset + paging.limit if offset + paging.limit < len(rows) else None
     if _loops(st.options, request.query):
         nxt = paging.limit if offset >= 2 * paging.limit else offset + paging.limit
@@ -286,9 +344,11 @@ def _legacy_page(st: _State, request: web.Request, q: ImageQuery, paging: _Pagin
         start = bisect.bisect_left(visible, paging.cursor, key=lambda i: ids[i])
     else:
         start = ((paging.page or 1) - 1) * paging.limit  # page works here, unlike on the feed
-    chunk = visible[start:start + paging.limit + 1]
-    items = [ds.item(i, with_meta=paging.with_meta, with_tags=paging.with_tags, nested_meta=True)
-             for i in chunk[:paging.limit]]
+    chunk = visible[start : start + paging.limit + 1]
+    items = [
+        ds.item(i, with_meta=paging.with_meta, with_tags=paging.with_tags, nested_meta=True)
+        for i in chunk[: paging.limit]
+    ]
     if len(chunk) <= paging.limit:
         return {"items": items, "metadata": _end(st.options)}
     cursor = ids[chunk[paging.limit]]
@@ -340,8 +400,9 @@ async def _model(request: web.Request) -> web.Response:
 
 
 @web.middleware
-async def _edge(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-                ) -> web.StreamResponse:
+async def _edge(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
     """Rate limit, auth and fault injection in front of the handlers; logs every request."""
     st = request.app[_STATE]
     mono, wall = time.monotonic(), time.time()
@@ -360,8 +421,18 @@ async def _edge(request: web.Request, handler: Callable[[web.Request], Awaitable
         status = exc.status
         raise
     finally:
-        st.log.append(RequestRecord(mono, wall, request.method, request.path, dict(request.query), status, fault,
-                                    "Authorization" in request.headers))
+        st.log.append(
+            RequestRecord(
+                mono,
+                wall,
+                request.method,
+                request.path,
+                dict(request.query),
+                status,
+                fault,
+                "Authorization" in request.headers,
+            )
+        )
 
 
 def _screen(st: _State, request: web.Request) -> tuple[web.Response | None, str | None]:
@@ -376,12 +447,22 @@ def _screen(st: _State, request: web.Request) -> tuple[web.Response | None, str 
     return None, None
 
 
-def make_app(dataset: Dataset, faults: FaultSpec | FaultInjector | None = None, *, api_key: str | None = None,
-             options: ServerOptions | None = None) -> web.Application:
+def make_app(
+    dataset: Dataset,
+    faults: FaultSpec | FaultInjector | None = None,
+    *,
+    api_key: str | None = None,
+    options: ServerOptions | None = None,
+) -> web.Application:
     options = options or ServerOptions()
     injector = faults if isinstance(faults, FaultInjector) else FaultInjector(faults)
-    state = _State(dataset, injector, options, api_key,
-                   bucket=TokenBucket(options.rate_limit) if options.rate_limit else None)
+    state = _State(
+        dataset,
+        injector,
+        options,
+        api_key,
+        bucket=TokenBucket(options.rate_limit) if options.rate_limit else None,
+    )
     app = web.Application(middlewares=[_edge])
     app[_STATE] = state
     app.router.add_get("/api/v1/images", _images)
@@ -405,9 +486,15 @@ def _check_loopback(host: str) -> None:
 
 
 @asynccontextmanager
-async def serve(dataset: Dataset, faults: FaultSpec | FaultInjector | None = None, *, host: str = "127.0.0.1",
-                port: int = 0, api_key: str | None = None, options: ServerOptions | None = None
-                ) -> AsyncIterator[FakeServer]:
+async def serve(
+    dataset: Dataset,
+    faults: FaultSpec | FaultInjector | None = None,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    api_key: str | None = None,
+    options: ServerOptions | None = None,
+) -> AsyncIterator[FakeServer]:
     """Run the fake API on host:port (0: any free port) for the duration of the block."""
     _check_loopback(host)
     app = make_app(dataset, faults, api_key=api_key, options=options)
@@ -419,7 +506,8 @@ async def serve(dataset: Dataset, faults: FaultSpec | FaultInjector | None = Non
         await site.start()
         bound = runner.addresses[0][1]
         url_host = f"[{host}]" if ":" in host else host
-        yield FakeServer(f"http://{url_host}:{bound}/api/v1", bound, dataset, app[_STATE].log,
-                         app[_STATE].injector, app)
+        yield FakeServer(
+            f"http://{url_host}:{bound}/api/v1", bound, dataset, app[_STATE].log, app[_STATE].injector, app
+        )
     finally:
         await runner.cleanup()
