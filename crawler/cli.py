@@ -79,6 +79,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except HarvestError as exc:
         print(f"harvest: error: {redact(str(exc), key)}", file=sys.stderr)
         return exc.exit_code
+    except Exception as exc:  # a bug: still one line, the committed state is intact
+        log.debug("internal error", exc_info=True)
+        detail = redact(f"{type(exc).__name__}: {exc}", key)
+        print(f"harvest: internal error: {detail} (rerun resumes; -v shows the traceback)", file=sys.stderr)
+        return ExitCode.ERROR
 
 
 def cmd_run(config: Config, key: str | None) -> int:

@@ -21,6 +21,7 @@ from crawler.checkpoint import Checkpointer
 from crawler.client import ApiClient, Counters, Page
 from crawler.config import Config
 from crawler.errors import CursorLoopError, HarvestError, ShardError
+from crawler.progress import NoProgress, Progress, ShardView
 from crawler.shards import PlanFailure, Shard, check_items, describe, plan_shards
 from crawler.state import Cursor, ShardStatus, State
 
@@ -61,7 +62,9 @@ class RunSummary:
         return not self.failures
 
 
-async def run_harvest(config: Config, state: State, api_key: str | None) -> RunSummary:
+async def run_harvest(
+    config: Config, state: State, api_key: str | None, progress: Progress | None = None
+) -> RunSummary:
     """Walk every shard of `config` into its output dir; resumable at any instant."""
     started = time.monotonic()
     summary = RunSummary()
@@ -72,7 +75,7 @@ async def run_harvest(config: Config, state: State, api_key: str | None) -> RunS
         try:
             shards, plan_failures = await plan_shards(config.queries, client)
             summary.failures += [f"{f.query} [{f.what}]: {f.error}" for f in plan_failures]
-            await _walk_all(shards, state, client, config, summary)
+            await _walk_all(shards, state, client, config, summary, progress or NoProgress())
             _close_pass(state, shards, plan_failures)
         finally:
             summary.elapsed = time.monotonic() - started
@@ -85,7 +88,12 @@ def _close_pass(state: State, shards: Sequence[Shard], failures: Sequence[PlanFa
 
 
 async def _walk_all(
-    shards: Sequence[Shard], state: State, client: ApiClient, config: Config, summary: RunSummary
+    shards: Sequence[Shard],
+    state: State,
+    client: ApiClient,
+    config: Config,
+    summary: RunSummary,
+    progress: Progress,
 ) -> None:
     state.begin_pass((s.key, s.query) for s in shards)
     rows = {s.key: state.shard(s.key) for s in shards}
@@ -93,16 +101,22 @@ async def _walk_all(
     summary.shards = len(shards)
     summary.shards_done = len(shards) - len(todo)
     log.info("%d shards, %d to walk", len(shards), len(todo))
+    progress.start([_view(s, rows[s.key]) for s in shards], client.counters)
     queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=2 * config.api.concurrency)
     sink = Checkpointer(config.output.dir, state)
     try:
         async with asyncio.TaskGroup() as group:
             group.create_task(_produce(todo, rows, client, queue))
-            group.create_task(_consume(queue, sink, state, summary))
+            group.create_task(_consume(queue, sink, state, summary, progress))
     except BaseExceptionGroup as group_error:
         raise _first_harvest_error(group_error) from None
     finally:
+        progress.stop()
         sink.close()
+
+
+def _view(shard: Shard, row: Any) -> ShardView:
+    return ShardView(shard.key, shard.query, row.status, row.items, row.pages)
 
 
 def _first_harvest_error(group: BaseExceptionGroup) -> BaseException:
@@ -148,12 +162,19 @@ async def _walk(shard: Shard, cursor: Cursor | None, client: ApiClient, queue: a
         await queue.put(_Failed(shard, str(exc)))
 
 
-async def _consume(queue: asyncio.Queue[Any], sink: Checkpointer, state: State, summary: RunSummary) -> None:
+async def _consume(
+    queue: asyncio.Queue[Any],
+    sink: Checkpointer,
+    state: State,
+    summary: RunSummary,
+    progress: Progress,
+) -> None:
     while (message := await queue.get()) is not _STOP:
         if isinstance(message, _Failed):
             state.mark_failed(message.shard.key, message.error)
             summary.failures.append(f"{describe(message.shard)}: {message.error}")
             log.error("shard %s failed: %s", describe(message.shard), message.error)
+            progress.shard_failed(message.shard.key, message.error)
             continue
         page = message.page
         result = await _uncancellable(
@@ -161,8 +182,11 @@ async def _consume(queue: asyncio.Queue[Any], sink: Checkpointer, state: State, 
         )
         summary.pages += 1
         summary.new_items += result.new_items
+        progress.page(message.shard.key, result.new_items, len(page.items))
+        log.debug("%s: %d new of %d", describe(message.shard), result.new_items, len(page.items))
         if result.done:
             summary.shards_done += 1
+            progress.shard_done(message.shard.key)
             log.info("shard %s done", describe(message.shard))
 
 
