@@ -37,8 +37,11 @@ class Checkpointer:
         page_cursor: Cursor | None,
         items: list[dict[str, Any]],
         next_cursor: Cursor | None,
+        stop_when_known: bool = False,
     ) -> PageResult:
         fresh = self._unseen(items)
+        if stop_when_known and items and not fresh:
+            next_cursor = None  # an incremental walk has reached what it already holds
         size = self._writer.append([dump_item(i) for i in fresh]) if fresh else self._writer.size
         self._state.commit_page(
             PageCommit(

@@ -17,10 +17,11 @@ from typing import Any, TypeVar
 
 import aiohttp
 
-from crawler.checkpoint import Checkpointer
+from crawler.checkpoint import Checkpointer, PageResult
 from crawler.client import ApiClient, Counters, Page
 from crawler.config import Config
 from crawler.errors import CursorLoopError, HarvestError, ShardError
+from crawler.incremental import WalkPlan, plan_walk
 from crawler.progress import NoProgress, Progress, ShardView
 from crawler.shards import PlanFailure, Shard, check_items, describe, plan_shards
 from crawler.state import Cursor, ShardStatus, State
@@ -34,6 +35,9 @@ class _Fetched:
     shard: Shard
     cursor: Cursor | None
     page: Page
+    # Set for incremental walks: the walker waits for the commit to learn
+    # whether the page was all known, so it never fetches past the frontier.
+    committed: asyncio.Future[PageResult] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,12 +142,13 @@ async def _produce(
 ) -> None:
     async with asyncio.TaskGroup() as walkers:
         for shard in shards:
-            walkers.create_task(_walk(shard, rows[shard.key].cursor, client, queue))
+            walkers.create_task(_walk(shard, plan_walk(shard, rows[shard.key]), client, queue))
     await queue.put(_STOP)
 
 
-async def _walk(shard: Shard, cursor: Cursor | None, client: ApiClient, queue: asyncio.Queue[Any]) -> None:
+async def _walk(shard: Shard, plan: WalkPlan, client: ApiClient, queue: asyncio.Queue[Any]) -> None:
     """Follow one shard's cursors until `nextCursor` is absent, never on a short page."""
+    cursor = plan.start
     used: set[str] = set()
     try:
         while True:
@@ -154,8 +159,9 @@ async def _walk(shard: Shard, cursor: Cursor | None, client: ApiClient, queue: a
                 raise CursorLoopError(
                     f"the cursor looped: {page.next_cursor!r} was already followed in this walk"
                 )
-            await queue.put(_Fetched(shard, cursor, page))
-            if page.next_cursor is None:
+            committed = asyncio.get_running_loop().create_future() if plan.stop_when_known else None
+            await queue.put(_Fetched(shard, cursor, page, committed))
+            if page.next_cursor is None or (committed is not None and (await committed).done):
                 return
             cursor = page.next_cursor
     except ShardError as exc:
@@ -178,8 +184,17 @@ async def _consume(
             continue
         page = message.page
         result = await _uncancellable(
-            asyncio.to_thread(sink.commit, message.shard.key, message.cursor, page.items, page.next_cursor)
+            asyncio.to_thread(
+                sink.commit,
+                message.shard.key,
+                message.cursor,
+                page.items,
+                page.next_cursor,
+                message.committed is not None,
+            )
         )
+        if message.committed is not None:
+            message.committed.set_result(result)
         summary.pages += 1
         summary.new_items += result.new_items
         progress.page(message.shard.key, result.new_items, len(page.items))

@@ -32,6 +32,7 @@ CREATE TABLE IF NOT EXISTS shards (
     tail_cursor TEXT,
     items INTEGER NOT NULL DEFAULT 0,
     pages INTEGER NOT NULL DEFAULT 0,
+    finished INTEGER NOT NULL DEFAULT 0,
     error TEXT,
     updated REAL NOT NULL
 );
@@ -67,6 +68,7 @@ class ShardRow:
     tail_cursor: Cursor | None
     items: int
     pages: int
+    finished: int  # walks that reached the end, over all passes
     error: str | None
 
 
@@ -190,7 +192,7 @@ class State:
 
     def shard(self, key: str) -> ShardRow:
         row = self._conn.execute(
-            "SELECT key, query, pass, status, cursor, tail_cursor, items, pages, error "
+            "SELECT key, query, pass, status, cursor, tail_cursor, items, pages, finished, error "
             "FROM shards WHERE key=?",
             (key,),
         ).fetchone()
@@ -200,7 +202,7 @@ class State:
 
     def shards(self) -> list[ShardRow]:
         rows = self._conn.execute(
-            "SELECT key, query, pass, status, cursor, tail_cursor, items, pages, error "
+            "SELECT key, query, pass, status, cursor, tail_cursor, items, pages, finished, error "
             "FROM shards ORDER BY query, key"
         ).fetchall()
         return [_shard_row(r) for r in rows]
@@ -235,12 +237,13 @@ class State:
             )
             self._conn.execute(
                 "UPDATE shards SET status=?, cursor=?, tail_cursor=COALESCE(?, tail_cursor), "
-                "items=items+?, pages=pages+1, error=NULL, updated=? WHERE key=?",
+                "items=items+?, pages=pages+1, finished=finished+?, error=NULL, updated=? WHERE key=?",
                 (
                     ShardStatus.DONE if done else ShardStatus.ACTIVE,
                     _dump_cursor(page.next_cursor),
                     _dump_cursor(page.page_cursor),
                     len(page.new_ids),
+                    int(done),
                     time.time(),
                     page.shard_key,
                 ),
@@ -283,7 +286,7 @@ class _Transaction:
 
 
 def _shard_row(row: tuple[object, ...]) -> ShardRow:
-    key, query, pass_no, status, cursor, tail, items, pages, error = row
+    key, query, pass_no, status, cursor, tail, items, pages, finished, error = row
     return ShardRow(
         key=str(key),
         query=str(query),
@@ -293,5 +296,6 @@ def _shard_row(row: tuple[object, ...]) -> ShardRow:
         tail_cursor=_load_cursor(tail),  # type: ignore[arg-type]
         items=int(items),  # type: ignore[call-overload]
         pages=int(pages),  # type: ignore[call-overload]
+        finished=int(finished),  # type: ignore[call-overload]
         error=None if error is None else str(error),
     )
