@@ -9,9 +9,11 @@ start cuts away, and the page is fetched again.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
+from crawler.compression import compress
+from crawler.config import OutputConfig
+from crawler.errors import OutputError
 from crawler.state import Cursor, PageCommit, State
 from crawler.writer import SegmentWriter, dump_item
 
@@ -27,9 +29,11 @@ class PageResult:
 class Checkpointer:
     """Commits pages of any shard into one output dir. Call from one thread at a time."""
 
-    def __init__(self, out_dir: Path, state: State) -> None:
+    def __init__(self, output: OutputConfig, state: State) -> None:
         self._state = state
-        self._writer = SegmentWriter(out_dir, state.segments())
+        self._output = output
+        self._writer = SegmentWriter(output.dir, state.segments())
+        self._finish_closed_segments()
 
     def commit(
         self,
@@ -53,7 +57,43 @@ class Checkpointer:
                 page_cursor=page_cursor,
             )
         )
+        if self._segment_full():
+            self._rotate()
         return PageResult(new_items=len(fresh), done=next_cursor is None)
+
+    def _segment_full(self) -> bool:
+        limit_items, limit_mb = self._output.segment_items, self._output.segment_mb
+        by_items = limit_items > 0 and self._writer.items >= limit_items
+        return by_items or (limit_mb > 0 and self._writer.size >= limit_mb * 2**20)
+
+    def _rotate(self) -> None:
+        closing = self._writer.name
+        self._state.close_segment(closing)
+        self._writer.rotate()
+        self._compress(closing)
+
+    def _compress(self, name: str) -> None:
+        """Replace a closed segment by its compressed form, crash-safe at every step."""
+        if self._output.compress == "none":
+            return
+        try:
+            packed = compress(self._output.dir / name, self._output.compress)
+        except OSError as exc:
+            raise OutputError(f"{self._output.dir / name}: compression failed: {exc.strerror}") from None
+        self._state.set_segment_file(name, packed.name)
+        (self._output.dir / name).unlink(missing_ok=True)
+
+    def _finish_closed_segments(self) -> None:
+        """Complete what a crash interrupted: compressions not done or not cleaned up."""
+        for part in self._output.dir.glob("*.part"):
+            part.unlink()
+        for segment in self._state.segments():
+            if not segment.closed:
+                continue
+            if segment.file == segment.name:
+                self._compress(segment.name)
+            else:
+                (self._output.dir / segment.name).unlink(missing_ok=True)
 
     def _unseen(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Items whose id is neither in the state nor earlier on this page."""

@@ -17,6 +17,7 @@ from crawler.lock import OutputLock
 from crawler.pipeline import RunSummary, run_harvest
 from crawler.report import print_status, print_summary, write_summary
 from crawler.state import State
+from crawler.verify import verify
 
 log = logging.getLogger("harvest")
 KEY_ENV = "CIVITAI_API_KEY"
@@ -52,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_verbosity(run)
     status = sub.add_parser("status", help="show where every shard of a config's harvest stands")
     status.add_argument("config", type=Path, help="TOML config file")
+    check = sub.add_parser("verify", help="check the output against the state (exit 0 when sound)")
+    check.add_argument("config", type=Path, help="TOML config file")
     demo = sub.add_parser("demo", help="harvest a sample from the bundled fake API on loopback")
     demo.add_argument("--dir", type=Path, default=Path("demo"), help="where to write (default: ./demo)")
     _add_verbosity(demo)
@@ -73,6 +76,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_run(load_config(args.config), key)
         if args.command == "status":
             return cmd_status(load_config(args.config))
+        if args.command == "verify":
+            return cmd_verify(load_config(args.config))
         from crawler.demo import run_demo  # the fake API is only loaded when asked for
 
         return run_demo(args.dir, cmd_run)
@@ -150,6 +155,19 @@ def cmd_status(config: Config) -> int:
     finally:
         state.close()
     return ExitCode.OK
+
+
+def cmd_verify(config: Config) -> int:
+    state = State.open(config.output.dir, create=False)
+    try:
+        report = verify(config.output.dir, state)
+    finally:
+        state.close()
+    for line in report.problems + report.notes:
+        print(line)
+    verdict = "sound" if report.sound else f"NOT sound: {len(report.problems)} problem(s)"
+    print(f"{report.lines} images in {report.segments} segment(s) under {config.output.dir}: {verdict}")
+    return ExitCode.OK if report.sound else ExitCode.ERROR
 
 
 def redact(text: str, key: str | None) -> str:

@@ -44,9 +44,15 @@ class ApiConfig:
     max_backoff: float = 30.0
 
 
+COMPRESSIONS: tuple[str, ...] = ("none", "zstd", "gzip")
+
+
 @dataclass(frozen=True, slots=True)
 class OutputConfig:
     dir: Path  # absolute, resolved against the config file's directory
+    segment_items: int = 100_000  # a segment is closed after this many images (0: no limit)
+    segment_mb: float = 0.0  # ... or once it holds this many MiB (0: no limit)
+    compress: str = "none"  # closed segments: "zstd" (.ndjson.zst), "gzip" (.ndjson.gz) or "none"
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,18 +288,38 @@ def _parse_api(raw: Any) -> ApiConfig:
     return ApiConfig(**values)
 
 
+def _non_negative(value: Any) -> float:
+    if (_is_int(value) or isinstance(value, float)) and 0 <= value < math.inf:
+        return float(value)
+    raise _Invalid(f"expected a number >= 0, {_got(value)}")
+
+
+_OUTPUT_CHECKS: dict[str, Callable[[Any], Any]] = {
+    "segment_items": functools.partial(_int, low=0),
+    "segment_mb": _non_negative,
+    "compress": functools.partial(_wire_enum, COMPRESSIONS),
+}
+
+
 def _parse_output(raw: Any, config_path: Path) -> OutputConfig:
     table = _table(raw, "[output]")
-    _check_keys(table, ("dir",))
+    _check_keys(table, ("dir", *_OUTPUT_CHECKS))
     if "dir" not in table:
         raise _Invalid('missing key "dir" (where the harvest is written)')
+    values: dict[str, Any] = {}
+    for key in _OUTPUT_CHECKS.keys() & table.keys():
+        with _at(f".{key}"):
+            values[key] = _OUTPUT_CHECKS[key](table[key])
     with _at(".dir"):
-        try:
-            # Relative to the config file, not the cwd, so cron and the shell agree.
-            where = config_path.absolute().parent / Path(_text(table["dir"])).expanduser()
-            return OutputConfig(where.resolve())
-        except (OSError, RuntimeError, ValueError) as error:  # NUL byte, symlink loop
-            raise _Invalid(f"unusable path ({error}), {_got(table['dir'])}") from None
+        return OutputConfig(_output_dir(table["dir"], config_path), **values)
+
+
+def _output_dir(value: Any, config_path: Path) -> Path:
+    try:
+        # Relative to the config file, not the cwd, so cron and the shell agree.
+        return (config_path.absolute().parent / Path(_text(value)).expanduser()).resolve()
+    except (OSError, RuntimeError, ValueError) as error:  # NUL byte, symlink loop
+        raise _Invalid(f"unusable path ({error}), {_got(value)}") from None
 
 
 def _parse_query(raw: Any, position: int) -> Query:

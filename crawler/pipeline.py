@@ -107,7 +107,7 @@ async def _walk_all(
     log.info("%d shards, %d to walk", len(shards), len(todo))
     progress.start([_view(s, rows[s.key]) for s in shards], client.counters)
     queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=2 * config.api.concurrency)
-    sink = Checkpointer(config.output.dir, state)
+    sink = Checkpointer(config.output, state)
     try:
         async with asyncio.TaskGroup() as group:
             group.create_task(_produce(todo, rows, client, queue))

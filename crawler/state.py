@@ -39,7 +39,9 @@ CREATE TABLE IF NOT EXISTS shards (
 CREATE TABLE IF NOT EXISTS segments (
     name TEXT PRIMARY KEY,
     size INTEGER NOT NULL,
-    items INTEGER NOT NULL
+    items INTEGER NOT NULL,
+    closed INTEGER NOT NULL DEFAULT 0,
+    file TEXT
 );
 CREATE TABLE IF NOT EXISTS seen (id INTEGER PRIMARY KEY) WITHOUT ROWID;
 """
@@ -74,11 +76,13 @@ class ShardRow:
 
 @dataclass(frozen=True, slots=True)
 class SegmentRow:
-    """One output file and how much of it is committed."""
+    """One output segment: how much of it is committed, and where it lives now."""
 
-    name: str
-    size: int
+    name: str  # images-NNNNNN.ndjson: the name it was written under
+    size: int  # committed bytes of the uncompressed lines
     items: int
+    closed: bool  # no line is appended any more; may be compressed
+    file: str  # the file on disk: `name`, or its compressed form once that is complete
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,8 +256,18 @@ class State:
     # -- segments -------------------------------------------------------------
 
     def segments(self) -> list[SegmentRow]:
-        rows = self._conn.execute("SELECT name, size, items FROM segments ORDER BY name").fetchall()
-        return [SegmentRow(*r) for r in rows]
+        rows = self._conn.execute(
+            "SELECT name, size, items, closed, COALESCE(file, name) FROM segments ORDER BY name"
+        ).fetchall()
+        return [SegmentRow(n, size, items, bool(closed), file) for n, size, items, closed, file in rows]
+
+    def close_segment(self, name: str) -> None:
+        with self._transaction():
+            self._conn.execute("UPDATE segments SET closed=1 WHERE name=?", (name,))
+
+    def set_segment_file(self, name: str, file: str) -> None:
+        with self._transaction():
+            self._conn.execute("UPDATE segments SET file=? WHERE name=?", (file, name))
 
     def seen_count(self) -> int:
         return int(self._conn.execute("SELECT count(*) FROM seen").fetchone()[0])

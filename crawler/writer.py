@@ -41,11 +41,18 @@ class SegmentWriter:
 
     def __init__(self, out_dir: Path, committed: Sequence[SegmentRow]) -> None:
         self._dir = out_dir
-        if committed:
-            self.name = committed[-1].name
-            self.size = committed[-1].size
+        last = committed[-1] if committed else None
+        if last is not None and not last.closed:
+            self.name, self.size, self.items = last.name, last.size, last.items
         else:
-            self.name, self.size = segment_name(1), 0
+            self.name, self.size, self.items = segment_name(len(committed) + 1), 0, 0
+        self._fd = self._open_at_commit()
+
+    def rotate(self) -> None:
+        """Start the next segment; the current one is complete."""
+        os.close(self._fd)
+        number = int(self.name.removeprefix("images-").removesuffix(SEGMENT_SUFFIX))
+        self.name, self.size, self.items = segment_name(number + 1), 0, 0
         self._fd = self._open_at_commit()
 
     def _open_at_commit(self) -> int:
@@ -82,6 +89,7 @@ class SegmentWriter:
             self._rewind()
             raise OutputError(f"{self.path}: write failed: {_describe(exc)}") from None
         self.size += len(data)
+        self.items += len(lines)
         return self.size
 
     def _rewind(self) -> None:

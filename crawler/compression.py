@@ -1,0 +1,70 @@
+"""Compressing closed segments, and reading any segment back line by line.
+
+A closed segment is compressed to a `.part` file, fsynced, renamed into place,
+recorded in the state, and only then is the plain file removed: a crash at any
+step leaves either the plain file or a complete compressed one on record.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO
+
+import zstandard
+
+SUFFIXES = {"zstd": ".zst", "gzip": ".gz", "none": ""}
+_CHUNK = 1 << 20
+
+
+def compressed_name(name: str, codec: str) -> str:
+    return name + SUFFIXES[codec]
+
+
+def compress(src: Path, codec: str) -> Path:
+    """Write `src` compressed next to it, durably; return the new file. `src` is kept."""
+    dst = src.with_name(compressed_name(src.name, codec))
+    part = dst.with_name(dst.name + ".part")
+    with src.open("rb") as plain, part.open("wb") as raw:
+        with _compressor(codec, raw) as packed:
+            shutil.copyfileobj(plain, packed, _CHUNK)
+        raw.flush()
+        os.fsync(raw.fileno())
+    os.replace(part, dst)
+    _fsync_dir(dst.parent)
+    return dst
+
+
+def _compressor(codec: str, raw: IO[bytes]) -> IO[bytes]:
+    if codec == "zstd":
+        return zstandard.ZstdCompressor(level=3).stream_writer(raw, closefd=False)  # type: ignore[return-value]
+    if codec == "gzip":
+        return gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=6)
+    raise ValueError(f"unknown compression {codec!r}")
+
+
+def read_lines(path: Path) -> Iterator[bytes]:
+    """Every line of a segment, plain or compressed, each with its newline (if it has one)."""
+    with _open_any(path) as stream:
+        yield from stream
+
+
+def _open_any(path: Path) -> IO[bytes]:
+    if path.name.endswith(".zst"):
+        reader = zstandard.ZstdDecompressor().stream_reader(path.open("rb"), closefd=True)
+        return io.BufferedReader(reader)  # type: ignore[arg-type]
+    if path.name.endswith(".gz"):
+        return gzip.open(path, "rb")
+    return path.open("rb")
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

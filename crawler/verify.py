@@ -1,0 +1,94 @@
+"""`harvest verify`: does the output say what the state says it holds?
+
+Every line of every segment must parse as an image with an id, no id may appear
+twice, each segment must hold the lines and bytes the state committed, and the
+total must equal the ids the state has seen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import orjson
+
+from crawler.compression import read_lines
+from crawler.state import SegmentRow, State
+from crawler.writer import SEGMENT_SUFFIX
+
+
+@dataclass(slots=True)
+class Report:
+    lines: int = 0
+    segments: int = 0
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def sound(self) -> bool:
+        return not self.problems
+
+
+def verify(out_dir: Path, state: State) -> Report:
+    report = Report()
+    seen: set[int] = set()
+    segments = state.segments()
+    for segment in segments:
+        report.segments += 1
+        _check_segment(out_dir, segment, seen, report)
+    expected = state.seen_count()
+    if len(seen) != expected:
+        report.problems.append(f"the files hold {len(seen)} distinct ids, the state {expected}")
+    known = {s.file for s in segments} | {s.name for s in segments if not s.closed}
+    for stray in sorted(out_dir.glob(f"*{SEGMENT_SUFFIX}*")):
+        if stray.name not in known:
+            report.notes.append(f"{stray.name}: not in the state (left by an interrupted run?)")
+    return report
+
+
+def _check_segment(out_dir: Path, segment: SegmentRow, seen: set[int], report: Report) -> None:
+    path = out_dir / segment.file
+    if not path.exists():
+        report.problems.append(f"{segment.file}: missing")
+        return
+    count = size = 0
+    for number, line in enumerate(_committed(path, segment, report), 1):
+        count += 1
+        size += len(line)
+        problem = _check_line(line, seen)
+        if problem:
+            report.problems.append(f"{segment.file}:{number}: {problem}")
+    report.lines += count
+    if count != segment.items:
+        report.problems.append(f"{segment.file}: {count} lines, the state committed {segment.items}")
+    if size != segment.size:
+        report.problems.append(f"{segment.file}: {size} bytes of lines, the state committed {segment.size}")
+
+
+def _committed(path: Path, segment: SegmentRow, report: Report) -> Iterator[bytes]:
+    """The lines within the committed length; a longer active file is only noted."""
+    taken = 0
+    for line in read_lines(path):
+        if taken >= segment.size and not segment.closed:
+            tail = f"an uncommitted tail past byte {segment.size} (cut by the next run)"
+            report.notes.append(f"{segment.file}: {tail}")
+            return
+        taken += len(line)
+        yield line
+
+
+def _check_line(line: bytes, seen: set[int]) -> str | None:
+    if not line.endswith(b"\n"):
+        return "torn line (no newline)"
+    try:
+        item = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return "not JSON"
+    image_id = item.get("id") if isinstance(item, dict) else None
+    if not isinstance(image_id, int) or isinstance(image_id, bool):
+        return "no integer id"
+    if image_id in seen:
+        return f"id {image_id} appears twice"
+    seen.add(image_id)
+    return None

@@ -1,0 +1,147 @@
+"""Long pulls (issue #4): rotation, compression, verify, disk full; real CLI, fake API."""
+
+from __future__ import annotations
+
+import random
+import resource
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+
+from conftest import HARVEST, expected_ids, harvest, ids_of, make_dataset, write_config
+from crawler.compression import read_lines
+from crawler.fakeapi import Dataset, ServerThread
+
+VERSIONS = {8001: 260, 8002: 200, 8003: 140}
+QUERY = {"modelId": 500, "sort": "Newest", "browsingLevel": 31, "withMeta": True, "limit": 25}
+
+
+def _all_ids(out: Path) -> list[int]:
+    return [orjson.loads(line)["id"] for f in sorted(out.glob("images-*")) for line in read_lines(f)]
+
+
+def _config(tmp_path: Path, api_url: str, out: str = "out", **output: object) -> Path:
+    cfg = write_config(tmp_path / "c.toml", api_url, [QUERY], out=out)
+    text = cfg.read_text().replace(
+        f'dir = "{out}"',
+        f'dir = "{out}"\n' + "\n".join(f"{k} = {orjson.dumps(v).decode()}" for k, v in output.items()),
+    )
+    cfg.write_text(text)
+    return cfg
+
+
+@pytest.mark.parametrize(
+    "codec,suffix", [("zstd", ".ndjson.zst"), ("gzip", ".ndjson.gz"), ("none", ".ndjson")]
+)
+def test_segments_rotate_and_closed_ones_are_compressed(tmp_path: Path, codec: str, suffix: str) -> None:
+    dataset = make_dataset(VERSIONS)
+    with ServerThread(dataset) as api:
+        cfg = _config(tmp_path, api.base_url, segment_items=100, compress=codec)
+        assert harvest("run", cfg).code == 0
+    out = tmp_path / "out"
+    files = sorted(p.name for p in out.glob("images-*"))
+    assert len(files) >= 4
+    assert all(name.endswith(suffix) for name in files[:-1])  # closed segments
+    assert files[-1].endswith(".ndjson")  # the active one stays plain
+    ids = _all_ids(out)
+    assert len(ids) == len(set(ids)) and set(ids) == expected_ids(dataset, list(VERSIONS))
+    check = harvest("verify", cfg)
+    assert check.code == 0 and "sound" in check.stdout
+
+
+def test_verify_finds_duplicates_and_torn_lines(tmp_path: Path) -> None:
+    dataset = make_dataset(VERSIONS)
+    with ServerThread(dataset) as api:
+        cfg = _config(tmp_path, api.base_url)
+        assert harvest("run", cfg).code == 0
+    segment = tmp_path / "out" / "images-000001.ndjson"
+    first = segment.read_bytes().splitlines(keepends=True)[0]
+    segment.write_bytes(segment.read_bytes() + first)  # the same image twice
+    assert harvest("verify", cfg).code == 0  # past the committed length: only a note
+    data = segment.read_bytes()
+    segment.write_bytes(first + data[: -len(first)])  # same length, id 1 twice, last line lost
+    bad = harvest("verify", cfg)
+    assert bad.code == 1 and "appears twice" in bad.stdout and "NOT sound" in bad.stdout
+
+
+def test_kill_across_rotation_and_compression_is_exact(tmp_path: Path) -> None:
+    dataset = make_dataset(VERSIONS)
+    rng = random.Random(4)
+    with ServerThread(dataset) as api:
+        cfg = _config(tmp_path, api.base_url, segment_items=60, compress="zstd")
+        cfg.write_text(cfg.read_text().replace("requests_per_second = 500", "requests_per_second = 40"))
+        for _ in range(8):
+            proc = subprocess.Popen([HARVEST, "run", "-q", str(cfg)], stderr=subprocess.DEVNULL)
+            time.sleep(rng.uniform(0.3, 1.0))
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+        assert harvest("run", cfg).code == 0
+    ids = _all_ids(tmp_path / "out")
+    assert len(ids) == len(set(ids)) and set(ids) == expected_ids(dataset, list(VERSIONS))
+    assert harvest("verify", cfg).code == 0
+    assert not list((tmp_path / "out").glob("*.part"))
+
+
+def _fill_then_resume(tmp_path: Path, dataset: Dataset, api_url: str, out: Path, **popen: object) -> None:
+    cfg = _config(tmp_path, api_url, out=str(out))
+    full = subprocess.run([HARVEST, "run", str(cfg)], capture_output=True, text=True, **popen)  # type: ignore[call-overload]
+    assert full.returncode == 1, full.stderr
+    last = full.stderr.strip().splitlines()[-1]
+    assert last.startswith("harvest: error:") and "Traceback" not in full.stderr
+    assert "space" in last or "full" in last or "too large" in last
+    assert harvest("verify", cfg).code == 0  # what was committed is intact
+    kept = set(_all_ids(out))
+    assert kept  # something was harvested before the disk filled
+
+
+def test_disk_full_on_tmpfs_then_resume(tmp_path: Path) -> None:
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if (
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(disk)], capture_output=True
+        ).returncode
+        != 0
+    ):
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        dataset = make_dataset({8001: 900, 8002: 700})
+        with ServerThread(dataset) as api:
+            _fill_then_resume(tmp_path, dataset, api.base_url, disk / "out")
+            subprocess.run(["mount", "-o", "remount,size=32m", str(disk)], check=True)
+            cfg = _config(tmp_path, api.base_url, out=str(disk / "out"))
+            again = harvest("run", cfg)
+            assert again.code == 0, again.stderr
+            ids = _all_ids(disk / "out")
+            assert len(ids) == len(set(ids)) and set(ids) == expected_ids(dataset, [8001, 8002])
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_failing_write_then_resume(tmp_path: Path) -> None:
+    """A file-size limit makes the kernel refuse writes past it (EFBIG), like a full disk."""
+    dataset = make_dataset({8001: 900, 8002: 700})
+    out = tmp_path / "out"
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (400_000, resource.RLIM_INFINITY))
+
+    with ServerThread(dataset) as api:
+        _fill_then_resume(tmp_path, dataset, api.base_url, out, preexec_fn=limit)
+        cfg = _config(tmp_path, api.base_url, out=str(out))
+        assert harvest("run", cfg).code == 0
+    ids = ids_of([{"id": i} for i in _all_ids(out)])
+    assert len(ids) == len(set(ids)) and set(ids) == expected_ids(dataset, [8001, 8002])
+
+
+def test_unwritable_output_dir_is_one_line(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a dir")
+    cfg = _config(tmp_path, "http://127.0.0.1:9/api/v1", out="file/out")
+    result = harvest("run", cfg)
+    assert result.code == 1 and len(result.stderr.strip().splitlines()) == 1
+    assert "file/out" in result.stderr
