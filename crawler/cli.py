@@ -11,11 +11,12 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from crawler import logs
 from crawler.config import Config, load_config
 from crawler.errors import ExitCode, HarvestError
 from crawler.lock import OutputLock
 from crawler.pipeline import RunSummary, run_harvest
-from crawler.report import print_status, print_summary, write_summary
+from crawler.report import print_status, write_summary
 from crawler.state import State
 from crawler.verify import verify
 
@@ -64,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_verbosity(parser: argparse.ArgumentParser) -> None:
     group = parser.add_mutually_exclusive_group()
     group.add_argument("-v", "--verbose", action="store_true", help="log every page")
-    group.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
+    group.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only; no progress")
+    logs.add_arguments(parser)  # --log-format, --progress-every
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -95,7 +97,7 @@ def cmd_run(config: Config, key: str | None) -> int:
     lock = OutputLock(config.output.dir)
     state = State.open(config.output.dir)
     try:
-        summary, signum = _run_interruptibly(lambda: run_harvest(config, state, key))
+        summary, signum = _run_interruptibly(lambda: run_harvest(config, state, key, logs.new_progress()))
         if signum is not None:
             name = signal.Signals(signum).name
             print(
@@ -106,7 +108,7 @@ def cmd_run(config: Config, key: str | None) -> int:
             return 128 + signum
         assert summary is not None
         write_summary(config.output.dir, summary)
-        print_summary(summary, config)
+        logs.log_summary(summary, config)  # in json mode a record with every figure as a field
         return ExitCode.OK if summary.ok else ExitCode.SHARDS_FAILED
     finally:
         state.close()
@@ -145,6 +147,10 @@ def _run_interruptibly(
             raise
 
     summary = asyncio.run(guarded())
+    # The loop and its handlers are gone; a signal during the last steps (summary,
+    # closing the state) still exits cleanly and at once, with the status it asks for.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda got, _frame: os._exit(128 + (caught[0] if caught else got)))
     return summary, (caught[0] if caught else None)
 
 
@@ -185,12 +191,9 @@ class _RedactingFilter(logging.Filter):
 
 
 def _setup_logging(verbose: bool, quiet: bool) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    """Text or JSON lines on stderr (`--log-format`), as recorded by the parser; the key never shown."""
+    handler = logs.configure(log, verbose, quiet, redact=lambda text: redact(text, os.environ.get(KEY_ENV)))
     handler.addFilter(_RedactingFilter())
-    log.handlers[:] = [handler]
-    log.propagate = False
-    log.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
 
 
 if __name__ == "__main__":

@@ -1,22 +1,39 @@
-"""The API client: one limiter, one concurrency cap, one shared cooldown.
+"""The API client: one cooldown, one pacer, one concurrency cap, shared by every worker.
 
-Every request waits for the cooldown (a 429 or 503 seen by any worker pauses all
-of them), then for the rate limiter, then checks the cooldown once more so that
-nothing is sent before a `Retry-After` has passed. Outcomes are classified in
-`outcomes`; this module only acts on them.
+A request takes a concurrency slot, waits for the cooldown (a 429 or 503 seen by
+any worker pauses all of them), then for its turn at the pacer, then checks the
+cooldown once more, so nothing is sent before a `Retry-After` has passed. The
+answer is classified in `outcomes` and acted on before the slot is given back,
+so no other worker can send in between.
+
+Three mechanisms, from fast to slow:
+
+- the per-request backoff: a transient failure (5xx, timeout, HTML page) is
+  retried after a capped exponential delay that jitter only ever lengthens;
+- the shared `Cooldown`: a rate-limited answer pauses every worker for its
+  `Retry-After` (seconds or HTTP-date, honoured exactly), or, without one, for a
+  capped exponential delay that grows while rate limiting goes on (a 5xx that
+  carries a `Retry-After` pauses everyone too, without counting as rate limited);
+- `Aimd`, the effective request rate: repeated rate limiting halves it, a run of
+  successes adds back a tenth of the configured rate, never above it.
+
+Every retry, of any kind, spends the request's budget (`max_retries`); when it is
+spent the shard stops with `RetriesExhaustedError` and its checkpoint intact.
+Time comes from an injectable `Clock`, so all of this is testable without sleeping.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import math
 import random
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
-import backoff
-from aiolimiter import AsyncLimiter
 
 from crawler.config import ApiConfig
 from crawler.errors import (
@@ -25,10 +42,13 @@ from crawler.errors import (
     NotFoundError,
     RetriesExhaustedError,
     RunFatalError,
+    SearchTimeoutError,
     ShardError,
 )
 from crawler.outcomes import Kind, Outcome, classify, classify_exception
 from crawler.state import Cursor
+
+log = logging.getLogger("harvest")
 
 Params = Sequence[tuple[str, str]]
 
@@ -47,123 +67,299 @@ class Counters:
 
     requests: int = 0
     retries: int = 0
-    rate_limited: int = 0
-    cooldown_seconds: float = 0.0
-    by_reason: dict[str, int] = field(default_factory=dict)
+    rate_limited: int = 0  # answers classified RATE_LIMITED
+    cooldown_seconds: float = 0.0  # time every worker was held back by the shared cooldown
+    rate_decreases: int = 0  # AIMD halvings of the request rate
+    rate_increases: int = 0  # AIMD additive steps back up
+    effective_rps: float = 0.0  # the request rate in force now (at the end: when the run ended)
+    lowest_rps: float = 0.0  # the lowest rate the run was paced at
+    by_reason: dict[str, int] = field(default_factory=dict)  # failed attempts by Outcome.key
+
+
+# ---------------------------------------------------------------- time
+
+
+class Clock(Protocol):
+    """Where the client gets its time; tests substitute a fake one."""
+
+    def now(self) -> float: ...
+    async def sleep(self, seconds: float) -> None: ...
+
+
+class MonotonicClock:
+    """time.monotonic(), the clock asyncio's loop and the fake API's request log use."""
+
+    def now(self) -> float:
+        return time.monotonic()
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
 
 
 class Cooldown:
-    """A pause shared by every worker, in front of the rate limiter."""
+    """A pause shared by every worker, in front of the pacer."""
 
-    def __init__(self) -> None:
-        self._until = 0.0
+    def __init__(self, clock: Clock) -> None:
+        self._clock = clock
+        self.until = -math.inf
 
-    def _now(self) -> float:
-        return asyncio.get_running_loop().time()
-
-    def extend(self, seconds: float) -> None:
-        self._until = max(self._until, self._now() + seconds)
+    def extend(self, seconds: float) -> float:
+        """Pause everyone for at least `seconds` from now; returns how much the pause grew."""
+        now = self._clock.now()
+        before = max(self.until, now)
+        self.until = max(self.until, now + seconds)
+        return max(0.0, self.until - before)
 
     def is_open(self) -> bool:
-        return self._now() >= self._until
+        return self._clock.now() >= self.until
 
     async def wait(self) -> None:
-        while (delay := self._until - self._now()) > 0:
-            await asyncio.sleep(delay)
+        # Loop: the pause can grow while we sleep, and a timer may fire a hair early.
+        while (delay := self.until - self._clock.now()) > 0:
+            await self._clock.sleep(delay)
+
+
+class Pacer:
+    """Spaces request starts at least 1/rate apart, with no burst; the rate may change any time.
+
+    This replaces aiolimiter's `AsyncLimiter(1, 1/rps)`, which gave the same even
+    pacing but has no way to change its rate: swapping in a new limiter would let a
+    burst through (the new one starts empty) and strand the old one's waiters at the
+    old rate. Here each start reserves the slot `1/rate` after the previous one, so a
+    new rate applies from the next reservation on. A slot reserved but not used (the
+    cooldown closed meanwhile) is simply lost.
+    """
+
+    def __init__(self, rate: float, clock: Clock) -> None:
+        self.rate = rate
+        self._clock = clock
+        self._last = -math.inf
+
+    def reserve(self) -> float:
+        """The time of the next free slot, now taken."""
+        slot = max(self._clock.now(), self._last + 1 / self.rate)
+        self._last = slot
+        return slot
+
+    async def acquire(self) -> None:
+        slot = self.reserve()
+        while (delay := slot - self._clock.now()) > 0:
+            await self._clock.sleep(delay)
+
+
+class Aimd:
+    """The effective request rate: additive increase, multiplicative decrease.
+
+    A rate-limit *event* is a rate-limited answer to a request sent after the
+    previous event was seen; answers to requests already in flight then belong to
+    the same event (one congestion signal, one reaction). The first event of a
+    streak only pauses (the cooldown); each further event before `recover_after`
+    successes in a row multiplies the rate by `decrease`, down to `floor`
+    (1/20 of the configured rate, at least 0.1/s, never above it). Every
+    `recover_after` successes in a row end the streak and add `step` (a tenth of
+    the configured rate), up to the configured rate.
+    """
+
+    def __init__(
+        self,
+        ceiling: float,
+        *,
+        decrease: float = 0.5,
+        recover_after: int = 20,
+        step: float | None = None,
+        floor: float | None = None,
+    ) -> None:
+        self.ceiling = ceiling
+        self.rate = ceiling
+        self.floor = floor if floor is not None else min(ceiling, max(0.1, ceiling / 20))
+        self.step = step if step is not None else ceiling / 10
+        self.decrease = decrease
+        self.recover_after = recover_after
+        self.streak = 0  # rate-limit events since the last calm run of successes
+        self.successes = 0  # successes in a row since the last event or step
+        self._last_event = -math.inf
+
+    def on_rate_limited(self, sent_at: float, now: float) -> bool:
+        """Count one rate-limited answer; True when it lowered the rate."""
+        if sent_at < self._last_event:
+            return False  # in flight when the last event was seen: the same event
+        self._last_event = now
+        self.streak += 1
+        self.successes = 0
+        if self.streak < 2:
+            return False
+        lowered = max(self.floor, self.rate * self.decrease)
+        changed = lowered < self.rate
+        self.rate = lowered
+        return changed
+
+    def on_success(self) -> bool:
+        """Count one success; True when it raised the rate."""
+        self.successes += 1
+        if self.successes < self.recover_after:
+            return False
+        self.successes = 0
+        self.streak = 0
+        if self.rate >= self.ceiling:
+            return False
+        self.rate = min(self.ceiling, self.rate + self.step)
+        return True
+
+
+def backoff_delay(failures: int, cap: float, rng: Callable[[], float] = random.random) -> float:
+    """The wait after the `failures`-th failure in a row (1, 2, ...): 1 s, 2 s, 4 s ... up to `cap`.
+
+    Jitter stretches the nominal delay by up to half, never shortens it (full
+    jitter would retry early), and the result never exceeds `cap`.
+    """
+    nominal = min(cap, 2.0 ** (max(1, failures) - 1))
+    return min(cap, nominal * (1 + rng() / 2))
+
+
+# ---------------------------------------------------------------- the client
 
 
 class ApiClient:
     """GETs against the images API with retries, pacing and classification."""
 
-    def __init__(self, session: aiohttp.ClientSession, api: ApiConfig, api_key: str | None) -> None:
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        api: ApiConfig,
+        api_key: str | None,
+        *,
+        clock: Clock | None = None,
+        rng: Callable[[], float] = random.random,
+    ) -> None:
         self._session = session
         self._api = api
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        # max_rate=1 paces requests evenly instead of allowing an initial burst.
-        self._limiter = AsyncLimiter(1, 1 / api.requests_per_second)
+        self._clock = clock or MonotonicClock()
+        self._rng = rng
         self._slots = asyncio.Semaphore(api.concurrency)
-        self._cooldown = Cooldown()
-        self.counters = Counters()
+        self._cooldown = Cooldown(self._clock)
+        self._aimd = Aimd(api.requests_per_second)
+        self._pacer = Pacer(api.requests_per_second, self._clock)
+        self.counters = Counters(effective_rps=api.requests_per_second, lowest_rps=api.requests_per_second)
 
-    async def images(self, params: Params, cursor: Cursor | None) -> Page:
+    @property
+    def effective_rps(self) -> float:
+        """The request rate in force now (AIMD), at most the configured requests_per_second."""
+        return self._aimd.rate
+
+    @property
+    def cooldown_until(self) -> float:
+        """Clock time before which no request is sent (-inf when there is no pause)."""
+        return self._cooldown.until
+
+    async def images(self, params: Params, cursor: Cursor | None, timeouts: int | None = None) -> Page:
+        """One page. With `timeouts`, that many timed-out attempts (the client's own timeout,
+        or a gateway's 504/524) raise `SearchTimeoutError`, so the walker can ask for less."""
         query = list(params) + ([("cursor", str(cursor))] if cursor is not None else [])
-        body = await self._get("/images", query, parse=_parse_page)
-        return body  # type: ignore[no-any-return]
+        page: Page = await self._get("/images", query, parse=_parse_page, timeouts=timeouts)
+        return page
 
     async def model_version_ids(self, model_id: str) -> list[int]:
-        body = await self._get(f"/models/{model_id}", [], parse=_parse_model)
-        return body  # type: ignore[no-any-return]
+        ids: list[int] = await self._get(f"/models/{model_id}", [], parse=_parse_model)
+        return ids
 
-    async def _get(self, path: str, query: Params, parse: Any) -> Any:
+    async def _get(
+        self, path: str, query: Params, parse: Callable[[Any], Any], timeouts: int | None = None
+    ) -> Any:
         attempts = self._api.max_retries + 1
-        delays = _delays(self._api.max_backoff)
+        failures = 0  # transient failures of this request so far: its own backoff
+        timed_out = 0
+        outcome: Outcome | None = None
         for attempt in range(attempts):
             if attempt:
                 self.counters.retries += 1
-            outcome = await self._attempt(path, query)
+            outcome = await self._attempt(path, query, parse)
             if outcome.kind is Kind.OK:
-                parsed = parse(outcome.body)
-                if parsed is not None:
-                    return parsed
-                outcome = Outcome(Kind.RETRY, "malformed JSON response")
-            self._count(outcome)
-            wait = self._pause_for(outcome, next(delays), path)
-            if attempt + 1 < attempts:
-                await asyncio.sleep(wait)
+                return outcome.body
+            if outcome.kind is Kind.RUN_FATAL:
+                raise RunFatalError(outcome.reason)
+            if outcome.kind is Kind.SHARD_FATAL:
+                raise _shard_error(outcome, path)
+            wait = 0.0  # RATE_LIMITED: the shared cooldown already holds everyone back
+            if outcome.kind is Kind.RETRY:
+                failures += 1
+                timed_out += outcome.timed_out
+                if timeouts is not None and timed_out >= timeouts:
+                    raise SearchTimeoutError(
+                        f"{path}: {timed_out} attempts timed out; last: {outcome.reason}"
+                    )
+                wait = backoff_delay(failures, self._api.max_backoff, self._rng)
+            log.debug("%s: %s (attempt %d of %d)", path, outcome.reason, attempt + 1, attempts)
+            if attempt + 1 < attempts and wait > 0:
+                await self._clock.sleep(wait)
+        assert outcome is not None
         raise RetriesExhaustedError(f"{path}: gave up after {attempts} attempts; last: {outcome.reason}")
 
-    def _pause_for(self, outcome: Outcome, delay: float, path: str) -> float:
-        """How long this worker waits before retrying; raises when it must not."""
-        if outcome.kind is Kind.RUN_FATAL:
-            raise RunFatalError(outcome.reason)
-        if outcome.kind is Kind.SHARD_FATAL:
-            raise _shard_error(outcome, path)
-        if outcome.kind is Kind.RATE_LIMITED:
-            # Every worker waits: the cooldown sits in front of the limiter.
-            wait = outcome.retry_after if outcome.retry_after is not None else delay
-            self.counters.rate_limited += 1
-            self.counters.cooldown_seconds += wait
-            self._cooldown.extend(wait)
-            return 0.0
-        return delay
-
-    async def _attempt(self, path: str, query: Params) -> Outcome:
+    async def _attempt(self, path: str, query: Params, parse: Callable[[Any], Any]) -> Outcome:
+        """One request; its outcome is acted on (cooldown, rate) before the slot is released."""
         async with self._slots:
             await self._ready_to_send()
+            sent_at = self._clock.now()
             self.counters.requests += 1
-            try:
-                async with self._session.get(
-                    self._api.base_url + path,
-                    params=query,
-                    headers=self._headers,
-                    timeout=aiohttp.ClientTimeout(total=self._api.timeout),
-                ) as resp:
-                    raw = await resp.read()
-                    return classify(resp.status, resp.headers, raw, has_key=bool(self._headers))
-            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-                return classify_exception(exc)
+            outcome = await self._send(path, query)
+            if outcome.kind is Kind.OK:
+                parsed = parse(outcome.body)
+                if parsed is None:
+                    outcome = Outcome(
+                        Kind.RETRY, "malformed JSON response", status=outcome.status, tag="malformed"
+                    )
+                else:
+                    outcome = Outcome(Kind.OK, "ok", body=parsed, status=outcome.status)
+            self._observe(outcome, sent_at)
+            return outcome
+
+    async def _send(self, path: str, query: Params) -> Outcome:
+        try:
+            async with self._session.get(
+                self._api.base_url + path,
+                params=query,
+                headers=self._headers,
+                timeout=aiohttp.ClientTimeout(total=self._api.timeout),
+            ) as resp:
+                raw = await resp.read()
+                return classify(resp.status, resp.headers, raw, has_key=bool(self._headers))
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            return classify_exception(exc)
 
     async def _ready_to_send(self) -> None:
         while True:
             await self._cooldown.wait()
-            await self._limiter.acquire()
+            await self._pacer.acquire()
             if self._cooldown.is_open():
                 return
 
-    def _count(self, outcome: Outcome) -> None:
-        key = outcome.reason if outcome.status is None else str(outcome.status)
+    def _observe(self, outcome: Outcome, sent_at: float) -> None:
+        """Count the outcome and let it steer the cooldown and the rate."""
+        if outcome.kind is Kind.OK:
+            if self._aimd.on_success():
+                self.counters.rate_increases += 1
+                self._set_rate()
+            return
+        key = outcome.key
         self.counters.by_reason[key] = self.counters.by_reason.get(key, 0) + 1
+        pause = outcome.retry_after
+        if outcome.kind is Kind.RATE_LIMITED:
+            self.counters.rate_limited += 1
+            if self._aimd.on_rate_limited(sent_at, self._clock.now()):
+                self.counters.rate_decreases += 1
+                self._set_rate()
+                log.info(
+                    "rate limited again (%s): pacing requests at %.3g/s", outcome.reason, self._aimd.rate
+                )
+            if pause is None:  # Cloudflare's bare 429: back off, longer while it goes on
+                pause = backoff_delay(self._aimd.streak, self._api.max_backoff, self._rng)
+        if pause is not None:
+            self.counters.cooldown_seconds += self._cooldown.extend(pause * self._rng())
 
-
-def _delays(cap: float) -> Iterator[float]:
-    """Capped exponential delays (1 s, 2 s, 4 s … cap), each stretched by up to 50%.
-
-    The jitter only ever lengthens a delay: full jitter would retry early.
-    """
-    expo = backoff.expo(factor=1, max_value=cap)
-    next(expo)  # backoff's generators yield once before their first value
-    for base in expo:
-        yield min(cap, base) * (1 + random.random() / 2)
+    def _set_rate(self) -> None:
+        self._pacer.rate = self._aimd.rate
+        self.counters.effective_rps = self._aimd.rate
+        self.counters.lowest_rps = min(self.counters.lowest_rps, self._aimd.rate)
 
 
 def _shard_error(outcome: Outcome, path: str) -> ApiError:

@@ -79,6 +79,10 @@ class RetriesExhaustedError(ShardError):
     """Transient failures outlasted the retry budget; the checkpoint is intact."""
 
 
+class SearchTimeoutError(RetriesExhaustedError):
+    """The shard's requests keep timing out: a smaller page or a split may help."""
+
+
 class RunFatalError(ApiError):
     """Fatal for the whole run: rejected key (401/403), blocked region (451).
 

@@ -1,16 +1,39 @@
 """Every way a request can end, classified in one place.
 
 The client asks `classify` what a response means and `classify_exception` what a
-transport failure means; nothing else in the code inspects statuses.
+transport failure means; nothing else in the code inspects statuses. Both are
+pure: the same status, headers and body always give the same `Outcome` (an
+HTTP-date `Retry-After` is read against `now`, the wall clock unless given).
+
+| answer                                               | kind                          |
+|------------------------------------------------------|-------------------------------|
+| 2xx with a JSON body                                 | OK (the caller checks shape)  |
+| 2xx with HTML, an empty or cut or non-JSON body      | RETRY (challenge page, ...)   |
+| 429 JSON "too many pages" (the `page` cap)           | SHARD_FATAL, never retried    |
+| any other 429, with or without Retry-After           | RATE_LIMITED                  |
+| 503 with Retry-After                                 | RATE_LIMITED                  |
+| 408, 5xx (503 without Retry-After), 520-524          | RETRY                         |
+| 403 HTML (a Cloudflare challenge)                    | RETRY                         |
+| 401, or 403 JSON, when a key was sent                | RUN_FATAL: the key is rejected|
+| 401 / 403 JSON without a key                         | SHARD_FATAL: access denied    |
+| 451                                                  | RUN_FATAL: region blocked     |
+| 400 (zod issues spelt out: parameter and reason)     | SHARD_FATAL                   |
+| 404 and every other status                           | SHARD_FATAL                   |
+| timeout, reset, refused, cut body                    | RETRY                         |
+
+A RETRY that carries a `Retry-After` (e.g. a 502 with one) keeps it: the client
+honours it like any other, without calling it a rate limit.
 """
 
 from __future__ import annotations
 
 import enum
 import json
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC
 from email.utils import parsedate_to_datetime
 from typing import Any
 
@@ -28,85 +51,138 @@ class Kind(enum.Enum):
 @dataclass(frozen=True, slots=True)
 class Outcome:
     kind: Kind
-    reason: str
+    reason: str  # one line for a person
     body: Any = None
-    retry_after: float | None = None
+    retry_after: float | None = None  # seconds, from a parseable Retry-After header
     status: int | None = None
+    tag: str = ""  # short and stable, for counting: "503", "429", "html-200", "timeout", ...
+
+    @property
+    def timed_out(self) -> bool:
+        """The request outlasted a timeout: ours, or a gateway's (504, Cloudflare's 524)."""
+        return self.tag == "timeout" or self.status in _TIMEOUT_STATUSES
+
+    @property
+    def key(self) -> str:
+        """What the run summary counts this failed attempt under."""
+        return self.tag or (str(self.status) if self.status is not None else self.reason)
 
 
 _PAGE_CAP = "too many pages"
+_TIMEOUT_STATUSES = frozenset({504, 524})
 _RETRY_STATUSES = frozenset({408, 500, 502, 503, 504, 520, 521, 522, 523, 524})
+MAX_RETRY_AFTER = 86_400.0  # a day; longer values are clamped (asyncio cannot sleep for ever)
+_SECONDS = re.compile(r"[0-9]+(?:\.[0-9]+)?")
 
 
-def classify(status: int, headers: Mapping[str, str], raw: bytes, *, has_key: bool) -> Outcome:
+def classify(
+    status: int, headers: Mapping[str, str], raw: bytes, *, has_key: bool, now: float | None = None
+) -> Outcome:
     """What one complete HTTP response means for the harvest."""
-    body, is_json = _parse(raw, headers)
-    if status == 200:
+    lowered = _lower(headers)
+    body, is_json = _parse(raw, lowered)
+    if 200 <= status < 300:
         if not is_json:
-            return Outcome(Kind.RETRY, "200 without a JSON body (challenge page?)", status=status)
+            what = _non_json(raw, lowered)
+            return Outcome(
+                Kind.RETRY,
+                f"HTTP {status} with {what} where JSON was due",
+                status=status,
+                tag=f"{'html' if 'HTML' in what else 'non-json'}-{status}",
+            )
         return Outcome(Kind.OK, "ok", body=body, status=status)
-    message = _error_text(body) if is_json else "non-JSON body"
+    message = _error_text(body) if is_json else _non_json(raw, lowered)
+    retry_after = parse_retry_after(lowered.get("retry-after"), now)
     if status == 429:
-        if is_json and _PAGE_CAP in message:
-            return Outcome(Kind.SHARD_FATAL, f"429 page cap: {message}", status=status)
-        return _rate_limited(status, headers, "429 too many requests")
-    if status == 503 and "retry-after" in _lower(headers):
-        return _rate_limited(status, headers, "503 service unavailable")
-    if status in _RETRY_STATUSES or status >= 500:
-        return Outcome(Kind.RETRY, f"HTTP {status}: {message}", status=status)
+        if is_json and _PAGE_CAP in message.casefold():
+            return Outcome(
+                Kind.SHARD_FATAL,
+                f"HTTP 429 page cap (not a rate limit): {message}",
+                status=status,
+                tag="429-page-cap",
+            )
+        return _rate_limited(status, retry_after, "HTTP 429 too many requests")
+    if status == 503 and "retry-after" in lowered:
+        return _rate_limited(status, retry_after, "HTTP 503 service unavailable")
+    if status in _RETRY_STATUSES or 500 <= status < 600:
+        return Outcome(Kind.RETRY, f"HTTP {status}: {message}", retry_after=retry_after, status=status)
     return _client_error(status, message, is_json, has_key=has_key)
 
 
 def _client_error(status: int, message: str, is_json: bool, *, has_key: bool) -> Outcome:
-    if status in (401, 403) and not is_json:
-        return Outcome(Kind.RETRY, f"HTTP {status} challenge page", status=status)
+    if status == 403 and not is_json:
+        return Outcome(Kind.RETRY, f"HTTP 403 {message} (challenge page?)", status=status, tag="html-403")
+    if status in (401, 403) and has_key:
+        # Never the key itself: only the name of the variable it came from.
+        return Outcome(
+            Kind.RUN_FATAL,
+            f"HTTP {status}: the API key (CIVITAI_API_KEY) was rejected: {message}",
+            status=status,
+        )
     if status in (401, 403):
-        who = "the API key (CIVITAI_API_KEY) was rejected" if has_key else "access denied"
-        return Outcome(Kind.RUN_FATAL, f"HTTP {status}: {who}: {message}", status=status)
+        return Outcome(
+            Kind.SHARD_FATAL,
+            f"HTTP {status}: access denied ({message}); no API key was sent: "
+            "set CIVITAI_API_KEY if this content needs one",
+            status=status,
+        )
     if status == 451:
-        return Outcome(Kind.RUN_FATAL, "HTTP 451: the API is blocked in this region", status=status)
+        return Outcome(
+            Kind.RUN_FATAL,
+            "HTTP 451: the API is blocked in this region (unavailable for "
+            "legal reasons); a rerun from here cannot help",
+            status=status,
+        )
     if status == 400:
         return Outcome(Kind.SHARD_FATAL, f"HTTP 400 bad request: {message}", status=status)
+    if status == 404:
+        return Outcome(Kind.SHARD_FATAL, f"HTTP 404 not found: {message}", status=status)
     return Outcome(Kind.SHARD_FATAL, f"HTTP {status}: {message}", status=status)
 
 
 def classify_exception(exc: BaseException) -> Outcome:
-    """Timeouts, resets and cut bodies are all transient."""
+    """Timeouts, resets, refusals and cut bodies are all transient."""
     name = type(exc).__name__
-    detail = str(exc).splitlines()[0] if str(exc) else name
     if isinstance(exc, TimeoutError):
-        return Outcome(Kind.RETRY, "request timed out")
-    return Outcome(Kind.RETRY, f"connection failed ({name}: {detail})")
+        return Outcome(Kind.RETRY, "request timed out", tag="timeout")
+    text = str(exc)
+    detail = text.splitlines()[0] if text else name
+    return Outcome(Kind.RETRY, f"connection failed ({name}: {detail})", tag=name)
 
 
-def _rate_limited(status: int, headers: Mapping[str, str], what: str) -> Outcome:
-    delay = parse_retry_after(_lower(headers).get("retry-after"))
-    suffix = f", Retry-After {delay:g}s" if delay is not None else ""
+def _rate_limited(status: int, delay: float | None, what: str) -> Outcome:
+    suffix = f", Retry-After {delay:g} s" if delay is not None else ", no Retry-After"
     return Outcome(Kind.RATE_LIMITED, what + suffix, retry_after=delay, status=status)
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
-    """Seconds to wait from a Retry-After header (delta-seconds or HTTP-date)."""
+    """Seconds to wait from a Retry-After header: delta-seconds or an HTTP-date.
+
+    `now` is the wall clock (time.time()) the date is measured from. A date in the
+    past means 0; a value that is neither form means None (the caller backs off).
+    """
     if value is None:
         return None
     value = value.strip()
-    if value.isdigit():
-        return float(value)
+    if _SECONDS.fullmatch(value):
+        return min(float(value), MAX_RETRY_AFTER)
     try:
         when = parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
-    if when.tzinfo is None:
-        return None
-    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+    if when.tzinfo is None:  # "-0000": an HTTP-date is always GMT
+        when = when.replace(tzinfo=UTC)
+    delay = when.timestamp() - (time.time() if now is None else now)
+    return min(max(0.0, delay), MAX_RETRY_AFTER)
 
 
 def _lower(headers: Mapping[str, str]) -> dict[str, str]:
     return {k.lower(): v for k, v in headers.items()}
 
 
-def _parse(raw: bytes, headers: Mapping[str, str]) -> tuple[Any, bool]:
-    if "html" in _lower(headers).get("content-type", ""):
+def _parse(raw: bytes, lowered: Mapping[str, str]) -> tuple[Any, bool]:
+    """(body, True) for JSON, (None, False) for anything else, whatever the content-type says."""
+    if "html" in lowered.get("content-type", "").lower():
         return None, False
     try:
         return orjson.loads(raw), True
@@ -115,19 +191,29 @@ def _parse(raw: bytes, headers: Mapping[str, str]) -> tuple[Any, bool]:
     try:
         # orjson refuses lone surrogates and huge integers; the API may still send them.
         return json.loads(raw), True
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return None, False
+
+
+def _non_json(raw: bytes, lowered: Mapping[str, str]) -> str:
+    head = raw[:512].lstrip().lower()
+    if "html" in lowered.get("content-type", "").lower() or head.startswith((b"<!doctype", b"<html", b"<")):
+        return "an HTML page"
+    return "an empty body" if not raw.strip() else "a non-JSON body"
 
 
 def _error_text(body: Any) -> str:
     """The one-line reason from `{"error": ...}` bodies, zod issues spelt out."""
-    error = body.get("error") if isinstance(body, dict) else body
+    error = body.get("error", body) if isinstance(body, dict) else body
     if isinstance(error, dict):
-        return _zod_text(error) or str(error.get("message") or error)
-    return " ".join(str(error).split()) if error is not None else "no detail"
+        text = _zod_text(error) or str(error.get("message") or error)
+    else:
+        text = str(error) if error is not None else "no detail"
+    return " ".join(text.split())[:500]
 
 
 def _zod_text(error: dict[str, Any]) -> str | None:
+    """`limit: Number must be less than or equal to 200; sort: Invalid enum value. ...`"""
     try:
         issues = json.loads(error.get("message", ""))
         parts = [

@@ -1,9 +1,10 @@
 """The run: one cursor-walking producer per shard, one bounded queue, one committer.
 
-Producers fetch pages under the client's shared limiter and concurrency cap and
-put them on a bounded queue (backpressure: a slow disk slows the fetching). A
-single committer takes pages in order and checkpoints them, so a shard's pages
-are committed in the order they were walked and the state has one writer.
+Producers (`walker`) fetch pages under the client's shared limiter and
+concurrency cap and put them on a bounded queue (backpressure: a slow disk slows
+the fetching). A single committer takes them in order and checkpoints them, so a
+shard's pages are committed in the order they were walked and the state has one
+writer.
 """
 
 from __future__ import annotations
@@ -11,41 +12,24 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import aiohttp
 
-from crawler.checkpoint import Checkpointer, PageResult
-from crawler.client import ApiClient, Counters, Page
+from crawler.checkpoint import Checkpointer
+from crawler.client import ApiClient, Counters
 from crawler.config import Config
-from crawler.errors import CursorLoopError, HarvestError, ShardError
-from crawler.incremental import WalkPlan, plan_walk
+from crawler.errors import HarvestError
+from crawler.incremental import plan_walk
 from crawler.progress import NoProgress, Progress, ShardView
-from crawler.shards import PlanFailure, Shard, check_items, describe, plan_shards
-from crawler.state import Cursor, ShardStatus, State
+from crawler.shards import PlanFailure, Shard, describe, plan_shards, split
+from crawler.state import ShardStatus, State
+from crawler.walker import Failed, Fetched, Split, walk
 
 log = logging.getLogger("harvest")
 T = TypeVar("T")
-
-
-@dataclass(frozen=True, slots=True)
-class _Fetched:
-    shard: Shard
-    cursor: Cursor | None
-    page: Page
-    # Set for incremental walks: the walker waits for the commit to learn
-    # whether the page was all known, so it never fetches past the frontier.
-    committed: asyncio.Future[PageResult] | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class _Failed:
-    shard: Shard
-    error: str
-
-
 _STOP = object()
 
 
@@ -77,13 +61,26 @@ async def run_harvest(
         client = ApiClient(session, config.api, api_key)
         summary.counters = client.counters
         try:
-            shards, plan_failures = await plan_shards(config.queries, client)
+            planned, plan_failures = await plan_shards(config.queries, client)
             summary.failures += [f"{f.query} [{f.what}]: {f.error}" for f in plan_failures]
+            state.begin_pass((s.key, s.query) for s in planned)
+            shards = list(_leaves_of(planned, state))
             await _walk_all(shards, state, client, config, summary, progress or NoProgress())
             _close_pass(state, shards, plan_failures)
         finally:
             summary.elapsed = time.monotonic() - started
     return summary
+
+
+def _leaves_of(shards: Sequence[Shard], state: State) -> Iterator[Shard]:
+    """The shards to walk: a shard split in an earlier run is walked as its children."""
+    for shard in shards:
+        if state.shard(shard.key).status != ShardStatus.SPLIT:
+            yield shard
+            continue
+        children = split(shard)
+        state.enrol((c.key, c.query) for c in children)
+        yield from _leaves_of(children, state)
 
 
 def _close_pass(state: State, shards: Sequence[Shard], failures: Sequence[PlanFailure]) -> None:
@@ -92,14 +89,13 @@ def _close_pass(state: State, shards: Sequence[Shard], failures: Sequence[PlanFa
 
 
 async def _walk_all(
-    shards: Sequence[Shard],
+    shards: list[Shard],
     state: State,
     client: ApiClient,
     config: Config,
     summary: RunSummary,
     progress: Progress,
 ) -> None:
-    state.begin_pass((s.key, s.query) for s in shards)
     rows = {s.key: state.shard(s.key) for s in shards}
     todo = [s for s in shards if rows[s.key].status != ShardStatus.DONE]
     summary.shards = len(shards)
@@ -108,10 +104,11 @@ async def _walk_all(
     progress.start([_view(s, rows[s.key]) for s in shards], client.counters)
     queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=2 * config.api.concurrency)
     sink = Checkpointer(config.output, state)
+    committer = _Committer(sink, state, summary, progress, shards)
     try:
         async with asyncio.TaskGroup() as group:
             group.create_task(_produce(todo, rows, client, queue))
-            group.create_task(_consume(queue, sink, state, summary, progress))
+            group.create_task(committer.consume(queue))
     except BaseExceptionGroup as group_error:
         raise _first_harvest_error(group_error) from None
     finally:
@@ -125,14 +122,14 @@ def _view(shard: Shard, row: Any) -> ShardView:
 
 def _first_harvest_error(group: BaseExceptionGroup) -> BaseException:
     """Report the error that stopped the run, not the cancellations it caused."""
-    leaves = list(_leaves(group))
+    leaves = list(_errors(group))
     return next((e for e in leaves if isinstance(e, HarvestError)), leaves[0])
 
 
-def _leaves(error: BaseException) -> Any:
+def _errors(error: BaseException) -> Iterator[BaseException]:
     if isinstance(error, BaseExceptionGroup):
         for inner in error.exceptions:
-            yield from _leaves(inner)
+            yield from _errors(inner)
     else:
         yield error
 
@@ -142,66 +139,62 @@ async def _produce(
 ) -> None:
     async with asyncio.TaskGroup() as walkers:
         for shard in shards:
-            walkers.create_task(_walk(shard, plan_walk(shard, rows[shard.key]), client, queue))
+            walkers.create_task(walk(shard, plan_walk(shard, rows[shard.key]), client, queue))
     await queue.put(_STOP)
 
 
-async def _walk(shard: Shard, plan: WalkPlan, client: ApiClient, queue: asyncio.Queue[Any]) -> None:
-    """Follow one shard's cursors until `nextCursor` is absent, never on a short page."""
-    cursor = plan.start
-    used: set[str] = set()
-    try:
-        while True:
-            used.add(repr(cursor))
-            page = await client.images(shard.params, cursor)
-            check_items(shard, page.items)
-            if page.next_cursor is not None and repr(page.next_cursor) in used:
-                raise CursorLoopError(
-                    f"the cursor looped: {page.next_cursor!r} was already followed in this walk"
-                )
-            committed = asyncio.get_running_loop().create_future() if plan.stop_when_known else None
-            await queue.put(_Fetched(shard, cursor, page, committed))
-            if page.next_cursor is None or (committed is not None and (await committed).done):
-                return
-            cursor = page.next_cursor
-    except ShardError as exc:
-        await queue.put(_Failed(shard, str(exc)))
+class _Committer:
+    """Takes the queue's messages in order; the only writer of the state during a run."""
 
+    def __init__(
+        self, sink: Checkpointer, state: State, summary: RunSummary, progress: Progress, shards: list[Shard]
+    ) -> None:
+        self._sink, self._state, self._summary, self._progress = sink, state, summary, progress
+        self._shards = shards  # grows when a shard is split
 
-async def _consume(
-    queue: asyncio.Queue[Any],
-    sink: Checkpointer,
-    state: State,
-    summary: RunSummary,
-    progress: Progress,
-) -> None:
-    while (message := await queue.get()) is not _STOP:
-        if isinstance(message, _Failed):
-            state.mark_failed(message.shard.key, message.error)
-            summary.failures.append(f"{describe(message.shard)}: {message.error}")
-            log.error("shard %s failed: %s", describe(message.shard), message.error)
-            progress.shard_failed(message.shard.key, message.error)
-            continue
+    async def consume(self, queue: asyncio.Queue[Any]) -> None:
+        while (message := await queue.get()) is not _STOP:
+            if isinstance(message, Failed):
+                self._failed(message)
+            elif isinstance(message, Split):
+                self._split(message)
+            else:
+                await self._commit(message)
+
+    def _failed(self, message: Failed) -> None:
+        self._state.mark_failed(message.shard.key, message.error)
+        self._summary.failures.append(f"{describe(message.shard)}: {message.error}")
+        log.error("shard %s failed: %s", describe(message.shard), message.error)
+        self._progress.shard_failed(message.shard.key, message.error)
+
+    def _split(self, message: Split) -> None:
+        self._state.record_split(message.shard.key, [(c.key, c.query) for c in message.children])
+        self._shards.remove(message.shard)
+        self._shards.extend(message.children)
+        self._summary.shards += len(message.children) - 1
+
+    async def _commit(self, message: Fetched) -> None:
         page = message.page
+        incremental = message.committed is not None
         result = await _uncancellable(
             asyncio.to_thread(
-                sink.commit,
+                self._sink.commit,
                 message.shard.key,
                 message.cursor,
                 page.items,
                 page.next_cursor,
-                message.committed is not None,
+                incremental,
             )
         )
         if message.committed is not None:
             message.committed.set_result(result)
-        summary.pages += 1
-        summary.new_items += result.new_items
-        progress.page(message.shard.key, result.new_items, len(page.items))
+        self._summary.pages += 1
+        self._summary.new_items += result.new_items
+        self._progress.page(message.shard.key, result.new_items, len(page.items))
         log.debug("%s: %d new of %d", describe(message.shard), result.new_items, len(page.items))
         if result.done:
-            summary.shards_done += 1
-            progress.shard_done(message.shard.key)
+            self._summary.shards_done += 1
+            self._progress.shard_done(message.shard.key)
             log.info("shard %s done", describe(message.shard))
 
 

@@ -43,7 +43,8 @@ def write_summary(out_dir: Path, summary: RunSummary) -> None:
     os.replace(temp, target)
 
 
-def print_summary(summary: RunSummary, config: Config, out: TextIO = sys.stderr) -> None:
+def print_summary(summary: RunSummary, config: Config, out: TextIO | None = None) -> None:
+    out = out or sys.stderr  # looked up now: json logging replaces sys.stderr after import
     c = summary.counters
     print(
         f"harvest: {summary.new_items} new images in {summary.pages} pages; "

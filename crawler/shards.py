@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import urlencode
 
-from crawler.config import Query
+from crawler.config import TYPES, Query
 from crawler.errors import ForeignItemsError, ShardError
 
 log = logging.getLogger("harvest")
@@ -120,3 +120,27 @@ def check_items(shard: Shard, items: Sequence[dict[str, Any]]) -> None:
 
 def describe(shard: Shard) -> str:
     return f"{shard.query} [{shard.key}]"
+
+
+def split(shard: Shard) -> list[Shard]:
+    """Child shards that together select exactly what `shard` selects, or [] if none.
+
+    Every image has exactly one browsing level and one type, so the bits of
+    `browsingLevel`, and then the media types, partition any query.
+    """
+    levels = shard.value("browsingLevel")
+    bits = [b for b in (1, 2, 4, 8, 16) if levels is not None and int(levels) & b]
+    if len(bits) > 1:
+        return [_child(shard, "browsingLevel", str(bit)) for bit in bits]
+    if shard.value("type") is None and levels is not None:
+        return [_child(shard, "type", kind) for kind in TYPES]
+    return []  # without an explicit browsingLevel the server picks the levels: no exact cover
+
+
+def _child(shard: Shard, name: str, value: str) -> Shard:
+    params = [(k, v) for k, v in shard.params if k != name]
+    return make_shard(shard.query, [*params, (name, value)])
+
+
+def with_limit(params: WireParams, limit: int) -> WireParams:
+    return tuple((k, str(limit) if k == "limit" else v) for k, v in params)

@@ -56,6 +56,7 @@ class ShardStatus:
     ACTIVE = "active"  # walked part way; `cursor` is the next page
     DONE = "done"  # walked to the end in this pass
     FAILED = "failed"  # stopped on an error; a rerun resumes from `cursor`
+    SPLIT = "split"  # timed out; walked as child shards that partition it, for good
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,6 +169,24 @@ class State:
                 self._enrol(key, query, pass_no)
         return pass_no
 
+    def enrol(self, shards: Iterable[tuple[str, str]]) -> None:
+        """Add shards found after the pass began (the children of a split) to it."""
+        pass_no = int(self.get_meta("pass") or 0)
+        with self._transaction():
+            for key, query in shards:
+                self._enrol(key, query, pass_no)
+
+    def record_split(self, key: str, children: Iterable[tuple[str, str]]) -> None:
+        """Mark `key` split and enrol its children, in one transaction."""
+        pass_no = int(self.get_meta("pass") or 0)
+        with self._transaction():
+            self._conn.execute(
+                "UPDATE shards SET status=?, error=NULL, updated=? WHERE key=?",
+                (ShardStatus.SPLIT, time.time(), key),
+            )
+            for child, query in children:
+                self._enrol(child, query, pass_no)
+
     def _enrol(self, key: str, query: str, pass_no: int) -> None:
         row = self._conn.execute("SELECT pass FROM shards WHERE key=?", (key,)).fetchone()
         now = time.time()
@@ -180,8 +199,9 @@ class State:
             # A new pass walks from the head again; the old tail is kept for
             # sorts that can continue from it.
             self._conn.execute(
-                "UPDATE shards SET pass=?, status=?, cursor=NULL, error=NULL, updated=? WHERE key=?",
-                (pass_no, ShardStatus.PENDING, now, key),
+                "UPDATE shards SET pass=?, cursor=NULL, error=NULL, updated=?, "
+                "status=CASE status WHEN ? THEN status ELSE ? END WHERE key=?",
+                (pass_no, now, ShardStatus.SPLIT, ShardStatus.PENDING, key),
             )
 
     def finish_pass_if_complete(self, keys: Iterable[str]) -> bool:
@@ -239,7 +259,7 @@ class State:
                 "ON CONFLICT(name) DO UPDATE SET size=excluded.size, items=items+excluded.items",
                 (page.segment, page.segment_size, len(page.new_ids)),
             )
-            self._conn.execute(
+            updated = self._conn.execute(
                 "UPDATE shards SET status=?, cursor=?, tail_cursor=COALESCE(?, tail_cursor), "
                 "items=items+?, pages=pages+1, finished=finished+?, error=NULL, updated=? WHERE key=?",
                 (
@@ -252,6 +272,8 @@ class State:
                     page.shard_key,
                 ),
             )
+            if updated.rowcount != 1:  # a cursor saved nowhere would be progress lost
+                raise StateError(f"{self.path}: page committed for unknown shard {page.shard_key}")
 
     # -- segments -------------------------------------------------------------
 

@@ -20,6 +20,7 @@ from crawler.fakeapi.server import (
     RequestLog,
     RequestRecord,
     ServerOptions,
+    SlowSearch,
     make_app,
     serve,
 )
@@ -38,6 +39,7 @@ __all__ = [
     "RequestRecord",
     "ServerOptions",
     "ServerThread",
+    "SlowSearch",
     "VersionSpec",
     "default_spec",
     "make_app",

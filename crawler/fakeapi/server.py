@@ -8,6 +8,7 @@ silent on big models, the page cap answered as 429, zod-style 400s.
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import ipaddress
 import math
@@ -42,6 +43,17 @@ class ServerOptions:
     fallback_usernames: frozenset[str] = frozenset()  # these username filters are ignored (global feed)
     fallback_post_ids: frozenset[int] = frozenset()  # these postId filters are ignored (global feed)
     body_cache: int = 256  # identical URLs (retries) reuse the body, like the edge cache
+    slow_search: SlowSearch | None = None  # big feed queries outlast the client's timeout
+
+
+@dataclass(frozen=True)
+class SlowSearch:
+    """The search backend's timeouts: a feed query selecting more than `rows_over` rows
+    with a `limit` above `limit_over` answers only after `seconds` (Cloudflare gives up first)."""
+
+    rows_over: int
+    limit_over: int = 0
+    seconds: float = 35.0
 
 
 @dataclass(frozen=True)
@@ -371,6 +383,9 @@ async def _images(request: web.Request) -> web.Response:
         return _json(_PAGE_CAP, 429)  # not a rate limit: retrying never helps
     q = _fallback(q, st.options)
     legacy = q.model_id is not None and q.model_version_id is None and q.image_id is None
+    slow = st.options.slow_search
+    if slow and not legacy and paging.limit > slow.limit_over and len(st.dataset.select(q)) > slow.rows_over:
+        await asyncio.sleep(slow.seconds)
     body = orjson.dumps((_legacy_page if legacy else _feed_page)(st, request, q, paging))
     if len(st.bodies) >= st.options.body_cache:
         del st.bodies[next(iter(st.bodies))]

@@ -1,0 +1,95 @@
+"""One shard's walk: follow cursors, check what comes back, hand pages on.
+
+A walk ends only when `nextCursor` is absent or null, never on a short or empty
+page. When a shard's requests keep timing out, the walk first asks for smaller
+pages, then splits the shard into children that partition it exactly and walks
+those instead: slow is not a reason to give up on a shard.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from crawler.checkpoint import PageResult
+from crawler.client import ApiClient, Page
+from crawler.errors import CursorLoopError, SearchTimeoutError, ShardError
+from crawler.incremental import WalkPlan
+from crawler.pacing import PageSize
+from crawler.shards import Shard, check_items, describe, split, with_limit
+from crawler.state import Cursor
+
+log = logging.getLogger("harvest")
+
+TIMEOUTS_PER_LIMIT = 2  # timed-out attempts at one page size before it is halved
+
+
+@dataclass(frozen=True, slots=True)
+class Fetched:
+    shard: Shard
+    cursor: Cursor | None
+    page: Page
+    # Set for incremental walks: the walker waits for the commit to learn
+    # whether the page was all known, so it never fetches past the frontier.
+    committed: asyncio.Future[PageResult] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    shard: Shard
+    error: str
+
+
+@dataclass(frozen=True, slots=True)
+class Split:
+    shard: Shard
+    children: list[Shard]
+
+
+async def walk(shard: Shard, plan: WalkPlan, client: ApiClient, queue: asyncio.Queue[Any]) -> None:
+    """Walk `shard` from `plan.start`; failures go on the queue, never up."""
+    try:
+        if not await _follow(shard, plan, client, queue):
+            await _walk_children(shard, client, queue)
+    except ShardError as exc:
+        await queue.put(Failed(shard, str(exc)))
+
+
+async def _follow(shard: Shard, plan: WalkPlan, client: ApiClient, queue: asyncio.Queue[Any]) -> bool:
+    """Follow the cursors to the end: True, or False when the shard must be split."""
+    cursor = plan.start
+    used: set[str] = set()
+    size = PageSize(int(shard.value("limit") or 200))
+    while True:
+        used.add(repr(cursor))
+        try:
+            page = await client.images(with_limit(shard.params, size.current), cursor, TIMEOUTS_PER_LIMIT)
+        except SearchTimeoutError:
+            if not size.shrink():
+                return False
+            log.warning("%s: timing out; asking for %d images a page", describe(shard), size.current)
+            continue
+        size.answered()
+        check_items(shard, page.items)
+        if page.next_cursor is not None and repr(page.next_cursor) in used:
+            raise CursorLoopError(
+                f"the cursor looped: {page.next_cursor!r} was already followed in this walk"
+            )
+        committed = asyncio.get_running_loop().create_future() if plan.stop_when_known else None
+        await queue.put(Fetched(shard, cursor, page, committed))
+        if page.next_cursor is None or (committed is not None and (await committed).done):
+            return True
+        cursor = page.next_cursor
+
+
+async def _walk_children(shard: Shard, client: ApiClient, queue: asyncio.Queue[Any]) -> None:
+    children = split(shard)
+    if not children:
+        raise SearchTimeoutError("requests keep timing out even at the smallest page size")
+    log.warning("%s: timing out; splitting it into %d shards", describe(shard), len(children))
+    await queue.put(Split(shard, children))  # recorded before any child page is committed
+    async with asyncio.TaskGroup() as group:
+        for child in children:
+            group.create_task(walk(child, WalkPlan(None, False), client, queue))

@@ -1,0 +1,533 @@
+"""The client (issue #3): one classification of every outcome, Retry-After in both forms,
+capped backoff that never retries early, AIMD pacing; then `ApiClient` against the real
+fake API over HTTP (no mocks)."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from email.utils import formatdate, parsedate_to_datetime
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from conftest import make_dataset
+from crawler.client import Aimd, ApiClient, Cooldown, Pacer, _parse_page, backoff_delay
+from crawler.config import ApiConfig
+from crawler.errors import (
+    BadRequestError,
+    NotFoundError,
+    RetriesExhaustedError,
+    RunFatalError,
+    SearchTimeoutError,
+    ShardError,
+)
+from crawler.fakeapi import Dataset, FakeServer, FaultInjector, FaultSpec, serve
+from crawler.outcomes import MAX_RETRY_AFTER, Kind, classify, classify_exception, parse_retry_after
+
+JSON = {"Content-Type": "application/json"}
+HTML = {"Content-Type": "text/html; charset=utf-8"}
+TEXT = {"Content-Type": "text/plain"}
+CHALLENGE = b"<!DOCTYPE html><html><head><title>Just a moment...</title></head></html>"
+ZOD = orjson.dumps(
+    {
+        "error": {
+            "name": "ZodError",
+            "message": orjson.dumps(
+                [
+                    {
+                        "code": "too_big",
+                        "path": ["limit"],
+                        "message": "Number must be less than or equal to 200",
+                    }
+                ]
+            ).decode(),
+        }
+    }
+)
+
+# ---------------------------------------------------------------- classification
+
+# (status, headers, body, has_key) -> (kind, retry_after, words the reason must hold)
+CASES: dict[str, tuple[int, dict[str, str], bytes, bool, Kind, float | None, str]] = {
+    "200 JSON": (200, JSON, b'{"items": [], "metadata": {}}', False, Kind.OK, None, "ok"),
+    "200 JSON, no content-type": (200, {}, b'{"items": []}', False, Kind.OK, None, "ok"),
+    "200 HTML challenge": (200, HTML, CHALLENGE, False, Kind.RETRY, None, "HTML page"),
+    "200 says JSON, is HTML": (200, JSON, CHALLENGE, True, Kind.RETRY, None, "HTML page"),
+    "200 cut short": (200, JSON, b'{"items": [{"id": 1', False, Kind.RETRY, None, "non-JSON"),
+    "200 empty": (200, JSON, b"", False, Kind.RETRY, None, "empty body"),
+    "429 page cap": (
+        429,
+        JSON,
+        b'{"error":"You\'ve requested too many pages, please use cursors instead"}',
+        False,
+        Kind.SHARD_FATAL,
+        None,
+        "page cap",
+    ),
+    "429 Cloudflare, no Retry-After": (429, TEXT, b"error code: 1015", False, Kind.RATE_LIMITED, None, "429"),
+    "429 with Retry-After": (
+        429,
+        {**JSON, "Retry-After": "3"},
+        b'{"error":"Too Many Requests"}',
+        False,
+        Kind.RATE_LIMITED,
+        3.0,
+        "Retry-After 3",
+    ),
+    "503 with Retry-After": (
+        503,
+        {**JSON, "retry-after": "2"},
+        b'{"error":"Service Unavailable"}',
+        False,
+        Kind.RATE_LIMITED,
+        2.0,
+        "503",
+    ),
+    "503 with a bad Retry-After": (503, {"Retry-After": "soon"}, b"", False, Kind.RATE_LIMITED, None, "503"),
+    "503 without Retry-After": (503, HTML, b"<html>down</html>", False, Kind.RETRY, None, "503"),
+    "500 JSON": (
+        500,
+        JSON,
+        b'{"error":"An unexpected error occurred"}',
+        False,
+        Kind.RETRY,
+        None,
+        "unexpected",
+    ),
+    "502 HTML": (502, HTML, b"<html>Bad gateway</html>", False, Kind.RETRY, None, "502"),
+    "502 with Retry-After": (502, {**HTML, "Retry-After": "4"}, b"<html/>", False, Kind.RETRY, 4.0, "502"),
+    "504 HTML": (504, HTML, b"<html>Gateway time-out</html>", False, Kind.RETRY, None, "504"),
+    "520": (520, HTML, b"<html/>", False, Kind.RETRY, None, "520"),
+    "521": (521, HTML, b"<html/>", False, Kind.RETRY, None, "521"),
+    "522": (522, HTML, b"<html/>", False, Kind.RETRY, None, "522"),
+    "523": (523, HTML, b"<html/>", False, Kind.RETRY, None, "523"),
+    "524": (524, HTML, b"<html>A timeout occurred</html>", False, Kind.RETRY, None, "524"),
+    "599": (599, TEXT, b"", False, Kind.RETRY, None, "599"),
+    "408": (408, TEXT, b"timeout", False, Kind.RETRY, None, "408"),
+    "403 challenge, with key": (403, HTML, CHALLENGE, True, Kind.RETRY, None, "challenge"),
+    "403 challenge, no key": (403, HTML, CHALLENGE, False, Kind.RETRY, None, "challenge"),
+    "401 JSON, with key": (401, JSON, b'{"error":"Unauthorized"}', True, Kind.RUN_FATAL, None, "key"),
+    "403 JSON, with key": (403, JSON, b'{"error":"Forbidden"}', True, Kind.RUN_FATAL, None, "rejected"),
+    "401 JSON, no key": (401, JSON, b'{"error":"Unauthorized"}', False, Kind.SHARD_FATAL, None, "no API key"),
+    "403 JSON, no key": (403, JSON, b'{"error":"Forbidden"}', False, Kind.SHARD_FATAL, None, "no API key"),
+    "451": (451, JSON, b'{"error":"Unavailable For Legal Reasons"}', False, Kind.RUN_FATAL, None, "region"),
+    "400 zod": (400, JSON, ZOD, False, Kind.SHARD_FATAL, None, "limit: Number must be less than or equal"),
+    "400 plain": (
+        400,
+        JSON,
+        b'{"error":"Bad cursor","code":"BAD_REQUEST"}',
+        False,
+        Kind.SHARD_FATAL,
+        None,
+        "Bad cursor",
+    ),
+    "400 HTML": (400, HTML, b"<html>Bad Request</html>", False, Kind.SHARD_FATAL, None, "400"),
+    "404": (
+        404,
+        JSON,
+        b'{"error":"No model with id 9"}',
+        False,
+        Kind.SHARD_FATAL,
+        None,
+        "No model with id 9",
+    ),
+    "410": (410, JSON, b'{"error":"Gone"}', False, Kind.SHARD_FATAL, None, "410"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_classify(case: str) -> None:
+    status, headers, body, has_key, kind, retry_after, words = CASES[case]
+    outcome = classify(status, headers, body, has_key=has_key)
+    assert (outcome.kind, outcome.retry_after) == (kind, retry_after)
+    assert words in outcome.reason and "\n" not in outcome.reason
+    assert outcome.status == status and outcome.key
+    if kind is Kind.OK:
+        assert outcome.body == orjson.loads(body)
+
+
+def test_every_kind_and_status_family_is_covered() -> None:
+    kinds = {CASES[c][4] for c in CASES}
+    assert kinds == set(Kind)
+    assert {s for s, *_ in CASES.values()} >= {
+        200,
+        400,
+        401,
+        403,
+        404,
+        408,
+        429,
+        451,
+        500,
+        502,
+        503,
+        504,
+        524,
+    }
+
+
+def test_json_fallback_accepts_what_orjson_refuses() -> None:
+    body = b'{"items": [{"id": 1, "n": 123456789012345678901234567890, "s": "\\ud800"}]}'
+    outcome = classify(200, JSON, body, has_key=False)
+    assert outcome.kind is Kind.OK and outcome.body["items"][0]["n"] == 123456789012345678901234567890
+
+
+def test_timed_out_means_our_timeout_or_a_gateways() -> None:
+    assert classify_exception(TimeoutError()).timed_out
+    assert classify_exception(aiohttp.ServerTimeoutError("read")).timed_out
+    assert classify(524, HTML, b"<html/>", has_key=False).timed_out
+    assert classify(504, HTML, b"<html/>", has_key=False).timed_out
+    assert not classify(502, HTML, b"<html/>", has_key=False).timed_out
+    assert not classify_exception(ConnectionResetError(104, "reset")).timed_out
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        TimeoutError(),
+        aiohttp.ServerDisconnectedError(),
+        aiohttp.ClientPayloadError("Response payload is not completed\nsecond line"),
+        aiohttp.ClientOSError(104, "Connection reset by peer"),
+        ConnectionResetError(104, "Connection reset by peer"),
+    ],
+)
+def test_transport_failures_are_retried(exc: BaseException) -> None:
+    outcome = classify_exception(exc)
+    assert outcome.kind is Kind.RETRY and outcome.status is None
+    assert "\n" not in outcome.reason and outcome.key in ("timeout", type(exc).__name__)
+
+
+# ---------------------------------------------------------------- Retry-After
+
+NOW = 1_700_000_000.0
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [
+        ("2", 2.0),
+        (" 120 ", 120.0),
+        ("0", 0.0),
+        ("1.5", 1.5),
+        ("-1", None),
+        ("soon", None),
+        ("", None),
+        ("²", None),  # a digit to str.isdigit, not to float
+        ("1e3", None),
+        (None, None),
+        ("99999999999", MAX_RETRY_AFTER),
+        (formatdate(NOW + 7, usegmt=True), 7.0),
+        (formatdate(NOW + 7), 7.0),  # "-0000": naive, still GMT
+        (formatdate(NOW - 30, usegmt=True), 0.0),  # in the past: go now
+        ("Wed, 32 Oct 2015 07:28:00 GMT", None),
+    ],
+)
+def test_parse_retry_after(value: str | None, seconds: float | None) -> None:
+    assert parse_retry_after(value, now=NOW) == seconds
+
+
+def test_http_date_is_read_against_the_wall_clock_by_default() -> None:
+    header = formatdate(time.time() + 60, usegmt=True)
+    delay = parse_retry_after(header)
+    assert delay is not None and 58 <= delay <= 60
+
+
+# ---------------------------------------------------------------- backoff
+
+
+def test_backoff_doubles_from_one_second_to_the_cap() -> None:
+    assert [backoff_delay(n, 30, lambda: 0.0) for n in range(1, 9)] == [1, 2, 4, 8, 16, 30, 30, 30]
+    assert [backoff_delay(n, 0.2, lambda: 0.0) for n in (1, 2, 3)] == [0.2, 0.2, 0.2]
+    assert backoff_delay(1, 30, lambda: 0.999) == pytest.approx(1.4995)
+
+
+@given(
+    failures=st.integers(min_value=1, max_value=100),
+    cap=st.floats(min_value=0.001, max_value=3600),
+    jitter=st.floats(min_value=0, max_value=1, exclude_max=True),
+)
+def test_backoff_never_below_nominal_never_above_the_cap(failures: int, cap: float, jitter: float) -> None:
+    nominal = min(cap, 2.0 ** (failures - 1))
+    delay = backoff_delay(failures, cap, lambda: jitter)
+    assert nominal <= delay <= cap and delay <= 1.5 * nominal
+
+
+# ---------------------------------------------------------------- AIMD
+
+
+def test_aimd_first_event_only_pauses_the_second_halves() -> None:
+    aimd = Aimd(8.0)
+    assert (aimd.floor, aimd.step) == (0.4, 0.8)
+    assert not aimd.on_rate_limited(sent_at=1.0, now=1.1) and aimd.rate == 8.0
+    assert aimd.on_rate_limited(sent_at=2.0, now=2.1) and aimd.rate == 4.0
+    assert aimd.on_rate_limited(sent_at=3.0, now=3.1) and aimd.rate == 2.0
+    assert aimd.streak == 3
+
+
+def test_aimd_answers_to_requests_in_flight_are_one_event() -> None:
+    aimd = Aimd(8.0)
+    aimd.on_rate_limited(sent_at=1.0, now=1.2)
+    assert not aimd.on_rate_limited(sent_at=1.1, now=1.3)  # sent before 1.2: same event
+    assert aimd.rate == 8.0 and aimd.streak == 1
+    assert aimd.on_rate_limited(sent_at=1.2, now=1.4) and aimd.rate == 4.0
+
+
+def test_aimd_floor_and_additive_recovery_up_to_the_configured_rate() -> None:
+    aimd = Aimd(8.0, recover_after=3)
+    for t in range(10):
+        aimd.on_rate_limited(sent_at=float(t), now=float(t))
+    assert aimd.rate == aimd.floor == 0.4
+    rates = []
+    for _ in range(3 * 12):
+        aimd.on_success()
+        rates.append(aimd.rate)
+    steps = rates[2::3]
+    assert steps[:3] == pytest.approx([1.2, 2.0, 2.8])
+    assert max(rates) == 8.0 and steps[-1] == 8.0  # never above the ceiling
+
+
+def test_aimd_a_calm_run_forgives_an_isolated_event() -> None:
+    aimd = Aimd(10.0, recover_after=5)
+    aimd.on_rate_limited(sent_at=0.0, now=0.0)
+    for _ in range(5):
+        aimd.on_success()
+    assert aimd.streak == 0
+    assert not aimd.on_rate_limited(sent_at=1.0, now=1.0) and aimd.rate == 10.0
+    aimd.on_success()  # fewer than recover_after: the streak goes on
+    assert aimd.on_rate_limited(sent_at=2.0, now=2.0) and aimd.rate == 5.0
+
+
+@pytest.mark.parametrize(("ceiling", "floor"), [(500.0, 25.0), (2.0, 0.1), (1.0, 0.1), (0.05, 0.05)])
+def test_aimd_default_floor(ceiling: float, floor: float) -> None:
+    assert Aimd(ceiling).floor == pytest.approx(floor)
+
+
+# ---------------------------------------------------------------- pacer and cooldown on a fake clock
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.t = 100.0
+        self.slept: list[float] = []
+
+    def now(self) -> float:
+        return self.t
+
+    async def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.t += seconds
+
+
+def test_pacer_spaces_starts_and_applies_a_new_rate_at_once() -> None:
+    clock = FakeClock()
+    pacer = Pacer(4.0, clock)
+    assert [pacer.reserve() for _ in range(3)] == [100.0, 100.25, 100.5]
+    pacer.rate = 1.0
+    assert pacer.reserve() == 101.5
+    clock.t = 200.0  # idle for long: still no burst
+    pacer.rate = 2.0
+    assert [pacer.reserve() for _ in range(3)] == [200.0, 200.5, 201.0]
+
+
+async def test_pacer_acquire_waits_for_its_slot() -> None:
+    clock = FakeClock()
+    pacer = Pacer(2.0, clock)
+    await pacer.acquire()
+    await pacer.acquire()
+    assert clock.t == 100.5 and clock.slept == [0.5]
+
+
+async def test_cooldown_is_shared_only_grows_and_reports_growth() -> None:
+    clock = FakeClock()
+    cooldown = Cooldown(clock)
+    assert cooldown.is_open()
+    assert cooldown.extend(2.0) == 2.0
+    assert cooldown.extend(1.0) == 0.0  # a shorter pause never shortens the current one
+    assert cooldown.extend(3.0) == pytest.approx(1.0)
+    assert not cooldown.is_open()
+    await cooldown.wait()
+    assert clock.t == 103.0 and cooldown.is_open()
+
+
+# ---------------------------------------------------------------- page shape
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        [],
+        {"items": None},
+        {"items": [{"id": "1"}]},
+        {"items": [{"id": True}]},
+        {"items": [], "metadata": []},
+        {"items": [], "metadata": {"nextCursor": 1.5}},
+        {"items": [], "metadata": {"nextCursor": False}},
+        {"error": "Service Unavailable"},
+    ],
+)
+def test_malformed_pages_are_refused(body: Any) -> None:
+    assert _parse_page(body) is None
+
+
+def test_pages_keep_string_and_number_cursors() -> None:
+    page = _parse_page({"items": [{"id": 1}], "metadata": {"nextCursor": "200|1700000000000"}})
+    assert page is not None and page.next_cursor == "200|1700000000000"
+    end = _parse_page({"items": [], "metadata": {}})
+    assert end is not None and end.next_cursor is None
+    legacy = _parse_page({"items": [{"id": 9}], "metadata": {"nextCursor": 8}})
+    assert legacy is not None and legacy.next_cursor == 8
+
+
+# ---------------------------------------------------------------- ApiClient against the fake API
+
+PARAMS = [("modelVersionId", "5003"), ("browsingLevel", "31"), ("limit", "50")]
+
+
+@pytest.fixture(scope="module")
+def small() -> Dataset:
+    return make_dataset({5003: 90})
+
+
+@asynccontextmanager
+async def client_for(
+    dataset: Dataset,
+    faults: FaultSpec | FaultInjector | None = None,
+    *,
+    key: str | None = None,
+    server_key: str | None = None,
+    **api: Any,
+) -> AsyncIterator[tuple[ApiClient, FakeServer]]:
+    settings: dict[str, Any] = {
+        "requests_per_second": 500.0,
+        "concurrency": 1,
+        "timeout": 5.0,
+        "max_retries": 8,
+        "max_backoff": 0.05,
+        **api,
+    }
+    async with serve(dataset, faults, api_key=server_key) as server, aiohttp.ClientSession() as session:
+        yield ApiClient(session, ApiConfig(base_url=server.base_url, **settings), key), server
+
+
+async def test_every_transient_fault_is_retried_until_a_page_comes(small: Dataset) -> None:
+    injector = FaultInjector(FaultSpec(slow_seconds=2))
+    transient = ["challenge", "challenge_403", "502", "504", "524", "500", "reset", "truncated", "slow"]
+    injector.queue(*transient)
+    async with client_for(small, injector, timeout=0.5, max_retries=len(transient)) as (client, api):
+        page = await client.images(PARAMS, None)
+    assert len(page.items) > 0 and page.next_cursor is not None
+    assert [r.fault for r in sorted(api.log, key=lambda r: r.mono)] == [*transient, None]
+    counters = client.counters
+    assert (counters.requests, counters.retries, counters.rate_limited) == (10, 9, 0)
+    assert counters.by_reason["timeout"] == 1 and counters.by_reason["html-200"] == 1
+    assert counters.by_reason["html-403"] == 1 and counters.by_reason["524"] == 1
+    assert sum(counters.by_reason.values()) == 9
+
+
+async def test_retry_after_pauses_every_worker_and_repeats_halve_the_rate(small: Dataset) -> None:
+    injector = FaultInjector(FaultSpec(retry_after=1))
+    injector.queue("503", "429_retry_after")
+    async with client_for(small, injector, requests_per_second=50.0) as (client, api):
+        pages = await asyncio.gather(*(client.images(PARAMS, c) for c in (None, "20|1", "40|1")))
+    assert all(page.items for page in pages)
+    records = sorted(api.log, key=lambda r: r.mono)
+    limited = [r for r in records if r.status in (429, 503)]
+    assert [r.fault for r in limited] == ["503", "429_retry_after"]
+    for answer in limited:  # concurrency 1: nothing was in flight, so nothing may come early
+        assert all(r.mono >= answer.mono + 1 for r in records if r.mono > answer.mono)
+    assert client.counters.rate_limited == 2 and client.counters.rate_decreases == 1
+    assert client.effective_rps == 25.0 and client.counters.lowest_rps == 25.0
+    assert client.counters.cooldown_seconds >= 2.0
+
+
+async def test_retry_after_as_http_date_is_honoured(small: Dataset) -> None:
+    injector = FaultInjector(FaultSpec(retry_after=2, retry_after_http_date=True))
+    injector.queue("429_retry_after")
+    async with client_for(small, injector) as (client, api):
+        await client.images(PARAMS, None)
+    first, second = sorted(api.log, key=lambda r: r.mono)
+    assert first.status == 429 and second.status == 200
+    # The header said "not before this date" (to the second): the wall clock at arrival proves it.
+    date = formatdate(first.wall + 2, usegmt=True)
+    assert second.wall >= parsedate_to_datetime(date).timestamp()
+
+
+async def test_bare_429_cools_everyone_down_by_the_backoff(small: Dataset) -> None:
+    injector = FaultInjector()
+    injector.queue("429")
+    async with client_for(small, injector, max_backoff=0.3) as (client, api):
+        await asyncio.gather(client.images(PARAMS, None), client.images(PARAMS, "50|1"))
+    first, *rest = sorted(api.log, key=lambda r: r.mono)
+    assert first.status == 429 and len(rest) == 2
+    assert all(r.mono >= first.mono + 0.3 for r in rest)  # nominal 1 s, capped at 0.3, never less
+    assert client.counters.rate_limited == 1 and client.counters.by_reason == {"429": 1}
+
+
+async def test_retry_budget_is_max_retries_then_the_shard_stops(small: Dataset) -> None:
+    async with client_for(small, FaultSpec.only("500"), max_retries=2) as (client, api):
+        with pytest.raises(RetriesExhaustedError, match="gave up after 3 attempts; last: HTTP 500"):
+            await client.images(PARAMS, None)
+    assert len(api.log) == 3 and client.counters.retries == 2
+
+
+async def test_timeouts_give_up_early_when_asked(small: Dataset) -> None:
+    spec = FaultSpec.only("slow", slow_seconds=3)
+    async with client_for(small, spec, timeout=0.2) as (client, api):
+        with pytest.raises(SearchTimeoutError, match="2 attempts timed out"):
+            await client.images(PARAMS, None, timeouts=2)
+    assert client.counters.requests == 2
+
+
+async def test_page_cap_is_fatal_for_the_shard_and_never_retried(small: Dataset) -> None:
+    async with client_for(small) as (client, api):
+        with pytest.raises(ShardError, match="page cap") as caught:
+            await client.images([("limit", "200"), ("page", "6")], None)
+    assert not isinstance(caught.value, RetriesExhaustedError)
+    assert [r.status for r in api.log] == [429] and client.counters.rate_limited == 0
+    assert client.effective_rps == 500.0
+
+
+async def test_zod_400_names_the_parameter_and_is_not_retried(small: Dataset) -> None:
+    async with client_for(small) as (client, api):
+        with pytest.raises(BadRequestError) as caught:
+            await client.images([("limit", "500"), ("sort", "newest")], None)
+    message = str(caught.value)
+    assert "limit: Number must be less than or equal to 200" in message
+    assert "sort: Invalid enum value" in message and "\n" not in message
+    assert len(api.log) == 1
+
+
+async def test_missing_model_is_not_found(small: Dataset) -> None:
+    async with client_for(small) as (client, api):
+        with pytest.raises(NotFoundError, match="No model with id 424242"):
+            await client.model_version_ids("424242")
+        assert await client.model_version_ids("500") == [5003]
+    assert len(api.log) == 2
+
+
+async def test_blocked_region_and_rejected_key_stop_the_run(small: Dataset) -> None:
+    async with client_for(small, FaultSpec.only("451")) as (client, api):
+        with pytest.raises(RunFatalError, match="blocked in this region"):
+            await client.images(PARAMS, None)
+    assert len(api.log) == 1
+    secret = "sk-live-0123456789"
+    async with client_for(small, key=secret, server_key="other") as (client, api):
+        with pytest.raises(RunFatalError, match="CIVITAI_API_KEY. was rejected") as caught:
+            await client.images(PARAMS, None)
+    assert secret not in str(caught.value) and len(api.log) == 1 and api.log[0].has_auth
+
+
+def test_monotonic_clock_is_the_one_the_fake_api_logs() -> None:
+    from crawler.client import MonotonicClock
+
+    before = time.monotonic()
+    assert before <= MonotonicClock().now() <= time.monotonic()
+    assert math.isinf(Cooldown(MonotonicClock()).until)
