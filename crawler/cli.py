@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from crawler import logs
-from crawler.config import Config, load_config
+from crawler.config import ApiConfig, Config, OutputConfig, load_config
 from crawler.errors import ExitCode, HarvestError
 from crawler.lock import OutputLock
 from crawler.pipeline import RunSummary, run_harvest
@@ -36,6 +36,41 @@ The API key is read from the environment variable CIVITAI_API_KEY and is never p
 """
 
 
+_API_HELP = {
+    "base_url": "the API (any mirror, or the bundled fake)",
+    "requests_per_second": "one budget shared by all workers; lowered for a while after repeated 429/503",
+    "concurrency": "requests in flight at most",
+    "timeout": "seconds for one whole request",
+    "max_retries": "retries of one request after its first attempt; then the shard stops, the run exits 3",
+    "max_backoff": "seconds: cap of the exponential backoff when no Retry-After is given",
+}
+_OUTPUT_HELP = {
+    "segment_items": "close a segment after this many images (0: no limit)",
+    "segment_mb": "close a segment once it holds this many MiB (0: no limit)",
+    "compress": "closed segments: zstd, gzip or none",
+}
+
+
+def _config_reference() -> str:
+    """The config keys with their defaults, read from the dataclasses so they never drift."""
+    api, output = ApiConfig(), OutputConfig(Path("."))
+
+    def row(key: str, value: object, text: str) -> str:
+        shown = f'"{value}"' if isinstance(value, str) else str(value)
+        return f"  {key} = {shown}\n      {text}"
+
+    lines = ["config [api], with defaults (the retry budgets among them):"]
+    lines += [row(k, getattr(api, k), text) for k, text in _API_HELP.items()]
+    lines += [
+        "config [output]:",
+        "  dir (required)",
+        "      where the harvest is written, relative to the config file",
+    ]
+    lines += [row(k, getattr(output, k), text) for k, text in _OUTPUT_HELP.items()]
+    lines += ["config [[queries]]: the API's own parameter names (see README); limit defaults to 200"]
+    return "\n".join(lines) + "\n"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="harvest",
@@ -47,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser(
         "run",
         help="harvest a config into its output dir (rerun to resume)",
-        epilog=EPILOG,
+        epilog=_config_reference() + "\n" + EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     run.add_argument("config", type=Path, help="TOML config file")

@@ -250,3 +250,10 @@ def test_demo_runs_offline(tmp_path: Path) -> None:
     assert result.code == 0, result.stderr
     assert len(read_items(tmp_path / "demo" / "data")) > 1000
     assert "pass 1 complete" in result.stdout
+
+
+def test_run_help_prints_the_retry_budgets_and_exit_codes() -> None:
+    result = harvest("run", "--help")
+    assert result.code == 0
+    for needle in ("max_retries = 8", "max_backoff = 30.0", "requests_per_second = 2.0", "130", "143"):
+        assert needle in result.stdout

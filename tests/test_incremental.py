@@ -65,3 +65,18 @@ def test_interrupted_pass_resumes_unfinished_shards_only(tmp_path: Path) -> None
         # Finished shards are not walked again while the pass is open.
         assert _images_requests(api) == 0
         assert "pass 1 complete" in harvest("status", cfg).stdout
+
+
+def test_a_model_that_gains_a_version_gets_a_new_shard(tmp_path: Path) -> None:
+    spec_versions = [{"id": 6001, "images": 120}, {"id": 6009, "images": 80, "published": False}]
+    dataset = make_dataset(models={"500": {"versions": spec_versions}})
+    with ServerThread(dataset) as api:
+        cfg = write_config(tmp_path / "c.toml", api.base_url, [{"modelId": 500, "sort": "Newest",
+                                                               "browsingLevel": 31}])
+        assert harvest("run", cfg).code == 0
+        assert "6009" not in harvest("status", cfg).stdout
+        dataset.publish(6009)
+        assert harvest("run", cfg).code == 0
+    assert "modelVersionId=6009" in harvest("status", cfg).stdout
+    ids = ids_of(read_items(tmp_path / "out"))
+    assert len(ids) == len(set(ids)) and set(ids) == expected_ids(dataset, [6001, 6009])

@@ -297,6 +297,7 @@ class Dataset:
         self._versions: list[VersionSpec] = [v for m in spec.models for v in m.versions]
         self._version_model: list[int] = [m.id for m in spec.models for _ in m.versions]
         self._version_index = {v.id: i for i, v in enumerate(self._versions)}
+        self._published: set[int] = set()
         self._post_user = array(
             "i", (self._rng.randrange(max(spec.users, 1)) for _ in range(max(spec.posts, 1)))
         )
@@ -649,8 +650,14 @@ class Dataset:
             "allowNoCredit": True,
             "creator": {"username": self._usernames[m.id % len(self._usernames)], "image": None},
             "tags": ["base model"],
-            "modelVersions": [self._version_obj(m, v) for v in m.versions if v.published],
+            "modelVersions": [
+                self._version_obj(m, v) for v in m.versions if v.published or v.id in self._published
+            ],
         }
+
+    def publish(self, version_id: int) -> None:
+        """Publish a version the spec held back: the model gains a version, as happens live."""
+        self._published.add(version_id)
 
     def _version_obj(self, m: ModelSpec, v: VersionSpec) -> dict[str, Any]:
         return {
