@@ -1,4 +1,4 @@
-"""The API client: one cooldown, one pacer, one concurrency cap, shared by every worker.
+"""The API client: one cooldown, one pacer (aiolimiter), one concurrency cap, shared by every worker.
 
 A request takes a concurrency slot, waits for the cooldown (a 429 or 503 seen by
 any worker pauses all of them), then for its turn at the pacer, then checks the
@@ -25,6 +25,7 @@ Time comes from an injectable `Clock`, so all of this is testable without sleepi
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import math
 import random
@@ -34,6 +35,8 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import aiohttp
+import backoff
+from aiolimiter import AsyncLimiter
 
 from crawler.config import ApiConfig
 from crawler.errors import (
@@ -120,31 +123,34 @@ class Cooldown:
 
 
 class Pacer:
-    """Spaces request starts at least 1/rate apart, with no burst; the rate may change any time.
+    """Even pacing by aiolimiter, at a rate that AIMD may change at any time.
 
-    This replaces aiolimiter's `AsyncLimiter(1, 1/rps)`, which gave the same even
-    pacing but has no way to change its rate: swapping in a new limiter would let a
-    burst through (the new one starts empty) and strand the old one's waiters at the
-    old rate. Here each start reserves the slot `1/rate` after the previous one, so a
-    new rate applies from the next reservation on. A slot reserved but not used (the
-    cooldown closed meanwhile) is simply lost.
+    `AsyncLimiter(1, 1/rate)` spaces request starts evenly with no initial burst.
+    aiolimiter cannot change a limiter's rate, so a new rate gets a new limiter; a
+    waiter whose turn came from a replaced limiter queues again on the current
+    one, so no request is sent at a stale rate.
     """
 
-    def __init__(self, rate: float, clock: Clock) -> None:
-        self.rate = rate
-        self._clock = clock
-        self._last = -math.inf
+    def __init__(self, rate: float) -> None:
+        self._rate = rate
+        self.limiter = AsyncLimiter(1, 1 / rate)
 
-    def reserve(self) -> float:
-        """The time of the next free slot, now taken."""
-        slot = max(self._clock.now(), self._last + 1 / self.rate)
-        self._last = slot
-        return slot
+    @property
+    def rate(self) -> float:
+        return self._rate
+
+    @rate.setter
+    def rate(self, value: float) -> None:
+        if value != self._rate:
+            self._rate = value
+            self.limiter = AsyncLimiter(1, 1 / value)
 
     async def acquire(self) -> None:
-        slot = self.reserve()
-        while (delay := slot - self._clock.now()) > 0:
-            await self._clock.sleep(delay)
+        while True:
+            limiter = self.limiter
+            await limiter.acquire()
+            if limiter is self.limiter:
+                return
 
 
 class Aimd:
@@ -209,10 +215,13 @@ class Aimd:
 def backoff_delay(failures: int, cap: float, rng: Callable[[], float] = random.random) -> float:
     """The wait after the `failures`-th failure in a row (1, 2, ...): 1 s, 2 s, 4 s ... up to `cap`.
 
-    Jitter stretches the nominal delay by up to half, never shortens it (full
-    jitter would retry early), and the result never exceeds `cap`.
+    The nominal delays are `backoff.expo`'s. Jitter stretches one by up to half,
+    never shortens it (backoff's default full jitter would retry early), and the
+    result never exceeds `cap`.
     """
-    nominal = min(cap, 2.0 ** (max(1, failures) - 1))
+    delays = backoff.expo(factor=1, max_value=cap)
+    next(delays)  # backoff's generators yield once before their first value
+    nominal = next(itertools.islice(delays, max(1, failures) - 1, None))
     return min(cap, nominal * (1 + rng() / 2))
 
 
@@ -239,7 +248,7 @@ class ApiClient:
         self._slots = asyncio.Semaphore(api.concurrency)
         self._cooldown = Cooldown(self._clock)
         self._aimd = Aimd(api.requests_per_second)
-        self._pacer = Pacer(api.requests_per_second, self._clock)
+        self._pacer = Pacer(api.requests_per_second)
         self.counters = Counters(effective_rps=api.requests_per_second, lowest_rps=api.requests_per_second)
 
     @property
@@ -354,7 +363,7 @@ class ApiClient:
             if pause is None:  # Cloudflare's bare 429: back off, longer while it goes on
                 pause = backoff_delay(self._aimd.streak, self._api.max_backoff, self._rng)
         if pause is not None:
-            self.counters.cooldown_seconds += self._cooldown.extend(pause * self._rng())
+            self.counters.cooldown_seconds += self._cooldown.extend(pause)
 
     def _set_rate(self) -> None:
         self._pacer.rate = self._aimd.rate

@@ -18,16 +18,15 @@ SUMMARY_FILE = "last-run.json"
 
 
 def summary_dict(summary: RunSummary) -> dict[str, Any]:
+    """Every figure of the run: the pipeline's, then all of the client's counters."""
     counters = asdict(summary.counters)
+    counters["cooldown_seconds"] = round(counters["cooldown_seconds"], 3)
+    counters["failed_attempts"] = counters.pop("by_reason")
     return {
         "ok": summary.ok,
         "new_items": summary.new_items,
         "pages": summary.pages,
-        "requests": counters["requests"],
-        "retries": counters["retries"],
-        "rate_limited": counters["rate_limited"],
-        "cooldown_seconds": round(counters["cooldown_seconds"], 3),
-        "failed_attempts": counters["by_reason"],
+        **counters,
         "shards": summary.shards,
         "shards_done": summary.shards_done,
         "failures": summary.failures,
@@ -48,7 +47,8 @@ def print_summary(summary: RunSummary, config: Config, out: TextIO | None = None
     c = summary.counters
     print(
         f"harvest: {summary.new_items} new images in {summary.pages} pages; "
-        f"{c.requests} requests, {c.retries} retries, {c.rate_limited} rate-limited; "
+        f"{c.requests} requests, {c.retries} retries, {c.rate_limited} rate-limited"
+        f"{f' (rate lowered to {c.lowest_rps:g}/s)' if c.rate_decreases else ''}; "
         f"{summary.shards_done}/{summary.shards} shards done; {summary.elapsed:.1f} s "
         f"-> {config.output.dir}",
         file=out,

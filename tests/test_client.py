@@ -15,6 +15,7 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+from aiolimiter import AsyncLimiter
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -326,23 +327,25 @@ class FakeClock:
         self.t += seconds
 
 
-def test_pacer_spaces_starts_and_applies_a_new_rate_at_once() -> None:
-    clock = FakeClock()
-    pacer = Pacer(4.0, clock)
-    assert [pacer.reserve() for _ in range(3)] == [100.0, 100.25, 100.5]
+async def test_pacer_paces_with_aiolimiter_and_swaps_it_on_a_new_rate() -> None:
+    pacer = Pacer(4.0)
+    first = pacer.limiter
+    assert isinstance(first, AsyncLimiter) and (first.max_rate, first.time_period) == (1, 0.25)  # no burst
+    pacer.rate = 4.0
+    assert pacer.limiter is first  # unchanged rate: same limiter
     pacer.rate = 1.0
-    assert pacer.reserve() == 101.5
-    clock.t = 200.0  # idle for long: still no burst
-    pacer.rate = 2.0
-    assert [pacer.reserve() for _ in range(3)] == [200.0, 200.5, 201.0]
+    assert pacer.limiter is not first and (pacer.limiter.max_rate, pacer.limiter.time_period) == (1, 1.0)
 
 
-async def test_pacer_acquire_waits_for_its_slot() -> None:
-    clock = FakeClock()
-    pacer = Pacer(2.0, clock)
-    await pacer.acquire()
-    await pacer.acquire()
-    assert clock.t == 100.5 and clock.slept == [0.5]
+async def test_a_waiter_released_by_a_replaced_limiter_queues_again() -> None:
+    pacer = Pacer(1000.0)
+    await pacer.acquire()  # the first limiter's only slot
+    waiter = asyncio.create_task(pacer.acquire())
+    await asyncio.sleep(0)  # now waiting on the first limiter
+    pacer.rate = 0.001  # one slot per 1,000 s
+    await waiter
+    # The waiter went through the new limiter too: its one slot is taken.
+    assert not pacer.limiter.has_capacity()
 
 
 async def test_cooldown_is_shared_only_grows_and_reports_growth() -> None:
