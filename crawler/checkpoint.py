@@ -15,7 +15,7 @@ from crawler.compression import compress
 from crawler.config import OutputConfig
 from crawler.errors import OutputError
 from crawler.state import Cursor, PageCommit, State
-from crawler.writer import SegmentWriter, dump_item
+from crawler.writer import SegmentWriter, dump_items
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,16 +43,16 @@ class Checkpointer:
         next_cursor: Cursor | None,
         stop_when_known: bool = False,
     ) -> PageResult:
-        fresh = self._unseen(items)
+        fresh, fresh_ids = self._unseen(items)
         if stop_when_known and items and not fresh:
             next_cursor = None  # an incremental walk has reached what it already holds
-        size = self._writer.append([dump_item(i) for i in fresh]) if fresh else self._writer.size
+        size = self._writer.append(dump_items(fresh), len(fresh)) if fresh else self._writer.size
         self._state.commit_page(
             PageCommit(
                 shard_key=shard_key,
                 segment=self._writer.name,
                 segment_size=size,
-                new_ids=[i["id"] for i in fresh],
+                new_ids=fresh_ids,
                 next_cursor=next_cursor,
                 page_cursor=page_cursor,
             )
@@ -95,15 +95,17 @@ class Checkpointer:
             else:
                 (self._output.dir / segment.name).unlink(missing_ok=True)
 
-    def _unseen(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Items whose id is neither in the state nor earlier on this page."""
-        known = self._state.known_ids([i["id"] for i in items])
-        fresh = []
-        for item in items:
-            if item["id"] not in known:
-                known.add(item["id"])
+    def _unseen(self, items: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[int]]:
+        """Items whose id is neither in the state nor earlier on this page, and their ids."""
+        ids = [i["id"] for i in items]
+        known = self._state.known_ids(ids)
+        fresh, fresh_ids = [], []
+        for item, image_id in zip(items, ids, strict=True):
+            if image_id not in known:
+                known.add(image_id)
                 fresh.append(item)
-        return fresh
+                fresh_ids.append(image_id)
+        return fresh, fresh_ids
 
     def close(self) -> None:
         self._writer.close()

@@ -8,6 +8,7 @@ length (a torn line, a page whose commit never happened) is cut away.
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import os
 from collections.abc import Sequence
@@ -26,14 +27,25 @@ def segment_name(number: int) -> str:
     return f"images-{number:06d}{SEGMENT_SUFFIX}"
 
 
+_dump_line = functools.partial(orjson.dumps, option=orjson.OPT_APPEND_NEWLINE)
+
+
 def dump_item(item: Any) -> bytes:
     """One image as one JSON line: every key as served, nothing added."""
     try:
-        return orjson.dumps(item) + b"\n"
+        return _dump_line(item)
     except (TypeError, orjson.JSONEncodeError):
         # orjson refuses lone surrogates and integers past 64 bits, which the
         # standard library (our parse fallback) lets through; keep them intact.
         return json.dumps(item, ensure_ascii=True, separators=(",", ":")).encode() + b"\n"
+
+
+def dump_items(items: Sequence[Any]) -> bytes:
+    """The lines of a page, in one buffer; the per-item fallback only when orjson refuses one."""
+    try:
+        return b"".join(map(_dump_line, items))
+    except (TypeError, orjson.JSONEncodeError):
+        return b"".join(map(dump_item, items))
 
 
 class SegmentWriter:
@@ -77,9 +89,8 @@ class SegmentWriter:
     def path(self) -> Path:
         return self._dir / self.name
 
-    def append(self, lines: Sequence[bytes]) -> int:
-        """Write and fsync `lines`; return the segment's new size."""
-        data = b"".join(lines)
+    def append(self, data: bytes, lines: int) -> int:
+        """Write and fsync `data`, holding `lines` lines; return the segment's new size."""
         try:
             view = memoryview(data)
             while view:
@@ -89,7 +100,7 @@ class SegmentWriter:
             self._rewind()
             raise OutputError(f"{self.path}: write failed: {_describe(exc)}") from None
         self.size += len(data)
-        self.items += len(lines)
+        self.items += lines
         return self.size
 
     def _rewind(self) -> None:

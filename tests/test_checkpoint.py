@@ -82,3 +82,13 @@ def test_new_pass_restarts_finished_shards_from_head(tmp_path: Path) -> None:
     assert state.finish_pass_if_complete(["k"])
     assert state.begin_pass([("k", "q")]) == 2
     assert state.shard("k").status == ShardStatus.PENDING
+
+
+def test_items_orjson_refuses_are_still_written_intact(tmp_path: Path) -> None:
+    import json
+
+    state, sink = _open(tmp_path)
+    odd = {"id": 9, "meta": {"prompt": "lone \ud800 surrogate", "seed": 2**70}}
+    sink.commit("k", None, [*_items(1), odd], None)
+    lines = next(tmp_path.glob("*.ndjson")).read_bytes().splitlines()
+    assert [json.loads(line) for line in lines] == [*_items(1), odd]
