@@ -13,7 +13,7 @@ import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, BinaryIO
 
 import zstandard
 
@@ -39,11 +39,11 @@ def compress(src: Path, codec: str) -> Path:
     return dst
 
 
-def _compressor(codec: str, raw: IO[bytes]) -> IO[bytes]:
+def _compressor(codec: str, raw: IO[bytes]) -> BinaryIO:
     if codec == "zstd":
-        return zstandard.ZstdCompressor(level=3).stream_writer(raw, closefd=False)  # type: ignore[return-value]
+        return zstandard.ZstdCompressor(level=3).stream_writer(raw, closefd=False)
     if codec == "gzip":
-        return gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=6)
+        return gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=6)  # type: ignore[return-value]
     raise ValueError(f"unknown compression {codec!r}")
 
 
@@ -53,12 +53,12 @@ def read_lines(path: Path) -> Iterator[bytes]:
         yield from stream
 
 
-def _open_any(path: Path) -> IO[bytes]:
+def _open_any(path: Path) -> BinaryIO:
     if path.name.endswith(".zst"):
         reader = zstandard.ZstdDecompressor().stream_reader(path.open("rb"), closefd=True)
-        return io.BufferedReader(reader)  # type: ignore[arg-type]
+        return io.BufferedReader(reader)
     if path.name.endswith(".gz"):
-        return gzip.open(path, "rb")
+        return gzip.open(path, "rb")  # type: ignore[return-value]
     return path.open("rb")
 
 

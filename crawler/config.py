@@ -135,7 +135,7 @@ def _is_int(value: Any) -> bool:
 
 def _int(value: Any, low: int, high: int | None = None) -> int:
     if _is_int(value) and value >= low and (high is None or value <= high):
-        return value
+        return int(value)
     wanted = (
         f"an integer from {low} to {high}"
         if high is not None
@@ -392,7 +392,7 @@ def _fail(shown: str, reason: str, at: str = "") -> ConfigError:
     return ConfigError(" ".join(line.splitlines()))
 
 
-def parse_config(data: dict, path: Path, *, shown: str | None = None) -> Config:
+def parse_config(data: dict[str, Any], path: Path, *, shown: str | None = None) -> Config:
     """Validates an already-parsed TOML dict; `shown` is the path as the user spelled it."""
     try:
         return _parse(data, Path(path))

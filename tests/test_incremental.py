@@ -71,8 +71,9 @@ def test_a_model_that_gains_a_version_gets_a_new_shard(tmp_path: Path) -> None:
     spec_versions = [{"id": 6001, "images": 120}, {"id": 6009, "images": 80, "published": False}]
     dataset = make_dataset(models={"500": {"versions": spec_versions}})
     with ServerThread(dataset) as api:
-        cfg = write_config(tmp_path / "c.toml", api.base_url, [{"modelId": 500, "sort": "Newest",
-                                                               "browsingLevel": 31}])
+        cfg = write_config(
+            tmp_path / "c.toml", api.base_url, [{"modelId": 500, "sort": "Newest", "browsingLevel": 31}]
+        )
         assert harvest("run", cfg).code == 0
         assert "6009" not in harvest("status", cfg).stdout
         dataset.publish(6009)

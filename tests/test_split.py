@@ -26,8 +26,9 @@ def test_timeouts_halve_the_page_size_then_recover(tmp_path: Path) -> None:
     dataset = make_dataset({9001: 500})
     slow = SlowSearch(rows_over=0, limit_over=50, seconds=3)
     with ServerThread(dataset, options=ServerOptions(slow_search=slow)) as api:
-        cfg = write_config(tmp_path / "c.toml", api.base_url, [{"modelVersionId": 9001, "browsingLevel": 31}],
-                           **FAST)
+        cfg = write_config(
+            tmp_path / "c.toml", api.base_url, [{"modelVersionId": 9001, "browsingLevel": 31}], **FAST
+        )
         result = harvest("run", cfg)
         limits = [r.query["limit"] for r in api.log.for_path("/api/v1/images") if r.status == 200]
     assert result.code == 0, result.stderr

@@ -40,7 +40,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _load(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text(encoding="utf-8"))
+    loaded: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    return loaded
 
 
 async def _run(args: argparse.Namespace) -> None:

@@ -11,7 +11,7 @@ import bisect
 import itertools
 import random
 from array import array
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -255,7 +255,7 @@ def _reactions(h: int) -> int:
     return ((h >> 13) & 0x1F) + ((h >> 18) & 0x3F) + like + like * ((h >> 24) & 0x3) // 4
 
 
-_METRICS = {
+_METRICS: dict[str, Callable[[int], int]] = {
     "Most Reactions": _reactions,
     "Most Comments": lambda h: (h >> 26) & 0x1F,
     "Most Collected": lambda h: (h >> 31) & 0xFF,
@@ -278,12 +278,12 @@ def _uuid(h: int) -> str:
 class _Columns:
     """Per-image columns, index-aligned; ids ascend with the index."""
 
-    ids: array = field(default_factory=lambda: array("q"))
-    version: array = field(default_factory=lambda: array("i"))  # primary version index
-    extra: array = field(default_factory=lambda: array("i"))  # overlapping version index or -1
-    post: array = field(default_factory=lambda: array("i"))  # post index
-    level: array = field(default_factory=lambda: array("b"))  # index into LEVELS
-    type: array = field(default_factory=lambda: array("b"))  # index into TYPES
+    ids: array[int] = field(default_factory=lambda: array("q"))
+    version: array[int] = field(default_factory=lambda: array("i"))  # primary version index
+    extra: array[int] = field(default_factory=lambda: array("i"))  # overlapping version index or -1
+    post: array[int] = field(default_factory=lambda: array("i"))  # post index
+    level: array[int] = field(default_factory=lambda: array("b"))  # index into LEVELS
+    type: array[int] = field(default_factory=lambda: array("b"))  # index into TYPES
     flags: bytearray = field(default_factory=bytearray)  # _HIDDEN | _DELETED
 
 
@@ -304,10 +304,10 @@ class Dataset:
         self._usernames = [self._username(u) for u in range(max(spec.users, 1))]
         self._user_index = {n.lower(): u for u, n in enumerate(self._usernames)}
         self.cols = _Columns()
-        self._members: list[array] = [array("i") for _ in self._versions]
+        self._members: list[array[int]] = [array("i") for _ in self._versions]
         self._step_ms = _SPAN_MS // max(spec.total_images * 3, 1)  # ids grow ~2.5 per image
-        self._selections: dict[tuple[int, ImageQuery], array] = {}
-        self._post_members: list[array] | None = None
+        self._selections: dict[tuple[int, ImageQuery], array[int]] = {}
+        self._post_members: list[array[int]] | None = None
         self._build()
 
     # -------------------------------------------------------- building
@@ -473,7 +473,7 @@ class Dataset:
 
     # -------------------------------------------------------- selection
 
-    def select(self, q: ImageQuery) -> array:
+    def select(self, q: ImageQuery) -> array[int]:
         """Indices matching q (deleted rows out, hidden rows in), in q's sort order; cached."""
         key = (self.generation, q)
         hit = self._selections.get(key)
@@ -508,7 +508,7 @@ class Dataset:
         posts = [p for p, owner in enumerate(self._post_user) if owner == u]
         return sorted(itertools.chain.from_iterable(self._by_post()[p] for p in posts))
 
-    def _by_post(self) -> list[array]:
+    def _by_post(self) -> list[array[int]]:
         """Indices per post, built on first use (post shards are common) and dropped on change."""
         if self._post_members is None:
             self._post_members = [array("i") for _ in self._post_user]
@@ -542,7 +542,7 @@ class Dataset:
         vi = self._version_index.get(version_id, -2)
         return self.cols.version[i] == vi or self.cols.extra[i] == vi
 
-    def _sorted(self, q: ImageQuery, rows: list[int]) -> array:
+    def _sorted(self, q: ImageQuery, rows: list[int]) -> array[int]:
         ids, seed = self.cols.ids, self.spec.seed
         if q.sort == "Oldest":
             return array("i", rows)

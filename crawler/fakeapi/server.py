@@ -257,7 +257,9 @@ class _Paging:
     with_tags: bool
 
 
-def _parse_images(query: Mapping[str, str], options: ServerOptions) -> tuple[ImageQuery, _Paging, list[dict]]:
+def _parse_images(
+    query: Mapping[str, str], options: ServerOptions
+) -> tuple[ImageQuery, _Paging, list[dict[str, Any]]]:
     p = _Params(query)
     level = p.integer("browsingLevel", lo=0)
     nsfw = p.nsfw()
