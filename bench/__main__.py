@@ -1,13 +1,15 @@
-"""python -m bench [--quick] [--reps N] [--only 1,2,3,4] [--json PATH] [--keep]
+"""python -m bench [--quick] [--reps N] [--only 1,2,3,4,5] [--json PATH] [--keep]
 
-The issue's benchmark. Four scenarios, each measured run against a freshly started
+The issue's benchmark. Five scenarios, each measured run against a freshly started
 fake API (no warm caches carried between runs), medians over the repetitions:
 
 1. throughput: unlimited server, 6 versions, 100k images, limit 200, withMeta: harvest vs the
    hand-written baseline (bench/baseline.py) vs the server ceiling (bench/ceiling.py);
 2. rate limit: server at 10 req/s (burst 2, bare 429s), harvest at requests_per_second = 10;
 3. memory: peak RSS of harvest at 1M and at 100k images;
-4. latency hiding: 200 ms added to every response, harvest at concurrency 1, 4 and 16.
+4. latency hiding: 200 ms added to every response, harvest at concurrency 1, 4 and 16;
+5. soak (bench/soak.py; --only soak): 100k images, ~10% faults, SIGKILLed 3-5 times and
+   resumed, the exact id set at the end (run once, whatever --reps).
 
 Prints a table with PASS/MISS per target and writes bench/results.json.
 """
@@ -31,6 +33,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from bench import soak
 from bench.harness import (
     MODEL_ID,
     ROOT,
@@ -56,13 +59,26 @@ class Sizes:
     s3_big: int  # scenario 3: the big and the small harvest
     s3_small: int
     s4_per_version: int  # scenario 4: images per version, 16 versions
+    s5_images: int  # scenario 5: images in all, 6 versions, faults and SIGKILLs
 
 
 FULL = Sizes(
-    s1_images=100_000, s2_images=15_000, s2_limit=50, s3_big=1_000_000, s3_small=100_000, s4_per_version=2_000
+    s1_images=100_000,
+    s2_images=15_000,
+    s2_limit=50,
+    s3_big=1_000_000,
+    s3_small=100_000,
+    s4_per_version=2_000,
+    s5_images=100_000,
 )
 QUICK = Sizes(
-    s1_images=20_000, s2_images=5_000, s2_limit=50, s3_big=200_000, s3_small=20_000, s4_per_version=500
+    s1_images=20_000,
+    s2_images=5_000,
+    s2_limit=50,
+    s3_big=200_000,
+    s3_small=20_000,
+    s4_per_version=500,
+    s5_images=10_000,
 )
 
 S1_VERSIONS = 6
@@ -533,12 +549,26 @@ SHOWN = {
         *((f"c={c} efficiency", f"c{c}_efficiency") for c in S4_CONCURRENCY[1:]),
         ("ceiling items/s (c=16)", "ceiling_items_per_s"),
     ],
+    "5": [
+        ("images (expected ids)", "expected_ids"),
+        ("SIGKILLs", "kills"),
+        ("committed at each kill", "committed_at_kills"),
+        ("wall s (whole soak)", "wall_s"),
+        ("requests (server count)", "server_requests"),
+        ("faulted responses (injected)", "faults_injected_total"),
+        ("429s / 503s (server count)", "server_429_503"),
+        ("requests (harvest, last-run.json)", "requests"),
+        ("retries (harvest, last-run.json)", "retries"),
+        ("rate-limited (harvest, last-run.json)", "rate_limited"),
+        ("cooldown s (harvest, last-run.json)", "cooldown_s"),
+    ],
 }
 TITLES = {
     "1": "throughput (unlimited server)",
     "2": "rate limit (10/s, burst 2, 429)",
     "3": "memory",
     "4": "latency hiding (+200 ms/response)",
+    "5": "soak (~10% faults, SIGKILLs, resume)",
 }
 
 
@@ -572,7 +602,9 @@ SCENARIOS: dict[str, Callable[[Sizes, int, bool], dict[str, Any]]] = {
     "2": scenario_rate_limit,
     "3": scenario_memory,
     "4": scenario_latency,
+    "5": lambda sizes, reps, keep: soak.scenario_soak(sizes.s5_images, keep),
 }
+ALIASES = {"soak": "5"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -583,7 +615,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument("--quick", action="store_true", help="1 repetition and smaller sizes")
     p.add_argument("--reps", type=int, help="repetitions per figure (default 3; 1 with --quick)")
-    p.add_argument("--only", default="1,2,3,4", help="scenarios to run, e.g. 1,3")
+    p.add_argument("--only", default="1,2,3,4,5", help="scenarios to run, e.g. 1,3 (soak: 5)")
     p.add_argument("--json", type=Path, default=RESULTS, help=f"where to write results (default {RESULTS})")
     p.add_argument("--keep", action="store_true", help="keep the scratch dirs (under the temp dir)")
     p.add_argument(
@@ -603,10 +635,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     reps = args.reps or (1 if args.quick else 3)
     BUSY.max_load, BUSY.retries = args.busy_load, max(0, args.busy_retries)
     sizes = QUICK if args.quick else FULL
-    chosen = [s.strip() for s in args.only.split(",") if s.strip()]
+    chosen = [ALIASES.get(s.strip(), s.strip()) for s in args.only.split(",") if s.strip()]
     unknown = [s for s in chosen if s not in SCENARIOS]
     if unknown:
-        p.error(f"unknown scenario(s) {unknown}; known: 1, 2, 3, 4")
+        p.error(f"unknown scenario(s) {unknown}; known: 1, 2, 3, 4, 5 (soak)")
     started = time.monotonic()
     results: dict[str, Any] = {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
