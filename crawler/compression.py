@@ -17,6 +17,8 @@ from typing import IO, BinaryIO
 
 import zstandard
 
+from crawler.writer import fsync_dir
+
 SUFFIXES = {"zstd": ".zst", "gzip": ".gz", "none": ""}
 _CHUNK = 1 << 20
 
@@ -35,7 +37,7 @@ def compress(src: Path, codec: str) -> Path:
         raw.flush()
         os.fsync(raw.fileno())
     os.replace(part, dst)
-    _fsync_dir(dst.parent)
+    fsync_dir(dst.parent)
     return dst
 
 
@@ -60,11 +62,3 @@ def _open_any(path: Path) -> BinaryIO:
     if path.name.endswith(".gz"):
         return gzip.open(path, "rb")  # type: ignore[return-value]
     return path.open("rb")
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -82,6 +82,12 @@ class SegmentWriter:
             )
         if on_disk > self.size:
             os.ftruncate(fd, self.size)  # an uncommitted tail from an interrupted run
+        if self.size == 0:
+            try:
+                fsync_dir(self._dir)  # the new file's name must outlive a power cut, like its lines
+            except OSError as exc:
+                os.close(fd)
+                raise OutputError(f"{self._dir}: cannot sync the output dir: {exc.strerror}") from None
         os.lseek(fd, self.size, os.SEEK_SET)
         return fd
 
@@ -113,6 +119,15 @@ class SegmentWriter:
 
     def close(self) -> None:
         os.close(self._fd)
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a folder's entries (a new or renamed file) durable."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _describe(exc: OSError) -> str:
