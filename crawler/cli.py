@@ -227,19 +227,10 @@ def redact(text: str, key: str | None) -> str:
     return text.replace(key, "[redacted]") if key else text
 
 
-class _RedactingFilter(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        key = os.environ.get(KEY_ENV)
-        if key:
-            record.msg = redact(record.getMessage(), key)
-            record.args = None
-        return True
-
-
 def _setup_logging(verbose: bool, quiet: bool) -> None:
     """Text or JSON lines on stderr (`--log-format`), as recorded by the parser; the key never shown."""
-    handler = logs.configure(log, verbose, quiet, redact=lambda text: redact(text, os.environ.get(KEY_ENV)))
-    handler.addFilter(_RedactingFilter())
+    # Both formatters redact every line they produce, whatever reaches them.
+    logs.configure(log, verbose, quiet, redact=lambda text: redact(text, os.environ.get(KEY_ENV)))
 
 
 if __name__ == "__main__":
