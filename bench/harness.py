@@ -148,7 +148,7 @@ class Server:
         spec: Mapping[str, Any],
         workdir: Path,
         *,
-        module: str = "crawler.fakeapi",
+        module: str = "crawler.testing.fakeapi",
         args: Sequence[str] = (),
         start_timeout: float = 120,
     ) -> None:

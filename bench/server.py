@@ -1,9 +1,9 @@
-"""The bundled fake API plus what the benchmark needs and `python -m crawler.fakeapi` lacks.
+"""The bundled fake API plus what the benchmark needs and `python -m crawler.testing.fakeapi` lacks.
 
     python -m bench.server --port 0 --spec spec.json [--delay 0.2] [--rate-limit R --burst B
                            --rate-limit-mode 429|503]
 
-It builds the very same app (`crawler.fakeapi.make_app`) and adds an outer aiohttp
+It builds the very same app (`crawler.testing.fakeapi.make_app`) and adds an outer aiohttp
 middleware that (a) sleeps --delay seconds before every response (scenario 4:
 latency hiding) and (b) counts every request by status and arrival time, so the
 rate-limit scenario can count statuses from the server's side. Prints
@@ -26,7 +26,7 @@ from typing import Any
 
 from aiohttp import web
 
-from crawler.fakeapi import Dataset, DatasetSpec, RateLimit, ServerOptions, make_app
+from crawler.testing.fakeapi import Dataset, DatasetSpec, RateLimit, ServerOptions, make_app
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 

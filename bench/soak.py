@@ -51,8 +51,8 @@ from bench.harness import (
     write_config,
 )
 from bench.server import Tally, _outer
-from crawler.compression import read_lines
-from crawler.fakeapi import (
+from crawler.archive.compression import read_lines
+from crawler.testing.fakeapi import (
     FAULT_KINDS,
     Dataset,
     DatasetSpec,

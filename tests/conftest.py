@@ -14,8 +14,8 @@ from typing import Any
 import orjson
 import pytest
 
-from crawler.fakeapi import Dataset, DatasetSpec, FakeServer, ServerOptions
-from crawler.fakeapi.background import ServerThread
+from crawler.testing.fakeapi import Dataset, DatasetSpec, FakeServer, ServerOptions
+from crawler.testing.fakeapi.background import ServerThread
 
 HARVEST = str(Path(sys.executable).with_name("harvest"))
 

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from conftest import HARVEST, Result, expected_ids, harvest, ids_of, make_dataset, read_items, write_config
-from crawler.fakeapi import (
+from crawler.testing.fakeapi import (
     FAULT_KINDS,
     FaultInjector,
     FaultSpec,

@@ -7,11 +7,11 @@ from pathlib import Path
 import orjson
 import pytest
 
-from crawler.checkpoint import Checkpointer
+from crawler.archive.checkpoint import Checkpointer
+from crawler.archive.segments import dump_item
+from crawler.archive.state import ShardStatus, State
 from crawler.config import OutputConfig
 from crawler.errors import StateError
-from crawler.state import ShardStatus, State
-from crawler.writer import dump_item
 
 
 def _items(*ids: int) -> list[dict]:

@@ -20,7 +20,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from conftest import make_dataset
-from crawler.client import Aimd, ApiClient, Cooldown, Pacer, _parse_page, backoff_delay
 from crawler.config import ApiConfig
 from crawler.errors import (
     BadRequestError,
@@ -30,8 +29,9 @@ from crawler.errors import (
     SearchTimeoutError,
     ShardError,
 )
-from crawler.fakeapi import Dataset, FakeServer, FaultInjector, FaultSpec, serve
-from crawler.outcomes import MAX_RETRY_AFTER, Kind, classify, classify_exception, parse_retry_after
+from crawler.http.client import Aimd, ApiClient, Cooldown, Pacer, _parse_page, backoff_delay
+from crawler.http.outcomes import MAX_RETRY_AFTER, Kind, classify, classify_exception, parse_retry_after
+from crawler.testing.fakeapi import Dataset, FakeServer, FaultInjector, FaultSpec, serve
 
 JSON = {"Content-Type": "application/json"}
 HTML = {"Content-Type": "text/html; charset=utf-8"}
@@ -529,7 +529,7 @@ async def test_blocked_region_and_rejected_key_stop_the_run(small: Dataset) -> N
 
 
 def test_monotonic_clock_is_the_one_the_fake_api_logs() -> None:
-    from crawler.client import MonotonicClock
+    from crawler.http.client import MonotonicClock
 
     before = time.monotonic()
     assert before <= MonotonicClock().now() <= time.monotonic()

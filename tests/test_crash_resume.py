@@ -36,8 +36,8 @@ from conftest import (
     read_items,
     write_config,
 )
-from crawler.fakeapi import Dataset, FakeServer, FaultSpec
-from crawler.fakeapi.background import ServerThread
+from crawler.testing.fakeapi import Dataset, FakeServer, FaultSpec
+from crawler.testing.fakeapi.background import ServerThread
 
 VERSIONS = {5001: 700, 5002: 500, 5003: 300}  # ~1,400 visible images over 3 versions
 VERSION_IDS = list(VERSIONS)

@@ -14,7 +14,7 @@ import aiohttp
 import orjson
 import pytest
 
-from crawler.fakeapi import (
+from crawler.testing.fakeapi import (
     FAULT_KINDS,
     Dataset,
     DatasetSpec,
@@ -470,7 +470,7 @@ def test_spec_from_dict_and_determinism() -> None:
 
 async def test_command_line_serves_and_stops_on_sigterm(http: aiohttp.ClientSession) -> None:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "crawler.fakeapi", "--port", "0", stdout=asyncio.subprocess.PIPE
+        sys.executable, "-m", "crawler.testing.fakeapi", "--port", "0", stdout=asyncio.subprocess.PIPE
     )
     assert proc.stdout is not None
     try:

@@ -8,8 +8,8 @@ from pathlib import Path
 import orjson
 
 from conftest import expected_ids, harvest, ids_of, make_dataset, read_items, write_config
-from crawler.fakeapi import FakeServer, ServerOptions, ServerThread
-from crawler.lock import OutputLock
+from crawler.archive.lock import OutputLock
+from crawler.testing.fakeapi import FakeServer, ServerOptions, ServerThread
 
 MODEL = {"modelId": 500, "sort": "Newest", "browsingLevel": 31, "withMeta": True}
 VERSIONS = [5001, 5002, 5003]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from conftest import expected_ids, harvest, ids_of, make_dataset, read_items, write_config
-from crawler.fakeapi import ServerThread
+from crawler.testing.fakeapi import ServerThread
 
 VERSIONS = {6001: 230, 6002: 170, 6003: 90}
 

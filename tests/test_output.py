@@ -13,8 +13,8 @@ import orjson
 import pytest
 
 from conftest import HARVEST, expected_ids, harvest, ids_of, make_dataset, write_config
-from crawler.compression import read_lines
-from crawler.fakeapi import Dataset, ServerThread
+from crawler.archive.compression import read_lines
+from crawler.testing.fakeapi import Dataset, ServerThread
 
 VERSIONS = {8001: 260, 8002: 200, 8003: 140}
 QUERY = {"modelId": 500, "sort": "Newest", "browsingLevel": 31, "withMeta": True, "limit": 25}

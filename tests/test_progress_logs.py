@@ -17,10 +17,12 @@ import pytest
 from rich.console import Console
 
 from conftest import harvest, make_dataset, read_items, write_config
-from crawler import cli, logs
-from crawler.client import Counters
-from crawler.fakeapi import FakeServer, ServerThread
-from crawler.progress import LiveProgress, LogProgress, ShardView, shorten_keys
+from crawler.cli import app as cli
+from crawler.cli import logs
+from crawler.cli.progress import LiveProgress, LogProgress, shorten_keys
+from crawler.crawl.watch import ShardView
+from crawler.http.client import Counters
+from crawler.testing.fakeapi import FakeServer, ServerThread
 
 MODEL = {"modelId": 500, "sort": "Newest", "browsingLevel": 31}
 KEY = "sk-test-0123456789abcdef"

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from conftest import expected_ids, harvest, ids_of, make_dataset, read_items, write_config
-from crawler.fakeapi import ServerOptions, ServerThread, SlowSearch
-from crawler.shards import make_shard, split
+from crawler.crawl.shards import make_shard, split
+from crawler.testing.fakeapi import ServerOptions, ServerThread, SlowSearch
 
 FAST = {"timeout": 0.4, "max_backoff": 0.05, "max_retries": 6}
 

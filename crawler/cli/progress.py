@@ -26,49 +26,12 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 from urllib.parse import unquote_plus
 
-from crawler.client import Counters
+from crawler.crawl.watch import ShardView
+from crawler.http.client import Counters
 
 log = logging.getLogger("harvest")
 
 F = TypeVar("F", bound=Callable[..., None])
-
-
-@dataclass(frozen=True, slots=True)
-class ShardView:
-    """A shard as a display needs it at the start of a run."""
-
-    key: str
-    query: str
-    status: str
-    items: int
-    pages: int
-
-
-class Progress(Protocol):
-    def start(self, shards: Sequence[ShardView], counters: Counters) -> None: ...
-    def page(self, key: str, new_items: int, served: int) -> None: ...
-    def shard_done(self, key: str) -> None: ...
-    def shard_failed(self, key: str, error: str) -> None: ...
-    def stop(self) -> None: ...
-
-
-class NoProgress:
-    """The default: say nothing."""
-
-    def start(self, shards: Sequence[ShardView], counters: Counters) -> None:
-        pass
-
-    def page(self, key: str, new_items: int, served: int) -> None:
-        pass
-
-    def shard_done(self, key: str) -> None:
-        pass
-
-    def shard_failed(self, key: str, error: str) -> None:
-        pass
-
-    def stop(self) -> None:
-        pass
 
 
 # -- what every watcher keeps track of ------------------------------------------

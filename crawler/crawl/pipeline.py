@@ -18,15 +18,15 @@ from typing import Any, TypeVar
 
 import aiohttp
 
-from crawler.checkpoint import Checkpointer
-from crawler.client import ApiClient, Counters
+from crawler.archive.checkpoint import Checkpointer
+from crawler.archive.state import ShardStatus, State
 from crawler.config import Config
+from crawler.crawl.plan import plan_walk
+from crawler.crawl.shards import PlanFailure, Shard, describe, plan_shards, split
+from crawler.crawl.walker import Failed, Fetched, Split, walk
+from crawler.crawl.watch import NoProgress, Progress, ShardView
 from crawler.errors import HarvestError
-from crawler.incremental import plan_walk
-from crawler.progress import NoProgress, Progress, ShardView
-from crawler.shards import PlanFailure, Shard, describe, plan_shards, split
-from crawler.state import ShardStatus, State
-from crawler.walker import Failed, Fetched, Split, walk
+from crawler.http.client import ApiClient, Counters
 
 log = logging.getLogger("harvest")
 T = TypeVar("T")

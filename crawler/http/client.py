@@ -38,6 +38,7 @@ import aiohttp
 import backoff
 from aiolimiter import AsyncLimiter
 
+from crawler.archive.state import Cursor
 from crawler.config import ApiConfig
 from crawler.errors import (
     ApiError,
@@ -48,8 +49,7 @@ from crawler.errors import (
     SearchTimeoutError,
     ShardError,
 )
-from crawler.outcomes import Kind, Outcome, classify, classify_exception
-from crawler.state import Cursor
+from crawler.http.outcomes import Kind, Outcome, classify, classify_exception
 
 log = logging.getLogger("harvest")
 

@@ -12,14 +12,14 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from crawler import logs
+from crawler.archive.lock import OutputLock
+from crawler.archive.state import State
+from crawler.archive.verify import verify
+from crawler.cli import logs
+from crawler.cli.report import print_status, write_summary
 from crawler.config import ApiConfig, Config, OutputConfig, load_config
+from crawler.crawl.pipeline import RunSummary, run_harvest
 from crawler.errors import ExitCode, HarvestError
-from crawler.lock import OutputLock
-from crawler.pipeline import RunSummary, run_harvest
-from crawler.report import print_status, write_summary
-from crawler.state import State
-from crawler.verify import verify
 
 log = logging.getLogger("harvest")
 KEY_ENV = "CIVITAI_API_KEY"
@@ -116,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_status(load_config(args.config))
         if args.command == "verify":
             return cmd_verify(load_config(args.config))
-        from crawler.demo import run_demo  # the fake API is only loaded when asked for
+        from crawler.cli.demo import run_demo  # the fake API is only loaded when asked for
 
         return run_demo(args.dir, cmd_run)
     except HarvestError as exc:

@@ -21,8 +21,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from crawler.fakeapi.dataset import PERIODS, SORTS, TYPES, Dataset, ImageQuery
-from crawler.fakeapi.faults import FaultInjector, FaultSpec, RateLimit, TokenBucket
+from crawler.testing.fakeapi.dataset import PERIODS, SORTS, TYPES, Dataset, ImageQuery
+from crawler.testing.fakeapi.faults import FaultInjector, FaultSpec, RateLimit, TokenBucket
 
 _HEADERS = {"Cache-Control": "public, s-maxage=300"}
 _BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}

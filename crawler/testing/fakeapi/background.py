@@ -10,9 +10,9 @@ import asyncio
 import threading
 from typing import Any
 
-from crawler.fakeapi.dataset import Dataset
-from crawler.fakeapi.faults import FaultInjector, FaultSpec
-from crawler.fakeapi.server import FakeServer, serve
+from crawler.testing.fakeapi.dataset import Dataset
+from crawler.testing.fakeapi.faults import FaultInjector, FaultSpec
+from crawler.testing.fakeapi.server import FakeServer, serve
 
 
 class ServerThread:

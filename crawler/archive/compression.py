@@ -17,7 +17,7 @@ from typing import IO, BinaryIO
 
 import zstandard
 
-from crawler.writer import fsync_dir
+from crawler.archive.segments import fsync_dir
 
 SUFFIXES = {"zstd": ".zst", "gzip": ".gz", "none": ""}
 _CHUNK = 1 << 20

@@ -1,4 +1,4 @@
-"""python -m crawler.fakeapi: serve the fake API until SIGTERM/SIGINT.
+"""python -m crawler.testing.fakeapi: serve the fake API until SIGTERM/SIGINT.
 
 Prints exactly one line, `listening on http://127.0.0.1:PORT/api/v1`, once bound,
 so a script can start it on port 0 and read where it went.
@@ -14,14 +14,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from crawler.fakeapi.dataset import Dataset, DatasetSpec, default_spec
-from crawler.fakeapi.faults import FaultSpec, RateLimit
-from crawler.fakeapi.server import ServerOptions, serve
+from crawler.testing.fakeapi.dataset import Dataset, DatasetSpec, default_spec
+from crawler.testing.fakeapi.faults import FaultSpec, RateLimit
+from crawler.testing.fakeapi.server import ServerOptions, serve
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m crawler.fakeapi", description="Serve a fake Civitai images API."
+        prog="python -m crawler.testing.fakeapi", description="Serve a fake Civitai images API."
     )
     p.add_argument("--host", default="127.0.0.1", help="loopback address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=0, help="port (default 0: any free port)")

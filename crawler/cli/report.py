@@ -10,9 +10,9 @@ from typing import Any, TextIO
 
 import orjson
 
+from crawler.archive.state import State
 from crawler.config import Config
-from crawler.pipeline import RunSummary
-from crawler.state import State
+from crawler.crawl.pipeline import RunSummary
 
 SUMMARY_FILE = "last-run.json"
 

@@ -4,8 +4,8 @@ async with serve(Dataset(default_spec())) as api:
     ...  # point the harvester at api.base_url
 """
 
-from crawler.fakeapi.background import ServerThread
-from crawler.fakeapi.dataset import (
+from crawler.testing.fakeapi.background import ServerThread
+from crawler.testing.fakeapi.dataset import (
     Dataset,
     DatasetSpec,
     ImageQuery,
@@ -13,9 +13,9 @@ from crawler.fakeapi.dataset import (
     VersionSpec,
     default_spec,
 )
-from crawler.fakeapi.faults import KINDS as FAULT_KINDS
-from crawler.fakeapi.faults import FaultInjector, FaultSpec, RateLimit
-from crawler.fakeapi.server import (
+from crawler.testing.fakeapi.faults import KINDS as FAULT_KINDS
+from crawler.testing.fakeapi.faults import FaultInjector, FaultSpec, RateLimit
+from crawler.testing.fakeapi.server import (
     FakeServer,
     RequestLog,
     RequestRecord,

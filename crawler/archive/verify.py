@@ -13,9 +13,9 @@ from pathlib import Path
 
 import orjson
 
-from crawler.compression import read_lines
-from crawler.state import SegmentRow, State
-from crawler.writer import SEGMENT_SUFFIX
+from crawler.archive.compression import read_lines
+from crawler.archive.segments import SEGMENT_SUFFIX
+from crawler.archive.state import SegmentRow, State
 
 
 @dataclass(slots=True)

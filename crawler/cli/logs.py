@@ -26,7 +26,8 @@ from typing import Any, TextIO
 
 import orjson
 
-from crawler.progress import LiveProgress, LogProgress, NoProgress, Progress
+from crawler.cli.progress import LiveProgress, LogProgress
+from crawler.crawl.watch import NoProgress, Progress
 
 LOG_FORMATS = ("text", "json")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(message)s"
@@ -264,7 +265,7 @@ def configure(
 
 def log_summary(summary: Any, config: Any, out: TextIO | None = None) -> None:
     """`report.print_summary` as JSON records: the summary line carries every figure as a field."""
-    from crawler.report import print_summary, summary_dict
+    from crawler.cli.report import print_summary, summary_dict
 
     text = io.StringIO()
     print_summary(summary, config, out=text)

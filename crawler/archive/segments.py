@@ -17,8 +17,8 @@ from typing import Any
 
 import orjson
 
+from crawler.archive.state import SegmentRow
 from crawler.errors import OutputError, StateError
-from crawler.state import SegmentRow
 
 SEGMENT_SUFFIX = ".ndjson"
 

@@ -11,11 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from crawler.compression import compress
+from crawler.archive.compression import compress
+from crawler.archive.segments import SegmentWriter, dump_items
+from crawler.archive.state import Cursor, PageCommit, State
 from crawler.config import OutputConfig
 from crawler.errors import OutputError
-from crawler.state import Cursor, PageCommit, State
-from crawler.writer import SegmentWriter, dump_items
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,13 +13,12 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from crawler.checkpoint import PageResult
-from crawler.client import ApiClient, Page
+from crawler.archive.checkpoint import PageResult
+from crawler.archive.state import Cursor
+from crawler.crawl.plan import PageSize, WalkPlan
+from crawler.crawl.shards import Shard, check_items, describe, split, with_limit
 from crawler.errors import CursorLoopError, SearchTimeoutError, ShardError
-from crawler.incremental import WalkPlan
-from crawler.pacing import PageSize
-from crawler.shards import Shard, check_items, describe, split, with_limit
-from crawler.state import Cursor
+from crawler.http.client import ApiClient, Page
 
 log = logging.getLogger("harvest")
 

@@ -6,11 +6,11 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from crawler.archive.state import State
+from crawler.cli.report import print_status
 from crawler.config import Config, load_config
 from crawler.errors import ConfigError
-from crawler.fakeapi import Dataset, ServerThread, default_spec
-from crawler.report import print_status
-from crawler.state import State
+from crawler.testing.fakeapi import Dataset, ServerThread, default_spec
 
 _CONFIG = """\
 # Written by `harvest demo`: model 827184 of the bundled fake API on {base_url}.

@@ -1,0 +1,68 @@
+"""Where a shard's walk starts, whether it may stop early, and how big its pages are.
+
+A resumed walk continues from its committed cursor. A shard that has been walked
+to its end before is walked again only as far as it must be: a `Newest` walk
+stops at the first page that holds only images the output already has, an
+`Oldest` walk continues from the last page it saw. Other sorts have no stable
+frontier, so they walk everything again and the id index drops what is known.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from crawler.archive.state import Cursor, ShardRow, ShardStatus
+from crawler.crawl.shards import Shard
+
+
+@dataclass(frozen=True, slots=True)
+class WalkPlan:
+    start: Cursor | None
+    stop_when_known: bool  # end the walk on a page of known images only
+
+
+def plan_walk(shard: Shard, row: ShardRow) -> WalkPlan:
+    sort = shard.value("sort")
+    seen_end = row.finished > 0
+    newest = seen_end and sort == "Newest"
+    if row.status in (ShardStatus.ACTIVE, ShardStatus.FAILED):
+        return WalkPlan(row.cursor, newest)
+    if seen_end and sort == "Oldest" and row.tail_cursor is not None:
+        return WalkPlan(row.tail_cursor, False)
+    return WalkPlan(None, newest)
+
+
+# -- page size -----------------------------------------------------------------
+# Page size of a walk whose requests time out: halve it, then grow it back.
+# 
+# A smaller `limit` asks the search backend for less work per request; offset and
+# id cursors do not depend on it, so it can change in the middle of a walk.
+
+SMALLEST = 25  # below this a timing-out shard is split instead
+GROW_AFTER = 5  # pages answered in time at a reduced limit before doubling it
+
+
+@dataclass(slots=True)
+class PageSize:
+    configured: int
+    current: int = 0
+    in_time: int = 0
+
+    def __post_init__(self) -> None:
+        self.current = self.configured
+
+    def shrink(self) -> bool:
+        """Halve the limit; False when it is as small as it goes."""
+        if self.current <= SMALLEST:
+            return False
+        self.current = max(SMALLEST, self.current // 2)
+        self.in_time = 0
+        return True
+
+    def answered(self) -> None:
+        if self.current >= self.configured:
+            return
+        self.in_time += 1
+        if self.in_time >= GROW_AFTER:
+            self.current = min(self.configured, self.current * 2)
+            self.in_time = 0
