@@ -13,6 +13,7 @@ from crawler.testing.fakeapi.dataset import (
     VersionSpec,
     default_spec,
 )
+from crawler.testing.fakeapi.faults import HOSTILE as HOSTILE_KINDS
 from crawler.testing.fakeapi.faults import KINDS as FAULT_KINDS
 from crawler.testing.fakeapi.faults import FaultInjector, FaultSpec, RateLimit
 from crawler.testing.fakeapi.server import (
@@ -27,6 +28,7 @@ from crawler.testing.fakeapi.server import (
 
 __all__ = [
     "FAULT_KINDS",
+    "HOSTILE_KINDS",
     "Dataset",
     "DatasetSpec",
     "FakeServer",

@@ -8,16 +8,19 @@ Draws come from one random.Random(seed), so a run is reproducible.
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 import socket
 import struct
 import time
+import zlib
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from email.utils import formatdate
 from typing import Any
 
+import orjson
 from aiohttp import web
 
 KINDS = (
@@ -34,6 +37,19 @@ KINDS = (
     "truncated",
     "slow",
     "451",
+)
+
+# What a hostile or broken server does, beyond the weather above: never drawn by the
+# chaos tests ("every kind" means KINDS), only asked for by name.
+HOSTILE = (
+    "echo_400",  # error bodies that echo the request's headers, the Authorization header included
+    "echo_404",
+    "echo_500",
+    "gzip_bomb",  # a small gzip body that inflates to `bomb_mb` MiB
+    "endless",  # a 200 JSON body that never ends (stops after `endless_mb` MiB or the client leaving)
+    "json_as_html",  # the genuine page, labelled text/html
+    "surrogate_400",  # an error message holding a lone surrogate escape and terminal escape sequences
+    "surrogate_cursor",  # the genuine page with a nextCursor holding a lone surrogate
 )
 
 _CHALLENGE = (
@@ -60,11 +76,13 @@ class FaultSpec:
     retry_after: int = 2  # seconds, for 503 and 429_retry_after
     retry_after_http_date: bool = False  # send Retry-After as an HTTP-date instead
     slow_seconds: float = 35.0  # longer than any sane client timeout
+    bomb_mb: int = 256  # what the gzip bomb inflates to
+    endless_mb: int = 4096  # where an endless body gives up, if the client never does
 
     def __post_init__(self) -> None:
-        unknown = [k for k, _ in self.rates if k not in KINDS]
+        unknown = [k for k, _ in self.rates if k not in KINDS + HOSTILE]
         if unknown:
-            raise ValueError(f"unknown fault kinds {unknown}; known: {', '.join(KINDS)}")
+            raise ValueError(f"unknown fault kinds {unknown}; known: {', '.join(KINDS + HOSTILE)}")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> FaultSpec:
@@ -72,7 +90,9 @@ class FaultSpec:
         rates = dict(d.get("rates", {}))
         rates.update({k: v for k, v in d.items() if k in KINDS})
         options = {
-            k: d[k] for k in ("seed", "retry_after", "retry_after_http_date", "slow_seconds") if k in d
+            k: d[k]
+            for k in ("seed", "retry_after", "retry_after_http_date", "slow_seconds", "bomb_mb", "endless_mb")
+            if k in d
         }
         return cls(rates=tuple((k, float(v)) for k, v in rates.items()), **options)
 
@@ -99,7 +119,7 @@ class FaultInjector:
     def queue(self, *kinds: str) -> None:
         """Fail the next requests with these kinds, in order, before any random draw."""
         for kind in kinds:
-            if kind not in KINDS:
+            if kind not in KINDS + HOSTILE:
                 raise ValueError(f"unknown fault kind {kind!r}")
         self._script.extend(kinds)
 
@@ -129,6 +149,8 @@ class FaultInjector:
             return await real()
         if kind in ("reset", "truncated"):
             return await _cut_short(request, await real(), reset=kind == "reset")
+        if kind in HOSTILE:
+            return await _hostile(kind, self.spec, request, real)
         return self._canned(kind)
 
     def _canned(self, kind: str) -> web.Response:
@@ -235,3 +257,51 @@ class TokenBucket:
                 headers={"Retry-After": str(self.limit.retry_after)},
             )
         return web.Response(status=429, text="error code: 1015")
+
+
+# ---------------------------------------------------------------- a hostile server
+
+
+async def _hostile(
+    kind: str, spec: FaultSpec, request: web.Request, real: Callable[[], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    if kind.startswith("echo_"):
+        echoed = {"message": "bad request", "headers": dict(request.headers), "url": str(request.url)}
+        return web.json_response(echoed, status=int(kind.removeprefix("echo_")))
+    if kind == "surrogate_400":
+        body = b'{"message":"cursor \\ud83d broken \\u001b[31mRED\\u001b[0m \\u0007bell"}'
+        return web.Response(status=400, body=body, content_type="application/json")
+    if kind == "gzip_bomb":
+        return web.Response(
+            body=_bomb(spec.bomb_mb), content_type="application/json", headers={"Content-Encoding": "gzip"}
+        )
+    if kind == "endless":
+        return await _endless(request, spec.endless_mb)
+    genuine = await real()
+    body = genuine.body if isinstance(genuine, web.Response) and isinstance(genuine.body, bytes) else b"{}"
+    if kind == "json_as_html":
+        return web.Response(status=genuine.status, body=body, content_type="text/html")
+    page = orjson.loads(body)
+    page.setdefault("metadata", {})["nextCursor"] = "@lone@"
+    raw = orjson.dumps(page).replace(b'"@lone@"', b'"\\ud83d"')  # what Node sends for a cut emoji
+    return web.Response(status=genuine.status, body=raw, content_type="application/json")
+
+
+@functools.lru_cache(maxsize=4)
+def _bomb(mebibytes: int) -> bytes:
+    """`mebibytes` MiB of spaces, gzipped: about a thousandth of that on the wire."""
+    packer = zlib.compressobj(9, zlib.DEFLATED, 31)  # wbits 31: a gzip container
+    block = b" " * (1 << 20)
+    parts = [packer.compress(block) for _ in range(mebibytes)]
+    return b"".join(parts) + packer.flush()
+
+
+async def _endless(request: web.Request, limit_mb: int) -> web.StreamResponse:
+    out = web.StreamResponse(status=200, headers={"Content-Type": "application/json"})
+    out.enable_chunked_encoding()
+    await out.prepare(request)
+    await out.write(b'{"items":[')
+    chunk = b'{"id":1,"url":"x"},' * 3000
+    for _ in range(limit_mb * (1 << 20) // len(chunk)):
+        await out.write(chunk)  # raises once the client has gone
+    return out

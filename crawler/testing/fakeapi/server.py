@@ -44,6 +44,10 @@ class ServerOptions:
     fallback_post_ids: frozenset[int] = frozenset()  # these postId filters are ignored (global feed)
     body_cache: int = 256  # identical URLs (retries) reuse the body, like the edge cache
     slow_search: SlowSearch | None = None  # big feed queries outlast the client's timeout
+    # (param, value, raw item bytes): served first on the first page of queries with that filter,
+    # spliced in as bytes, as Node writes them (integers beyond 64 bits, lone surrogate escapes)
+    raw_items: tuple[tuple[str, str, bytes], ...] = ()
+    version_ids_as_strings: bool = False  # /models/{id} lists version ids as "11", not 11
 
 
 @dataclass(frozen=True)
@@ -389,10 +393,24 @@ async def _images(request: web.Request) -> web.Response:
     if slow and not legacy and paging.limit > slow.limit_over and len(st.dataset.select(q)) > slow.rows_over:
         await asyncio.sleep(slow.seconds)
     body = orjson.dumps((_legacy_page if legacy else _feed_page)(st, request, q, paging))
+    if paging.cursor is None:
+        body = _splice(body, request.query, st.options.raw_items)
     if len(st.bodies) >= st.options.body_cache:
         del st.bodies[next(iter(st.bodies))]
     st.bodies[key] = body
     return web.Response(body=body, content_type="application/json", headers=_HEADERS)
+
+
+def _splice(body: bytes, query: Mapping[str, str], raw_items: tuple[tuple[str, str, bytes], ...]) -> bytes:
+    """Put raw items at the head of the page's `items` array, byte for byte."""
+    extra = [raw for name, value, raw in raw_items if query.get(name) == value]
+    if not extra:
+        return body
+    head = b'{"items":['
+    assert body.startswith(head)
+    rest = body[len(head) :]
+    joined = b",".join(extra)
+    return head + joined + (rest if rest.startswith(b"]") else b"," + rest)
 
 
 def _fallback(q: ImageQuery, options: ServerOptions) -> ImageQuery:
@@ -413,6 +431,9 @@ async def _model(request: web.Request) -> web.Response:
     model = st.dataset.model(model_id)
     if model is None:
         return _json({"error": f"No model with id {model_id}"}, 404)
+    if st.options.version_ids_as_strings:
+        versions = [{**v, "id": str(v["id"])} for v in model["modelVersions"]]
+        model = {**model, "modelVersions": versions}
     return _json(model)
 
 
