@@ -48,6 +48,8 @@ class ServerOptions:
     # spliced in as bytes, as Node writes them (integers beyond 64 bits, lone surrogate escapes)
     raw_items: tuple[tuple[str, str, bytes], ...] = ()
     version_ids_as_strings: bool = False  # /models/{id} lists version ids as "11", not 11
+    # (param, value): every page serves the first page's images again, with ever new cursors
+    stale_pages: frozenset[tuple[str, str]] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -327,13 +329,14 @@ def _feed_page(st: _State, request: web.Request, q: ImageQuery, paging: _Paging)
     ds = st.dataset
     rows = ds.select(q)
     offset = paging.cursor or 0
-    chunk = rows[offset : offset + paging.limit]
+    stale = any(request.query.get(name) == value for name, value in st.options.stale_pages)
+    chunk = rows[0 if stale else offset : (0 if stale else offset) + paging.limit]
     items = [
         ds.item(i, with_meta=paging.with_meta, with_tags=paging.with_tags)
         for i in chunk
         if not ds.is_hidden(i)
     ]
-    nxt: int | None = offset + paging.limit if offset + paging.limit < len(rows) else None
+    nxt: int | None = offset + paging.limit if offset + paging.limit < len(rows) or stale else None
     if _loops(st.options, request.query):
         nxt = paging.limit if offset >= 2 * paging.limit else offset + paging.limit
     if nxt is None:
