@@ -3,7 +3,9 @@
 Every problem becomes one `ConfigError` line: the config path as the user gave
 it, the culprit's location (`queries[2].limit`, 1-based) and what is wrong, with
 a suggestion when a near match exists. Query values come out wire-ready, so the
-client never formats a parameter itself.
+client never formats a parameter itself. What a [[queries]] table may hold, and
+how each value is checked, is the images endpoint's (`crawler.civitai.images`);
+this module adds the query's `name` and keeps API keys out of the file.
 """
 
 from __future__ import annotations
@@ -17,16 +19,10 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from crawler import checks
+from crawler.civitai.endpoint import ParamValue
+from crawler.civitai.images import IMAGES
 from crawler.errors import ConfigError
 
-ParamValue = str | tuple[str, ...]
-
-SORTS: tuple[str, ...] = ("Most Reactions", "Most Comments", "Most Collected", "Newest", "Oldest", "Random")
-PERIODS: tuple[str, ...] = ("Day", "Week", "Month", "Year", "AllTime")
-TYPES: tuple[str, ...] = ("image", "video", "audio")
-NSFW_LEVELS: tuple[str, ...] = ("None", "Soft", "Mature", "X")
-LIST_KEYS: frozenset[str] = frozenset({"postId", "modelVersionId", "userId", "modelId", "username"})
-DEFAULT_LIMIT = 200  # the API's maximum: fewer requests for the same items
 API_KEY_ENV = "CIVITAI_API_KEY"
 
 
@@ -80,62 +76,7 @@ def _base_url(value: Any) -> str:
     return parts.geturl().rstrip("/")
 
 
-def _wire_id(value: Any) -> str:
-    return str(checks.integer(value, 1))
-
-
-def _wire_bool(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    raise checks.Invalid(f"expected true or false, {checks.got(value)}")
-
-
-def _wire_nsfw(value: Any) -> str:
-    if isinstance(value, bool):
-        return _wire_bool(value)
-    if isinstance(value, str):
-        return checks.one_of(NSFW_LEVELS, value)
-    raise checks.Invalid(f"expected true, false or one of {checks.quoted(NSFW_LEVELS)}, {checks.got(value)}")
-
-
-def _wire_tags(value: Any) -> str:
-    if isinstance(value, list) and value:
-        return ",".join(checks.each(value, _wire_id))
-    if isinstance(value, str):
-        parts = [part.strip() for part in value.split(",")]
-        if all(part.isascii() and part.isdigit() and int(part) > 0 for part in parts):
-            return ",".join(dict.fromkeys(str(int(part)) for part in parts))
-    if checks.is_int(value) and value > 0:
-        return str(value)
-    raise checks.Invalid(
-        f"expected a tag id, a list of them or a comma-separated string of them, {checks.got(value)}"
-    )
-
-
-def _wire_base_models(value: Any) -> str:
-    if isinstance(value, list) and value:
-        return ",".join(checks.each(value, checks.text))
-    if isinstance(value, str):
-        return checks.text(value)
-    raise checks.Invalid(f"expected a string or a non-empty list of strings, {checks.got(value)}")
-
-
-_QUERY_CHECKS: dict[str, Callable[[Any], str]] = {
-    "limit": lambda value: str(checks.integer(value, 1, 200)),
-    **dict.fromkeys(("postId", "modelId", "modelVersionId", "imageId", "userId"), _wire_id),
-    "username": checks.text,
-    "period": functools.partial(checks.one_of, PERIODS),
-    "sort": functools.partial(checks.one_of, SORTS),
-    "type": functools.partial(checks.one_of, TYPES),
-    "nsfw": _wire_nsfw,
-    "browsingLevel": lambda value: str(checks.integer(value, 1, 31)),
-    "tags": _wire_tags,
-    "baseModels": _wire_base_models,
-    **dict.fromkeys(("withMeta", "withTags"), _wire_bool),
-}
-QUERY_KEYS: frozenset[str] = frozenset(_QUERY_CHECKS) | {"name"}
-_WALKED = "the harvester walks cursors itself; remove it"
-_QUERY_REFUSED = {"page": _WALKED, "cursor": _WALKED}
+QUERY_KEYS: frozenset[str] = frozenset(IMAGES.params) | {"name"}  # what a [[queries]] table may hold
 
 _API_CHECKS: dict[str, Callable[[Any], Any]] = {
     "base_url": _base_url,
@@ -213,28 +154,11 @@ def _output_dir(value: Any, config_path: Path) -> Path:
 
 def _parse_query(raw: Any, position: int) -> Query:
     table = _table(raw, "[[queries]]")
-    _check_keys(table, sorted(QUERY_KEYS), _QUERY_REFUSED)
-    params: dict[str, ParamValue] = {"limit": str(DEFAULT_LIMIT)}
-    list_key: str | None = None
-    for key, value in table.items():
-        if key == "name":
-            continue
-        with checks.at(f".{key}"):
-            if key in LIST_KEYS and isinstance(value, list):
-                if not value:
-                    raise checks.Invalid(f"expected a non-empty list, {checks.got(value)}")
-                params[key] = checks.each(value, _QUERY_CHECKS[key])
-            else:
-                params[key] = _QUERY_CHECKS[key](value)
-        if isinstance(params[key], tuple):
-            if list_key is not None:
-                raise checks.Invalid(
-                    f'"{list_key}" and "{key}" are both lists; only one key per query may be a list'
-                )
-            list_key = key
+    _check_keys(table, sorted(QUERY_KEYS), IMAGES.refused)
+    params = IMAGES.check_params({key: value for key, value in table.items() if key != "name"})
     with checks.at(".name"):
         name = checks.text(table.get("name", f"query-{position}"))
-    return Query(name, tuple(sorted(params.items())))
+    return Query(name, params)
 
 
 def _parse_queries(raw: Any) -> tuple[Query, ...]:

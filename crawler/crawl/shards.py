@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import urlencode
 
-from crawler.config import TYPES, Query
+from crawler.civitai.images import TYPES
+from crawler.config import Query
 from crawler.errors import ForeignItemsError, ShardError
 
 log = logging.getLogger("harvest")
