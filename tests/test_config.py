@@ -11,13 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from crawler.civitai.images import LIST_KEYS, NSFW_LEVELS, PERIODS, SORTS, TYPES
 from crawler.config import (
-    LIST_KEYS,
-    NSFW_LEVELS,
-    PERIODS,
     QUERY_KEYS,
-    SORTS,
-    TYPES,
     ApiConfig,
     Config,
     OutputConfig,

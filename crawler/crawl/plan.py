@@ -1,10 +1,11 @@
 """Where a shard's walk starts, whether it may stop early, and how big its pages are.
 
 A resumed walk continues from its committed cursor. A shard that has been walked
-to its end before is walked again only as far as it must be: a `Newest` walk
-stops at the first page that holds only images the output already has, an
-`Oldest` walk continues from the last page it saw. Other sorts have no stable
-frontier, so they walk everything again and the id index drops what is known.
+to its end before is walked again only as far as its sort's frontier (the images
+endpoint's, `crawler.civitai.images`) requires: a `Newest` walk stops at the
+first page that holds only images the output already has, an `Oldest` walk
+continues from the last page it saw. Other sorts have no stable frontier, so
+they walk everything again and the id index drops what is known.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from crawler.archive.state import Cursor, ShardRow, ShardStatus
+from crawler.civitai.endpoint import Frontier
+from crawler.civitai.images import IMAGES
 from crawler.crawl.shards import Shard
 
 
@@ -22,14 +25,14 @@ class WalkPlan:
 
 
 def plan_walk(shard: Shard, row: ShardRow) -> WalkPlan:
-    sort = shard.value("sort")
+    frontier = IMAGES.frontier(shard.params)
     seen_end = row.finished > 0
-    newest = seen_end and sort == "Newest"
+    stop = seen_end and frontier is Frontier.STOP_WHEN_KNOWN
     if row.status in (ShardStatus.ACTIVE, ShardStatus.FAILED):
-        return WalkPlan(row.cursor, newest)
-    if seen_end and sort == "Oldest" and row.tail_cursor is not None:
+        return WalkPlan(row.cursor, stop)
+    if seen_end and frontier is Frontier.CONTINUE_FROM_TAIL and row.tail_cursor is not None:
         return WalkPlan(row.tail_cursor, False)
-    return WalkPlan(None, newest)
+    return WalkPlan(None, stop)
 
 
 # -- page size -----------------------------------------------------------------
