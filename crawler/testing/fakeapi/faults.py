@@ -266,7 +266,7 @@ async def _hostile(
     kind: str, spec: FaultSpec, request: web.Request, real: Callable[[], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
     if kind.startswith("echo_"):
-        echoed = {"message": "bad request", "headers": dict(request.headers), "url": str(request.url)}
+        echoed = {"message": f"cannot serve {request.url} with headers {dict(request.headers)}"}
         return web.json_response(echoed, status=int(kind.removeprefix("echo_")))
     if kind == "surrogate_400":
         body = b'{"message":"cursor \\ud83d broken \\u001b[31mRED\\u001b[0m \\u0007bell"}'
