@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from crawler.archive.compression import compress
+from crawler.archive.fs import remove_partials
 from crawler.archive.segments import SegmentWriter, dump_items
 from crawler.archive.state import Cursor, PageCommit, State
 from crawler.config import OutputConfig
@@ -85,8 +86,7 @@ class Checkpointer:
 
     def _finish_closed_segments(self) -> None:
         """Complete what a crash interrupted: compressions not done or not cleaned up."""
-        for part in self._output.dir.glob("*.part"):
-            part.unlink()
+        remove_partials(self._output.dir)
         for segment in self._state.segments():
             if not segment.closed:
                 continue

@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import gzip
 import io
-import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, BinaryIO
 
 import zstandard
 
-from crawler.archive.segments import fsync_dir
+from crawler.archive.fs import write_atomic
 
 SUFFIXES = {"zstd": ".zst", "gzip": ".gz", "none": ""}
 _CHUNK = 1 << 20
@@ -29,16 +28,16 @@ def compressed_name(name: str, codec: str) -> str:
 
 def compress(src: Path, codec: str) -> Path:
     """Write `src` compressed next to it, durably; return the new file. `src` is kept."""
-    dst = src.with_name(compressed_name(src.name, codec))
-    part = dst.with_name(dst.name + ".part")
-    with src.open("rb") as plain, part.open("wb") as raw:
+    with src.open("rb") as plain:
+        return write_atomic(src.with_name(compressed_name(src.name, codec)), _packer(plain, codec))
+
+
+def _packer(plain: BinaryIO, codec: str) -> Callable[[BinaryIO], None]:
+    def fill(raw: BinaryIO) -> None:
         with _compressor(codec, raw) as packed:
             shutil.copyfileobj(plain, packed, _CHUNK)
-        raw.flush()
-        os.fsync(raw.fileno())
-    os.replace(part, dst)
-    fsync_dir(dst.parent)
-    return dst
+
+    return fill
 
 
 def _compressor(codec: str, raw: IO[bytes]) -> BinaryIO:
