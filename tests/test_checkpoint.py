@@ -7,10 +7,9 @@ from pathlib import Path
 import orjson
 import pytest
 
-from crawler.archive.checkpoint import Checkpointer
+from crawler.archive.checkpoint import ArchiveSpec, Checkpointer
 from crawler.archive.segments import dump_item
 from crawler.archive.state import ShardStatus, State
-from crawler.config import OutputConfig
 from crawler.errors import StateError
 
 
@@ -25,7 +24,7 @@ def _lines(out: Path) -> list[dict]:
 def _open(out: Path) -> tuple[State, Checkpointer]:
     state = State.open(out)
     state.begin_pass([("k", "q")])
-    return state, Checkpointer(OutputConfig(out), state)
+    return state, Checkpointer(ArchiveSpec(out), state)
 
 
 def test_pages_dedupe_within_page_and_across_pages(tmp_path: Path) -> None:
@@ -66,7 +65,7 @@ def test_file_shorter_than_commit_is_refused(tmp_path: Path) -> None:
     segment = next(tmp_path.glob("*.ndjson"))
     segment.write_bytes(segment.read_bytes()[:5])
     with pytest.raises(StateError, match="truncated or replaced"):
-        Checkpointer(OutputConfig(tmp_path), state)
+        Checkpointer(ArchiveSpec(tmp_path), state)
 
 
 def test_lines_keep_every_key_and_unicode(tmp_path: Path) -> None:

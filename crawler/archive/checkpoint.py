@@ -9,14 +9,24 @@ start cuts away, and the page is fetched again.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from crawler.archive.compression import compress
 from crawler.archive.fs import remove_partials
 from crawler.archive.segments import SegmentWriter, dump_items
 from crawler.archive.state import Cursor, PageCommit, State
-from crawler.config import OutputConfig
 from crawler.errors import OutputError
+
+
+@dataclass(frozen=True, slots=True)
+class ArchiveSpec:
+    """Where the archive lives and when its segments close; built from the config by its user."""
+
+    dir: Path
+    segment_items: int = 100_000  # close a segment after this many images (0: no limit)
+    segment_mb: float = 0.0  # ... or once it holds this many MiB (0: no limit)
+    compress: str = "none"  # what closed segments become: "zstd", "gzip" or "none" (stay plain)
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,7 +40,7 @@ class PageResult:
 class Checkpointer:
     """Commits pages of any shard into one output dir. Call from one thread at a time."""
 
-    def __init__(self, output: OutputConfig, state: State) -> None:
+    def __init__(self, output: ArchiveSpec, state: State) -> None:
         self._state = state
         self._output = output
         self._writer = SegmentWriter(output.dir, state.segments())
