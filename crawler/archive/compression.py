@@ -50,11 +50,12 @@ def _compressor(codec: str, raw: IO[bytes]) -> BinaryIO:
 
 def read_lines(path: Path) -> Iterator[bytes]:
     """Every line of a segment, plain or compressed, each with its newline (if it has one)."""
-    with _open_any(path) as stream:
+    with open_segment(path) as stream:
         yield from stream
 
 
-def _open_any(path: Path) -> BinaryIO:
+def open_segment(path: Path) -> BinaryIO:
+    """A segment file for reading its uncompressed bytes, whatever its codec (told by its suffix)."""
     if path.name.endswith(".zst"):
         reader = zstandard.ZstdDecompressor().stream_reader(path.open("rb"), closefd=True)
         return io.BufferedReader(reader)
