@@ -97,6 +97,7 @@ def test_parse_reads_what_the_writer_wrote_without_orjson(tmp_path: Path) -> Non
         sink.commit("k", None, [*_items(1), odd], None)
         sink.close()
         assert list(committed_items(tmp_path, state)) == [*_items(1), odd]
+        assert verify(tmp_path, state).sound  # not "not JSON": verify reads lines the same way
 
 
 def test_parse_refuses_json_that_is_not_an_object() -> None:

@@ -68,14 +68,19 @@ def committed_items(out_dir: Path, state: State) -> Iterator[dict[str, Any]]:
 def parse(line: Line) -> dict[str, Any]:
     """One line as the image it holds; a line that is not one is a broken archive."""
     try:
-        item = orjson.loads(line.data)
-    except orjson.JSONDecodeError:
-        # The writer falls back to the standard library for what orjson refuses
-        # (lone surrogates, integers past 64 bits): read those back the same way.
-        try:
-            item = json.loads(line.data)
-        except ValueError:
-            raise StateError(f"{line.segment}:{line.number}: not JSON") from None
+        item = loads(line.data)
+    except ValueError:
+        raise StateError(f"{line.segment}:{line.number}: not JSON") from None
     if not isinstance(item, dict):
         raise StateError(f"{line.segment}:{line.number}: not a JSON object")
     return item
+
+
+def loads(data: bytes) -> Any:
+    """The JSON value of one line; ValueError when it holds none."""
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        # The writer falls back to the standard library for what orjson refuses
+        # (lone surrogates, integers past 64 bits): read those back the same way.
+        return json.loads(data)

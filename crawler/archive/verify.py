@@ -10,9 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import orjson
-
-from crawler.archive.reader import segment_lines
+from crawler.archive.reader import Line, loads, segment_lines
 from crawler.archive.segments import SEGMENT_SUFFIX
 from crawler.archive.state import SegmentRow, State
 
@@ -60,7 +58,7 @@ def _check_segment(out_dir: Path, segment: SegmentRow, seen: set[int], report: R
             break
         count += 1
         size += len(line.data)
-        problem = _check_line(line.data, seen)
+        problem = _check_line(line, seen)
         if problem:
             report.problems.append(f"{segment.file}:{line.number}: {problem}")
     report.lines += count
@@ -70,12 +68,12 @@ def _check_segment(out_dir: Path, segment: SegmentRow, seen: set[int], report: R
         report.problems.append(f"{segment.file}: {size} bytes of lines, the state committed {segment.size}")
 
 
-def _check_line(line: bytes, seen: set[int]) -> str | None:
-    if not line.endswith(b"\n"):
+def _check_line(line: Line, seen: set[int]) -> str | None:
+    if not line.data.endswith(b"\n"):
         return "torn line (no newline)"
     try:
-        item = orjson.loads(line)
-    except orjson.JSONDecodeError:
+        item = loads(line.data)  # as any reader of the archive would
+    except ValueError:
         return "not JSON"
     image_id = item.get("id") if isinstance(item, dict) else None
     if not isinstance(image_id, int) or isinstance(image_id, bool):
