@@ -185,3 +185,17 @@ def test_a_committed_page_survives_reopening(tmp_path: Path) -> None:
         state.commit_page(PageCommit("k", "images-000001.ndjson", 10, [5, 6], "c1", None))
     with State.open(tmp_path) as state:
         assert state.shard("k").cursor == "c1" and state.seen_count() == 2
+
+
+def test_a_full_disk_inside_a_transaction_is_a_clean_state_error(tmp_path: Path) -> None:
+    """SQLite rolls back by itself when the disk is full; that must not turn into an internal error."""
+    with State.open(tmp_path) as state:
+        state.begin_pass([("k", "q")])
+        conn = state._conn  # a page cap on this connection stands in for a full disk
+        conn.execute(f"PRAGMA max_page_count = {conn.execute('PRAGMA page_count').fetchone()[0] + 1}")
+        with pytest.raises(StateError, match="full"):
+            state.commit_page(PageCommit("k", "images-000001.ndjson", 10, list(range(50_000)), "c", None))
+        conn.execute("PRAGMA max_page_count = 1073741823")  # space again: the state is intact and usable
+        assert state.shard("k").status == ShardStatus.PENDING and state.seen_count() == 0
+        state.commit_page(PageCommit("k", "images-000001.ndjson", 10, [1], "c", None))
+        assert state.seen_count() == 1

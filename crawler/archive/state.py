@@ -320,15 +320,21 @@ class _Transaction:
 
     def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
         if exc is not None:
-            self._conn.execute("ROLLBACK")
+            self._rollback()
             if isinstance(exc, sqlite3.Error):
                 raise StateError(f"{self._path}: {exc}") from None
             return
         try:
             self._conn.execute("COMMIT")
         except sqlite3.Error as err:
-            self._conn.execute("ROLLBACK")
+            self._rollback()
             raise StateError(f"{self._path}: commit failed: {err}") from None
+
+    def _rollback(self) -> None:
+        # On some errors (a full disk, I/O) SQLite has already rolled back by itself;
+        # a ROLLBACK then fails and would hide the error that matters.
+        if self._conn.in_transaction:
+            self._conn.execute("ROLLBACK")
 
 
 def _shard_row(row: tuple[object, ...]) -> ShardRow:
