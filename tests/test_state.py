@@ -199,3 +199,21 @@ def test_a_full_disk_inside_a_transaction_is_a_clean_state_error(tmp_path: Path)
         assert state.shard("k").status == ShardStatus.PENDING and state.seen_count() == 0
         state.commit_page(PageCommit("k", "images-000001.ndjson", 10, [1], "c", None))
         assert state.seen_count() == 1
+
+
+def test_version_1_gains_the_segment_steps_table_and_keeps_the_rest(tmp_path: Path) -> None:
+    path = make_pre_versioning_state(tmp_path)
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA user_version = 1")  # as version-1 code leaves it
+    conn.close()
+    before = table_sql(path)
+    with State.open(tmp_path) as state:
+        assert state.done_steps("images-000001.ndjson") == frozenset()  # nothing recorded yet
+        state.record_step("images-000001.ndjson", "compress")
+        state.record_step("images-000001.ndjson", "compress")  # recording twice is harmless
+        assert state.done_steps("images-000001.ndjson") == {"compress"}
+        assert state.segment("images-000001.ndjson").file == "images-000001.ndjson.zst"
+    after = table_sql(path)
+    assert set(after) == set(before) | {"segment_steps"}
+    assert {t: after[t] for t in before} == before
+    assert user_version(path) == 2

@@ -1,8 +1,7 @@
-"""Compressing closed segments, and reading any segment back line by line.
+"""Segment codecs: compressing a segment file, and reading any segment back line by line.
 
-A closed segment is compressed to a `.part` file, fsynced, renamed into place,
-recorded in the state, and only then is the plain file removed: a crash at any
-step leaves either the plain file or a complete compressed one on record.
+Writes go through `fs.write_atomic`, so a compressed file exists whole or not at
+all; when it replaces the plain file is `steps.Compress`'s business.
 """
 
 from __future__ import annotations

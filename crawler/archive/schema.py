@@ -53,7 +53,23 @@ def _v1_tables(conn: sqlite3.Connection) -> None:
     conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (LEGACY_SCHEMA,))
 
 
-MIGRATIONS: tuple[Migration, ...] = (_v1_tables,)
+def _v2_segment_steps(conn: sqlite3.Connection) -> None:
+    """Which closed-segment steps (compress, ...) have completed, per segment.
+
+    Starts empty: a compression done before this step is still told by
+    `segments.file`, and the compress step records itself on the next start.
+    """
+    conn.execute(
+        """CREATE TABLE segment_steps (
+    segment TEXT NOT NULL,
+    step TEXT NOT NULL,
+    at REAL NOT NULL,
+    PRIMARY KEY (segment, step)
+) WITHOUT ROWID"""
+    )
+
+
+MIGRATIONS: tuple[Migration, ...] = (_v1_tables, _v2_segment_steps)
 LATEST = len(MIGRATIONS)  # the version this code reads and writes
 
 

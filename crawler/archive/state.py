@@ -288,10 +288,14 @@ class State:
     # -- segments -------------------------------------------------------------
 
     def segments(self) -> list[SegmentRow]:
-        rows = self._conn.execute(
-            "SELECT name, size, items, closed, COALESCE(file, name) FROM segments ORDER BY name"
-        ).fetchall()
-        return [SegmentRow(n, size, items, bool(closed), file) for n, size, items, closed, file in rows]
+        rows = self._conn.execute(f"SELECT {_SEGMENT_COLUMNS} FROM segments ORDER BY name").fetchall()
+        return [_segment_row(r) for r in rows]
+
+    def segment(self, name: str) -> SegmentRow:
+        row = self._conn.execute(f"SELECT {_SEGMENT_COLUMNS} FROM segments WHERE name=?", (name,)).fetchone()
+        if row is None:
+            raise StateError(f"{self.path}: unknown segment {name}")
+        return _segment_row(row)
 
     def close_segment(self, name: str) -> None:
         with self._transaction():
@@ -300,6 +304,17 @@ class State:
     def set_segment_file(self, name: str, file: str) -> None:
         with self._transaction():
             self._conn.execute("UPDATE segments SET file=? WHERE name=?", (file, name))
+
+    def done_steps(self, segment: str) -> frozenset[str]:
+        """The closed-segment steps recorded as complete for `segment`."""
+        rows = self._conn.execute("SELECT step FROM segment_steps WHERE segment=?", (segment,))
+        return frozenset(r[0] for r in rows)
+
+    def record_step(self, segment: str, step: str) -> None:
+        with self._transaction():
+            self._conn.execute(
+                "INSERT OR IGNORE INTO segment_steps VALUES (?, ?, ?)", (segment, step, time.time())
+            )
 
     def seen_count(self) -> int:
         return int(self._conn.execute("SELECT count(*) FROM seen").fetchone()[0])
@@ -335,6 +350,14 @@ class _Transaction:
         # a ROLLBACK then fails and would hide the error that matters.
         if self._conn.in_transaction:
             self._conn.execute("ROLLBACK")
+
+
+_SEGMENT_COLUMNS = "name, size, items, closed, COALESCE(file, name)"
+
+
+def _segment_row(row: tuple[str, int, int, int, str]) -> SegmentRow:
+    name, size, items, closed, file = row
+    return SegmentRow(name, size, items, bool(closed), file)
 
 
 def _shard_row(row: tuple[object, ...]) -> ShardRow:
