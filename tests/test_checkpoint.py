@@ -91,3 +91,17 @@ def test_items_orjson_refuses_are_still_written_intact(tmp_path: Path) -> None:
     sink.commit("k", None, [*_items(1), odd], None)
     lines = next(tmp_path.glob("*.ndjson")).read_bytes().splitlines()
     assert [json.loads(line) for line in lines] == [*_items(1), odd]
+
+
+def test_segments_close_by_size_when_segment_mb_is_set(tmp_path: Path) -> None:
+    state = State.open(tmp_path)
+    state.begin_pass([("k", "q")])
+    sink = Checkpointer(ArchiveSpec(tmp_path, segment_items=0, segment_mb=100 / 2**20), state)  # 100 bytes
+    for n in range(4):
+        sink.commit("k", f"c{n}", _items(2 * n, 2 * n + 1), f"c{n + 1}")  # ~90 bytes a page
+    sink.close()
+    segments = state.segments()
+    assert [(s.items, s.closed) for s in segments] == [(4, True), (4, True)]
+    assert all(s.size >= 100 for s in segments)
+    assert [i["id"] for i in _lines(tmp_path)] == list(range(8))
+    state.close()
