@@ -7,10 +7,9 @@ from pathlib import Path
 import orjson
 import pytest
 
-from crawler.archive.checkpoint import Checkpointer
+from crawler.archive.checkpoint import ArchiveSpec, Checkpointer
 from crawler.archive.segments import dump_item
 from crawler.archive.state import ShardStatus, State
-from crawler.config import OutputConfig
 from crawler.errors import StateError
 
 
@@ -25,7 +24,7 @@ def _lines(out: Path) -> list[dict]:
 def _open(out: Path) -> tuple[State, Checkpointer]:
     state = State.open(out)
     state.begin_pass([("k", "q")])
-    return state, Checkpointer(OutputConfig(out), state)
+    return state, Checkpointer(ArchiveSpec(out), state)
 
 
 def test_pages_dedupe_within_page_and_across_pages(tmp_path: Path) -> None:
@@ -66,7 +65,7 @@ def test_file_shorter_than_commit_is_refused(tmp_path: Path) -> None:
     segment = next(tmp_path.glob("*.ndjson"))
     segment.write_bytes(segment.read_bytes()[:5])
     with pytest.raises(StateError, match="truncated or replaced"):
-        Checkpointer(OutputConfig(tmp_path), state)
+        Checkpointer(ArchiveSpec(tmp_path), state)
 
 
 def test_lines_keep_every_key_and_unicode(tmp_path: Path) -> None:
@@ -92,3 +91,17 @@ def test_items_orjson_refuses_are_still_written_intact(tmp_path: Path) -> None:
     sink.commit("k", None, [*_items(1), odd], None)
     lines = next(tmp_path.glob("*.ndjson")).read_bytes().splitlines()
     assert [json.loads(line) for line in lines] == [*_items(1), odd]
+
+
+def test_segments_close_by_size_when_segment_mb_is_set(tmp_path: Path) -> None:
+    state = State.open(tmp_path)
+    state.begin_pass([("k", "q")])
+    sink = Checkpointer(ArchiveSpec(tmp_path, segment_items=0, segment_mb=100 / 2**20), state)  # 100 bytes
+    for n in range(4):
+        sink.commit("k", f"c{n}", _items(2 * n, 2 * n + 1), f"c{n + 1}")  # ~90 bytes a page
+    sink.close()
+    segments = state.segments()
+    assert [(s.items, s.closed) for s in segments] == [(4, True), (4, True)]
+    assert all(s.size >= 100 for s in segments)
+    assert [i["id"] for i in _lines(tmp_path)] == list(range(8))
+    state.close()

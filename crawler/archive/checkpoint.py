@@ -4,18 +4,33 @@ Order matters for exactly-once: lines are appended and fsynced first, then one
 state transaction records the ids, the segment's new length and the shard's
 next cursor. A crash between the two leaves an uncommitted tail that the next
 start cuts away, and the page is fetched again.
+
+A full segment is closed and a fresh one started; the closed one then goes
+through the closed-segment steps (`steps.py`: compression first), each recorded,
+so a restart completes whichever a crash interrupted.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from crawler.archive.compression import compress
+from crawler.archive.fs import remove_partials
 from crawler.archive.segments import SegmentWriter, dump_items
 from crawler.archive.state import Cursor, PageCommit, State
-from crawler.config import OutputConfig
-from crawler.errors import OutputError
+from crawler.archive.steps import Compress, SegmentStep, finish_closed
+
+
+@dataclass(frozen=True, slots=True)
+class ArchiveSpec:
+    """Where the archive lives and when its segments close; built from the config by its user."""
+
+    dir: Path
+    segment_items: int = 100_000  # close a segment after this many images (0: no limit)
+    segment_mb: float = 0.0  # ... or once it holds this many MiB (0: no limit)
+    compress: str = "none"  # what closed segments become: "zstd", "gzip" or "none" (stay plain)
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,12 +41,18 @@ class PageResult:
     done: bool
 
 
+def closed_segment_steps(output: ArchiveSpec) -> tuple[SegmentStep, ...]:
+    """What is done to each closed segment, in order; a new step is appended here."""
+    return (Compress(output.compress),)
+
+
 class Checkpointer:
     """Commits pages of any shard into one output dir. Call from one thread at a time."""
 
-    def __init__(self, output: OutputConfig, state: State) -> None:
+    def __init__(self, output: ArchiveSpec, state: State, steps: Sequence[SegmentStep] | None = None) -> None:
         self._state = state
         self._output = output
+        self._steps = tuple(closed_segment_steps(output) if steps is None else steps)
         self._writer = SegmentWriter(output.dir, state.segments())
         self._finish_closed_segments()
 
@@ -70,30 +91,13 @@ class Checkpointer:
         closing = self._writer.name
         self._state.close_segment(closing)
         self._writer.rotate()
-        self._compress(closing)
-
-    def _compress(self, name: str) -> None:
-        """Replace a closed segment by its compressed form, crash-safe at every step."""
-        if self._output.compress == "none":
-            return
-        try:
-            packed = compress(self._output.dir / name, self._output.compress)
-        except OSError as exc:
-            raise OutputError(f"{self._output.dir / name}: compression failed: {exc.strerror}") from None
-        self._state.set_segment_file(name, packed.name)
-        (self._output.dir / name).unlink(missing_ok=True)
+        finish_closed([self._state.segment(closing)], self._output.dir, self._state, self._steps)
 
     def _finish_closed_segments(self) -> None:
-        """Complete what a crash interrupted: compressions not done or not cleaned up."""
-        for part in self._output.dir.glob("*.part"):
-            part.unlink()
-        for segment in self._state.segments():
-            if not segment.closed:
-                continue
-            if segment.file == segment.name:
-                self._compress(segment.name)
-            else:
-                (self._output.dir / segment.name).unlink(missing_ok=True)
+        """Complete what a crash interrupted: partial files, closed segments' unrecorded steps."""
+        remove_partials(self._output.dir)
+        closed = [s for s in self._state.segments() if s.closed]
+        finish_closed(closed, self._output.dir, self._state, self._steps)
 
     def _unseen(self, items: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[int]]:
         """Items whose id is neither in the state nor earlier on this page, and their ids."""

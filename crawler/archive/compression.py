@@ -1,23 +1,21 @@
-"""Compressing closed segments, and reading any segment back line by line.
+"""Segment codecs: compressing a segment file, and reading any segment back line by line.
 
-A closed segment is compressed to a `.part` file, fsynced, renamed into place,
-recorded in the state, and only then is the plain file removed: a crash at any
-step leaves either the plain file or a complete compressed one on record.
+Writes go through `fs.write_atomic`, so a compressed file exists whole or not at
+all; when it replaces the plain file is `steps.Compress`'s business.
 """
 
 from __future__ import annotations
 
 import gzip
 import io
-import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, BinaryIO
 
 import zstandard
 
-from crawler.archive.segments import fsync_dir
+from crawler.archive.fs import write_atomic
 
 SUFFIXES = {"zstd": ".zst", "gzip": ".gz", "none": ""}
 _CHUNK = 1 << 20
@@ -29,16 +27,16 @@ def compressed_name(name: str, codec: str) -> str:
 
 def compress(src: Path, codec: str) -> Path:
     """Write `src` compressed next to it, durably; return the new file. `src` is kept."""
-    dst = src.with_name(compressed_name(src.name, codec))
-    part = dst.with_name(dst.name + ".part")
-    with src.open("rb") as plain, part.open("wb") as raw:
+    with src.open("rb") as plain:
+        return write_atomic(src.with_name(compressed_name(src.name, codec)), _packer(plain, codec))
+
+
+def _packer(plain: BinaryIO, codec: str) -> Callable[[BinaryIO], None]:
+    def fill(raw: BinaryIO) -> None:
         with _compressor(codec, raw) as packed:
             shutil.copyfileobj(plain, packed, _CHUNK)
-        raw.flush()
-        os.fsync(raw.fileno())
-    os.replace(part, dst)
-    fsync_dir(dst.parent)
-    return dst
+
+    return fill
 
 
 def _compressor(codec: str, raw: IO[bytes]) -> BinaryIO:
@@ -51,11 +49,12 @@ def _compressor(codec: str, raw: IO[bytes]) -> BinaryIO:
 
 def read_lines(path: Path) -> Iterator[bytes]:
     """Every line of a segment, plain or compressed, each with its newline (if it has one)."""
-    with _open_any(path) as stream:
+    with open_segment(path) as stream:
         yield from stream
 
 
-def _open_any(path: Path) -> BinaryIO:
+def open_segment(path: Path) -> BinaryIO:
+    """A segment file for reading its uncompressed bytes, whatever its codec (told by its suffix)."""
     if path.name.endswith(".zst"):
         reader = zstandard.ZstdDecompressor().stream_reader(path.open("rb"), closefd=True)
         return io.BufferedReader(reader)

@@ -7,7 +7,6 @@ length (a torn line, a page whose commit never happened) is cut away.
 
 from __future__ import annotations
 
-import errno
 import functools
 import json
 import os
@@ -17,6 +16,7 @@ from typing import Any
 
 import orjson
 
+from crawler.archive.fs import describe, fsync_dir
 from crawler.archive.state import SegmentRow
 from crawler.errors import OutputError, StateError
 
@@ -104,7 +104,7 @@ class SegmentWriter:
             os.fsync(self._fd)
         except OSError as exc:
             self._rewind()
-            raise OutputError(f"{self.path}: write failed: {_describe(exc)}") from None
+            raise OutputError(f"{self.path}: write failed: {describe(exc)}") from None
         self.size += len(data)
         self.items += lines
         return self.size
@@ -119,18 +119,3 @@ class SegmentWriter:
 
     def close(self) -> None:
         os.close(self._fd)
-
-
-def fsync_dir(folder: Path) -> None:
-    """Make a folder's entries (a new or renamed file) durable."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _describe(exc: OSError) -> str:
-    if exc.errno == errno.ENOSPC:
-        return "no space left on device (what was committed is intact; rerun once space is free)"
-    return exc.strerror or str(exc)

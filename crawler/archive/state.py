@@ -13,39 +13,14 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
 import orjson
 
+from crawler.archive import schema
 from crawler.errors import StateError
 
 STATE_FILE = "harvest.sqlite"
-SCHEMA_VERSION = "1"
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS shards (
-    key TEXT PRIMARY KEY,
-    query TEXT NOT NULL,
-    pass INTEGER NOT NULL,
-    status TEXT NOT NULL,
-    cursor TEXT,
-    tail_cursor TEXT,
-    items INTEGER NOT NULL DEFAULT 0,
-    pages INTEGER NOT NULL DEFAULT 0,
-    finished INTEGER NOT NULL DEFAULT 0,
-    error TEXT,
-    updated REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS segments (
-    name TEXT PRIMARY KEY,
-    size INTEGER NOT NULL,
-    items INTEGER NOT NULL,
-    closed INTEGER NOT NULL DEFAULT 0,
-    file TEXT
-);
-CREATE TABLE IF NOT EXISTS seen (id INTEGER PRIMARY KEY) WITHOUT ROWID;
-"""
-
 Cursor = str | int
 
 
@@ -98,6 +73,24 @@ class PageCommit:
     page_cursor: Cursor | None
 
 
+def _connect(out_dir: Path, path: Path) -> sqlite3.Connection:
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        # isolation_level=None: we issue BEGIN/COMMIT ourselves, one per page.
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    except (OSError, sqlite3.Error) as exc:
+        raise StateError(f"{path}: cannot open harvest state: {exc}") from None
+    try:
+        conn.execute("PRAGMA journal_mode=WAL")
+        # NORMAL in WAL mode may lose the last commit on power loss, never
+        # consistency; a lost commit only means that page is fetched again.
+        conn.execute("PRAGMA synchronous=NORMAL")
+    except sqlite3.Error as exc:
+        conn.close()
+        raise StateError(f"{path}: cannot open harvest state: {exc}") from None
+    return conn
+
+
 def _dump_cursor(cursor: Cursor | None) -> str | None:
     return None if cursor is None else orjson.dumps(cursor).decode()
 
@@ -115,33 +108,50 @@ class State:
 
     @classmethod
     def open(cls, out_dir: Path, *, create: bool = True) -> State:
+        """Open (or create) the state of `out_dir`, migrated to the version this code reads.
+
+        Use it as a context manager (`with State.open(dir) as state:`) or `close()` it.
+        """
         path = out_dir / STATE_FILE
         if not create and not path.exists():
             raise StateError(f"{out_dir}: no harvest state here yet (run `harvest run` first)")
+        state = cls(_connect(out_dir, path), path)
         try:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            # isolation_level=None: we issue BEGIN/COMMIT ourselves, one per page.
-            conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-            conn.execute("PRAGMA journal_mode=WAL")
-            # NORMAL in WAL mode may lose the last commit on power loss, never
-            # consistency; a lost commit only means that page is fetched again.
-            conn.execute("PRAGMA synchronous=NORMAL")
-            conn.executescript(_SCHEMA)
-        except (OSError, sqlite3.Error) as exc:
+            state._migrate()
+        except sqlite3.Error as exc:
+            state.close()
             raise StateError(f"{path}: cannot open harvest state: {exc}") from None
-        state = cls(conn, path)
-        state._check_version()
+        except BaseException:
+            state.close()
+            raise
         return state
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        self.close()
 
     def close(self) -> None:
         self._conn.close()
 
-    def _check_version(self) -> None:
-        found = self.get_meta("schema")
-        if found is None:
-            self.set_meta("schema", SCHEMA_VERSION)
-        elif found != SCHEMA_VERSION:
-            raise StateError(f"{self.path}: state schema {found}, this harvest reads {SCHEMA_VERSION}")
+    def _migrate(self) -> None:
+        """Bring the file to `schema.LATEST`, one step per transaction; refuse a newer file."""
+        found = schema.user_version(self._conn)
+        if found > schema.LATEST:
+            raise StateError(
+                f"{self.path}: state version {found} is newer than this harvest reads "
+                f"(version {schema.LATEST}); use the harvest that wrote it, or a newer one"
+            )
+        legacy = schema.legacy_schema(self._conn) if found == 0 else None
+        if legacy not in (None, schema.LEGACY_SCHEMA):
+            raise StateError(f"{self.path}: state schema {legacy}, this harvest reads {schema.LEGACY_SCHEMA}")
+        for version in range(found, schema.LATEST):
+            with self._transaction():
+                if schema.user_version(self._conn) != version:
+                    continue  # another process opening the same file took this step first
+                schema.MIGRATIONS[version](self._conn)
+                self._conn.execute(f"PRAGMA user_version = {version + 1}")
 
     def get_meta(self, key: str) -> str | None:
         row = self._conn.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
@@ -278,10 +288,14 @@ class State:
     # -- segments -------------------------------------------------------------
 
     def segments(self) -> list[SegmentRow]:
-        rows = self._conn.execute(
-            "SELECT name, size, items, closed, COALESCE(file, name) FROM segments ORDER BY name"
-        ).fetchall()
-        return [SegmentRow(n, size, items, bool(closed), file) for n, size, items, closed, file in rows]
+        rows = self._conn.execute(f"SELECT {_SEGMENT_COLUMNS} FROM segments ORDER BY name").fetchall()
+        return [_segment_row(r) for r in rows]
+
+    def segment(self, name: str) -> SegmentRow:
+        row = self._conn.execute(f"SELECT {_SEGMENT_COLUMNS} FROM segments WHERE name=?", (name,)).fetchone()
+        if row is None:
+            raise StateError(f"{self.path}: unknown segment {name}")
+        return _segment_row(row)
 
     def close_segment(self, name: str) -> None:
         with self._transaction():
@@ -290,6 +304,17 @@ class State:
     def set_segment_file(self, name: str, file: str) -> None:
         with self._transaction():
             self._conn.execute("UPDATE segments SET file=? WHERE name=?", (file, name))
+
+    def done_steps(self, segment: str) -> frozenset[str]:
+        """The closed-segment steps recorded as complete for `segment`."""
+        rows = self._conn.execute("SELECT step FROM segment_steps WHERE segment=?", (segment,))
+        return frozenset(r[0] for r in rows)
+
+    def record_step(self, segment: str, step: str) -> None:
+        with self._transaction():
+            self._conn.execute(
+                "INSERT OR IGNORE INTO segment_steps VALUES (?, ?, ?)", (segment, step, time.time())
+            )
 
     def seen_count(self) -> int:
         return int(self._conn.execute("SELECT count(*) FROM seen").fetchone()[0])
@@ -310,15 +335,29 @@ class _Transaction:
 
     def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
         if exc is not None:
-            self._conn.execute("ROLLBACK")
+            self._rollback()
             if isinstance(exc, sqlite3.Error):
                 raise StateError(f"{self._path}: {exc}") from None
             return
         try:
             self._conn.execute("COMMIT")
         except sqlite3.Error as err:
-            self._conn.execute("ROLLBACK")
+            self._rollback()
             raise StateError(f"{self._path}: commit failed: {err}") from None
+
+    def _rollback(self) -> None:
+        # On some errors (a full disk, I/O) SQLite has already rolled back by itself;
+        # a ROLLBACK then fails and would hide the error that matters.
+        if self._conn.in_transaction:
+            self._conn.execute("ROLLBACK")
+
+
+_SEGMENT_COLUMNS = "name, size, items, closed, COALESCE(file, name)"
+
+
+def _segment_row(row: tuple[str, int, int, int, str]) -> SegmentRow:
+    name, size, items, closed, file = row
+    return SegmentRow(name, size, items, bool(closed), file)
 
 
 def _shard_row(row: tuple[object, ...]) -> ShardRow:

@@ -7,13 +7,10 @@ total must equal the ids the state has seen.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import orjson
-
-from crawler.archive.compression import read_lines
+from crawler.archive.reader import Line, loads, segment_lines
 from crawler.archive.segments import SEGMENT_SUFFIX
 from crawler.archive.state import SegmentRow, State
 
@@ -48,17 +45,22 @@ def verify(out_dir: Path, state: State) -> Report:
 
 
 def _check_segment(out_dir: Path, segment: SegmentRow, seen: set[int], report: Report) -> None:
-    path = out_dir / segment.file
-    if not path.exists():
+    if not (out_dir / segment.file).exists():
         report.problems.append(f"{segment.file}: missing")
         return
     count = size = 0
-    for number, line in enumerate(_committed(path, segment, report), 1):
+    for line in segment_lines(out_dir, segment):
+        if not line.committed_in(segment) and not segment.closed:
+            # Past the commit of the active segment is only an uncommitted tail; in a
+            # closed one every line counts, so extra data shows as a count mismatch.
+            tail = f"an uncommitted tail past byte {segment.size} (cut by the next run)"
+            report.notes.append(f"{segment.file}: {tail}")
+            break
         count += 1
-        size += len(line)
+        size += len(line.data)
         problem = _check_line(line, seen)
         if problem:
-            report.problems.append(f"{segment.file}:{number}: {problem}")
+            report.problems.append(f"{segment.file}:{line.number}: {problem}")
     report.lines += count
     if count != segment.items:
         report.problems.append(f"{segment.file}: {count} lines, the state committed {segment.items}")
@@ -66,24 +68,12 @@ def _check_segment(out_dir: Path, segment: SegmentRow, seen: set[int], report: R
         report.problems.append(f"{segment.file}: {size} bytes of lines, the state committed {segment.size}")
 
 
-def _committed(path: Path, segment: SegmentRow, report: Report) -> Iterator[bytes]:
-    """The lines within the committed length; a longer active file is only noted."""
-    taken = 0
-    for line in read_lines(path):
-        if taken >= segment.size and not segment.closed:
-            tail = f"an uncommitted tail past byte {segment.size} (cut by the next run)"
-            report.notes.append(f"{segment.file}: {tail}")
-            return
-        taken += len(line)
-        yield line
-
-
-def _check_line(line: bytes, seen: set[int]) -> str | None:
-    if not line.endswith(b"\n"):
+def _check_line(line: Line, seen: set[int]) -> str | None:
+    if not line.data.endswith(b"\n"):
         return "torn line (no newline)"
     try:
-        item = orjson.loads(line)
-    except orjson.JSONDecodeError:
+        item = loads(line.data)  # as any reader of the archive would
+    except ValueError:
         return "not JSON"
     image_id = item.get("id") if isinstance(item, dict) else None
     if not isinstance(image_id, int) or isinstance(image_id, bool):

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import aiohttp
 
-from crawler.archive.checkpoint import Checkpointer
+from crawler.archive.checkpoint import ArchiveSpec, Checkpointer
 from crawler.archive.state import ShardStatus, State
 from crawler.config import Config
 from crawler.crawl.plan import plan_walk
@@ -103,7 +103,8 @@ async def _walk_all(
     log.info("%d shards, %d to walk", len(shards), len(todo))
     progress.start([_view(s, rows[s.key]) for s in shards], client.counters)
     queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=2 * config.api.concurrency)
-    sink = Checkpointer(config.output, state)
+    out = config.output
+    sink = Checkpointer(ArchiveSpec(out.dir, out.segment_items, out.segment_mb, out.compress), state)
     committer = _Committer(sink, state, summary, progress, shards)
     try:
         async with asyncio.TaskGroup() as group:

@@ -1,0 +1,86 @@
+"""Reading an archive back: the committed lines of every segment, plain or compressed.
+
+What is committed is what the state says: each segment's lines that start before
+its committed size. An active segment may hold more (a page written but never
+committed, cut away by the next run); readers of the archive never see it.
+This is the one place that reads segments back: `verify`, and any export or
+repair, go through it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from crawler.archive.compression import open_segment
+from crawler.archive.state import SegmentRow, State
+from crawler.errors import StateError
+
+
+@dataclass(frozen=True, slots=True)
+class Line:
+    """One line of a segment, as stored."""
+
+    segment: str  # the name the segment was written under, whatever its file is now
+    number: int  # 1-based, within the segment
+    offset: int  # where it starts in the segment's uncompressed bytes
+    data: bytes  # with its newline (a torn last line has none)
+
+    def committed_in(self, segment: SegmentRow) -> bool:
+        """Whether the state's commit covers this line (it starts before the committed size)."""
+        return self.offset < segment.size
+
+
+def segment_lines(out_dir: Path, segment: SegmentRow) -> Iterator[Line]:
+    """Every line of one segment's file, committed or not, in order: for checking it."""
+    path = out_dir / segment.file
+    try:
+        stream = open_segment(path)
+    except FileNotFoundError:
+        raise StateError(f"{path}: missing, but the state holds {segment.items} lines in it") from None
+    offset = 0
+    with stream:
+        for number, data in enumerate(stream, 1):
+            yield Line(segment.name, number, offset, data)
+            offset += len(data)
+
+
+def committed_lines(out_dir: Path, state: State) -> Iterator[Line]:
+    """The committed lines of every segment in the state, segment by segment, in order."""
+    for segment in state.segments():
+        for line in segment_lines(out_dir, segment):
+            if not line.committed_in(segment):
+                break  # an uncommitted tail: never part of the archive
+            yield line
+
+
+def committed_items(out_dir: Path, state: State) -> Iterator[dict[str, Any]]:
+    """The committed images, parsed, in archive order."""
+    for line in committed_lines(out_dir, state):
+        yield parse(line)
+
+
+def parse(line: Line) -> dict[str, Any]:
+    """One line as the image it holds; a line that is not one is a broken archive."""
+    try:
+        item = loads(line.data)
+    except ValueError:
+        raise StateError(f"{line.segment}:{line.number}: not JSON") from None
+    if not isinstance(item, dict):
+        raise StateError(f"{line.segment}:{line.number}: not a JSON object")
+    return item
+
+
+def loads(data: bytes) -> Any:
+    """The JSON value of one line; ValueError when it holds none."""
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        # The writer falls back to the standard library for what orjson refuses
+        # (lone surrogates, integers past 64 bits): read those back the same way.
+        return json.loads(data)

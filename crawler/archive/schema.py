@@ -1,0 +1,86 @@
+"""The state's tables, versioned by SQLite's `PRAGMA user_version`, one migration per step.
+
+`MIGRATIONS[n]` takes a state from version n to n + 1. `State.open` applies the
+ones a file lacks, in order, each in its own transaction that also stamps the new
+version, so a crash part way leaves the file at a whole version, never between two.
+A migration only adds: it never drops or rewrites what an older step made.
+
+Before versioning, states were left at user_version 0 with the meta key `schema`
+set to "1". Step 1 is exactly how those tables were made ("IF NOT EXISTS"), so on
+such a file it changes no table and only stamps version 1; on a new file it makes
+them. Code from before versioning reads `meta.schema` and refuses anything but "1":
+it stays "1" while later steps only add what that code can safely ignore.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+
+Migration = Callable[[sqlite3.Connection], None]
+
+LEGACY_SCHEMA = "1"  # meta `schema` of every state before user_version was used
+
+
+def _v1_tables(conn: sqlite3.Connection) -> None:
+    """Meta, shards, segments and seen ids: the state as first released."""
+    conn.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+    conn.execute(
+        """CREATE TABLE IF NOT EXISTS shards (
+    key TEXT PRIMARY KEY,
+    query TEXT NOT NULL,
+    pass INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    cursor TEXT,
+    tail_cursor TEXT,
+    items INTEGER NOT NULL DEFAULT 0,
+    pages INTEGER NOT NULL DEFAULT 0,
+    finished INTEGER NOT NULL DEFAULT 0,
+    error TEXT,
+    updated REAL NOT NULL
+)"""
+    )
+    conn.execute(
+        """CREATE TABLE IF NOT EXISTS segments (
+    name TEXT PRIMARY KEY,
+    size INTEGER NOT NULL,
+    items INTEGER NOT NULL,
+    closed INTEGER NOT NULL DEFAULT 0,
+    file TEXT
+)"""
+    )
+    conn.execute("CREATE TABLE IF NOT EXISTS seen (id INTEGER PRIMARY KEY) WITHOUT ROWID")
+    conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (LEGACY_SCHEMA,))
+
+
+def _v2_segment_steps(conn: sqlite3.Connection) -> None:
+    """Which closed-segment steps (compress, ...) have completed, per segment.
+
+    Starts empty: a compression done before this step is still told by
+    `segments.file`, and the compress step records itself on the next start.
+    """
+    conn.execute(
+        """CREATE TABLE segment_steps (
+    segment TEXT NOT NULL,
+    step TEXT NOT NULL,
+    at REAL NOT NULL,
+    PRIMARY KEY (segment, step)
+) WITHOUT ROWID"""
+    )
+
+
+MIGRATIONS: tuple[Migration, ...] = (_v1_tables, _v2_segment_steps)
+LATEST = len(MIGRATIONS)  # the version this code reads and writes
+
+
+def user_version(conn: sqlite3.Connection) -> int:
+    return int(conn.execute("PRAGMA user_version").fetchone()[0])
+
+
+def legacy_schema(conn: sqlite3.Connection) -> str | None:
+    """The meta `schema` value of a file from before versioning, if it has one."""
+    has_meta = conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'").fetchone()
+    if has_meta is None:
+        return None
+    row = conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+    return None if row is None else str(row[0])
