@@ -29,7 +29,9 @@ from crawler.errors import (
     SearchTimeoutError,
     ShardError,
 )
-from crawler.http.client import Aimd, ApiClient, Cooldown, Pacer, _parse_page, backoff_delay
+from crawler.http.backoff import backoff_delay
+from crawler.http.client import ApiClient, _parse_page
+from crawler.http.gate import Aimd, Cooldown, Pacer
 from crawler.http.outcomes import MAX_RETRY_AFTER, Kind, classify, classify_exception, parse_retry_after
 from crawler.testing.fakeapi import Dataset, FakeServer, FaultInjector, FaultSpec, serve
 
@@ -529,7 +531,7 @@ async def test_blocked_region_and_rejected_key_stop_the_run(small: Dataset) -> N
 
 
 def test_monotonic_clock_is_the_one_the_fake_api_logs() -> None:
-    from crawler.http.client import MonotonicClock
+    from crawler.http.clock import MonotonicClock
 
     before = time.monotonic()
     assert before <= MonotonicClock().now() <= time.monotonic()

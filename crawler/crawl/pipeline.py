@@ -26,7 +26,8 @@ from crawler.crawl.shards import PlanFailure, Shard, describe, plan_shards, spli
 from crawler.crawl.walker import Failed, Fetched, Split, walk
 from crawler.crawl.watch import NoProgress, Progress, ShardView
 from crawler.errors import HarvestError
-from crawler.http.client import ApiClient, Counters
+from crawler.http.client import ApiClient
+from crawler.http.gate import Counters
 
 log = logging.getLogger("harvest")
 T = TypeVar("T")
