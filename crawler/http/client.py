@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,10 +47,9 @@ from crawler.http.backoff import backoff_delay
 from crawler.http.clock import Clock
 from crawler.http.gate import RateGate
 from crawler.http.outcomes import Kind, Outcome, classify, classify_exception
+from crawler.http.transport import AiohttpTransport, Params, Transport
 
 log = logging.getLogger("harvest")
-
-Params = Sequence[tuple[str, str]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +75,7 @@ class ApiClient:
         clock: Clock | None = None,
         rng: Callable[[], float] = random.random,
     ) -> None:
-        self._session = session
+        self._transport: Transport = AiohttpTransport(session)
         self._api = api
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._gate = RateGate(
@@ -156,16 +155,11 @@ class ApiClient:
 
     async def _send(self, path: str, query: Params) -> Outcome:
         try:
-            async with self._session.get(
-                self._api.base_url + path,
-                params=query,
-                headers=self._headers,
-                timeout=aiohttp.ClientTimeout(total=self._api.timeout),
-            ) as resp:
-                raw = await resp.read()
-                return classify(resp.status, resp.headers, raw, has_key=bool(self._headers))
+            url = self._api.base_url + path
+            resp = await self._transport.get(url, query, self._headers, self._api.timeout)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             return classify_exception(exc)
+        return classify(resp.status, resp.headers, resp.body, has_key=bool(self._headers))
 
 
 def _shard_error(outcome: Outcome, path: str) -> ApiError:
