@@ -1,5 +1,5 @@
 """The client (issue #3): one classification of every outcome, Retry-After in both forms,
-capped backoff that never retries early, AIMD pacing; then `ApiClient` against the real
+capped backoff that never retries early, AIMD pacing; then `CivitaiApi` against the real
 fake API over HTTP (no mocks)."""
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 from conftest import make_dataset
 from crawler.config import ApiConfig
+from crawler.crawl.api import CivitaiApi, _parse_page, make_api
 from crawler.errors import (
     BadRequestError,
     NotFoundError,
@@ -30,7 +31,6 @@ from crawler.errors import (
     ShardError,
 )
 from crawler.http.backoff import backoff_delay
-from crawler.http.client import ApiClient, _parse_page
 from crawler.http.gate import Aimd, Cooldown, Pacer
 from crawler.http.outcomes import MAX_RETRY_AFTER, Kind, classify, classify_exception, parse_retry_after
 from crawler.testing.fakeapi import Dataset, FakeServer, FaultInjector, FaultSpec, serve
@@ -391,7 +391,7 @@ def test_pages_keep_string_and_number_cursors() -> None:
     assert legacy is not None and legacy.next_cursor == 8
 
 
-# ---------------------------------------------------------------- ApiClient against the fake API
+# ---------------------------------------------------------------- CivitaiApi against the fake API
 
 PARAMS = [("modelVersionId", "5003"), ("browsingLevel", "31"), ("limit", "50")]
 
@@ -409,7 +409,7 @@ async def client_for(
     key: str | None = None,
     server_key: str | None = None,
     **api: Any,
-) -> AsyncIterator[tuple[ApiClient, FakeServer]]:
+) -> AsyncIterator[tuple[CivitaiApi, FakeServer]]:
     settings: dict[str, Any] = {
         "requests_per_second": 500.0,
         "concurrency": 1,
@@ -419,7 +419,7 @@ async def client_for(
         **api,
     }
     async with serve(dataset, faults, api_key=server_key) as server, aiohttp.ClientSession() as session:
-        yield ApiClient(session, ApiConfig(base_url=server.base_url, **settings), key), server
+        yield make_api(session, ApiConfig(base_url=server.base_url, **settings), key), server
 
 
 async def test_every_transient_fault_is_retried_until_a_page_comes(small: Dataset) -> None:

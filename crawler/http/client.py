@@ -1,39 +1,29 @@
-"""The API client: one cooldown, one pacer (aiolimiter), one concurrency cap, shared by every worker.
+"""The HTTP client: GET JSON from a rate-limited service, retrying what is worth retrying.
 
-A request takes a concurrency slot, waits for the cooldown (a 429 or 503 seen by
-any worker pauses all of them), then for its turn at the pacer, then checks the
-cooldown once more, so nothing is sent before a `Retry-After` has passed. The
-answer is classified in `outcomes` and acted on before the slot is given back,
-so no other worker can send in between.
+Each attempt takes a turn at the shared `RateGate` (slots, cooldown, pacer,
+AIMD), is sent through a `Transport`, classified in `outcomes`, and its body is
+handed to the caller's `parse`; a body `parse` refuses (None) is as transient as
+a 5xx. The outcome is observed by the gate before the turn ends.
 
-Three mechanisms, from fast to slow:
-
-- the per-request backoff: a transient failure (5xx, timeout, HTML page) is
-  retried after a capped exponential delay that jitter only ever lengthens;
-- the shared `Cooldown`: a rate-limited answer pauses every worker for its
-  `Retry-After` (seconds or HTTP-date, honoured exactly), or, without one, for a
-  capped exponential delay that grows while rate limiting goes on (a 5xx that
-  carries a `Retry-After` pauses everyone too, without counting as rate limited);
-- `Aimd`, the effective request rate: repeated rate limiting halves it, a run of
-  successes adds back a tenth of the configured rate, never above it.
+Three mechanisms against overload, from fast to slow: this request's own
+backoff (a transient failure is retried after a capped exponential delay that
+jitter only ever lengthens), then the gate's shared cooldown and its AIMD rate.
 
 Every retry, of any kind, spends the request's budget (`max_retries`); when it is
-spent the shard stops with `RetriesExhaustedError` and its checkpoint intact.
-Time comes from an injectable `Clock`, so all of this is testable without sleeping.
+spent the caller gets `RetriesExhaustedError`. Time comes from the gate's
+injectable `Clock`, so all of this is testable without sleeping.
 """
 
 from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 
-from crawler.archive.state import Cursor
-from crawler.config import ApiConfig
 from crawler.errors import (
     ApiError,
     BadRequestError,
@@ -45,80 +35,76 @@ from crawler.errors import (
 )
 from crawler.http.backoff import backoff_delay
 from crawler.http.clock import Clock
-from crawler.http.gate import RateGate
+from crawler.http.gate import Counters, RateGate
 from crawler.http.outcomes import Kind, Outcome, classify, classify_exception
-from crawler.http.transport import AiohttpTransport, Params, Transport
+from crawler.http.transport import Params, Transport
 
 log = logging.getLogger("harvest")
 
+T = TypeVar("T")
+
 
 @dataclass(frozen=True, slots=True)
-class Page:
-    """One page of `/images`: the items as served and the cursor to the next."""
+class HttpSettings:
+    """How to talk to one service: where, how fast, how patiently."""
 
-    items: list[dict[str, Any]]
-    next_cursor: Cursor | None
+    base_url: str  # prefixed to every path, e.g. "https://example.com/api/v1"
+    timeout: float  # seconds for one whole request
+    max_retries: int  # retries of one request after its first attempt
+    max_backoff: float  # seconds: cap of every exponential backoff
+    requests_per_second: float  # one pace shared by every request (AIMD may lower it)
+    concurrency: int  # requests in flight at most
 
 
-# ---------------------------------------------------------------- the client
-
-
-class ApiClient:
-    """GETs against the images API with retries, pacing and classification."""
+class HttpClient:
+    """GETs of JSON with retries, pacing and classification; knows nothing of what it fetches."""
 
     def __init__(
         self,
-        session: aiohttp.ClientSession,
-        api: ApiConfig,
-        api_key: str | None,
+        transport: Transport,
+        gate: RateGate,
+        settings: HttpSettings,
+        headers: Mapping[str, str] | None = None,
         *,
         clock: Clock | None = None,
         rng: Callable[[], float] = random.random,
     ) -> None:
-        self._transport: Transport = AiohttpTransport(session)
-        self._api = api
-        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._gate = RateGate(
-            api.requests_per_second, api.concurrency, max_backoff=api.max_backoff, clock=clock, rng=rng
-        )
-        self._clock = self._gate.clock
+        self._transport = transport
+        self._gate = gate
+        self._settings = settings
+        self._headers = dict(headers or {})
+        # A 401/403 means "credentials rejected" only when some were sent.
+        self._has_key = any(name.lower() == "authorization" for name in self._headers)
+        self._clock = clock or gate.clock
         self._rng = rng
-        self.counters = self._gate.counters
 
     @property
-    def effective_rps(self) -> float:
-        """The request rate in force now (AIMD), at most the configured requests_per_second."""
-        return self._gate.effective_rps
+    def gate(self) -> RateGate:
+        return self._gate
 
     @property
-    def cooldown_until(self) -> float:
-        """Clock time before which no request is sent (-inf when there is no pause)."""
-        return self._gate.cooldown_until
+    def counters(self) -> Counters:
+        return self._gate.counters
 
-    async def images(self, params: Params, cursor: Cursor | None, timeouts: int | None = None) -> Page:
-        """One page. With `timeouts`, that many timed-out attempts (the client's own timeout,
-        or a gateway's 504/524) raise `SearchTimeoutError`, so the walker can ask for less."""
-        query = list(params) + ([("cursor", str(cursor))] if cursor is not None else [])
-        page: Page = await self._get("/images", query, parse=_parse_page, timeouts=timeouts)
-        return page
+    async def get_json(
+        self, path: str, query: Params, parse: Callable[[Any], T | None], *, timeouts: int | None = None
+    ) -> T:
+        """`parse(body)` of the first good answer to GET base_url+path?query.
 
-    async def model_version_ids(self, model_id: str) -> list[int]:
-        ids: list[int] = await self._get(f"/models/{model_id}", [], parse=_parse_model)
-        return ids
-
-    async def _get(
-        self, path: str, query: Params, parse: Callable[[Any], Any], timeouts: int | None = None
-    ) -> Any:
-        attempts = self._api.max_retries + 1
+        With `timeouts`, that many timed-out attempts (our own timeout, or a
+        gateway's 504/524) raise `SearchTimeoutError`, so the caller can ask for less.
+        """
+        attempts = self._settings.max_retries + 1
         failures = 0  # transient failures of this request so far: its own backoff
         timed_out = 0
         outcome: Outcome | None = None
         for attempt in range(attempts):
             if attempt:
-                self.counters.retries += 1
+                self._gate.counters.retries += 1
             outcome = await self._attempt(path, query, parse)
             if outcome.kind is Kind.OK:
-                return outcome.body
+                parsed: T = outcome.body
+                return parsed
             if outcome.kind is Kind.RUN_FATAL:
                 raise RunFatalError(outcome.reason)
             if outcome.kind is Kind.SHARD_FATAL:
@@ -131,7 +117,7 @@ class ApiClient:
                     raise SearchTimeoutError(
                         f"{path}: {timed_out} attempts timed out; last: {outcome.reason}"
                     )
-                wait = backoff_delay(failures, self._api.max_backoff, self._rng)
+                wait = backoff_delay(failures, self._settings.max_backoff, self._rng)
             log.debug("%s: %s (attempt %d of %d)", path, outcome.reason, attempt + 1, attempts)
             if attempt + 1 < attempts and wait > 0:
                 await self._clock.sleep(wait)
@@ -139,27 +125,29 @@ class ApiClient:
         raise RetriesExhaustedError(f"{path}: gave up after {attempts} attempts; last: {outcome.reason}")
 
     async def _attempt(self, path: str, query: Params, parse: Callable[[Any], Any]) -> Outcome:
-        """One request; its outcome is acted on (cooldown, rate) before the slot is released."""
+        """One request; its outcome is observed (cooldown, rate) before the turn ends."""
         async with self._gate.turn() as turn:
             outcome = await self._send(path, query)
             if outcome.kind is Kind.OK:
-                parsed = parse(outcome.body)
-                if parsed is None:
-                    outcome = Outcome(
-                        Kind.RETRY, "malformed JSON response", status=outcome.status, tag="malformed"
-                    )
-                else:
-                    outcome = Outcome(Kind.OK, "ok", body=parsed, status=outcome.status)
+                outcome = _parsed(outcome, parse)
             turn.observe(outcome)
             return outcome
 
     async def _send(self, path: str, query: Params) -> Outcome:
+        url = self._settings.base_url + path
         try:
-            url = self._api.base_url + path
-            resp = await self._transport.get(url, query, self._headers, self._api.timeout)
+            resp = await self._transport.get(url, query, self._headers, self._settings.timeout)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             return classify_exception(exc)
-        return classify(resp.status, resp.headers, resp.body, has_key=bool(self._headers))
+        return classify(resp.status, resp.headers, resp.body, has_key=self._has_key)
+
+
+def _parsed(outcome: Outcome, parse: Callable[[Any], Any]) -> Outcome:
+    """OK with the parsed body, or RETRY when the JSON is not the shape the caller expects."""
+    parsed = parse(outcome.body)
+    if parsed is None:
+        return Outcome(Kind.RETRY, "malformed JSON response", status=outcome.status, tag="malformed")
+    return Outcome(Kind.OK, "ok", body=parsed, status=outcome.status)
 
 
 def _shard_error(outcome: Outcome, path: str) -> ApiError:
@@ -168,30 +156,3 @@ def _shard_error(outcome: Outcome, path: str) -> ApiError:
     if outcome.status == 404:
         return NotFoundError(f"{path}: {outcome.reason}")
     return ShardError(f"{path}: {outcome.reason}")
-
-
-def _parse_page(body: Any) -> Page | None:
-    """A page, or None when the body is not the shape the API promises."""
-    if not isinstance(body, dict):
-        return None
-    items, meta = body.get("items"), body.get("metadata", {})
-    if not isinstance(items, list) or not isinstance(meta, dict):
-        return None
-    if not all(isinstance(i, dict) and _is_id(i.get("id")) for i in items):
-        return None
-    cursor = meta.get("nextCursor")
-    if cursor is not None and (not isinstance(cursor, str | int) or isinstance(cursor, bool)):
-        return None
-    return Page(items, cursor)
-
-
-def _parse_model(body: Any) -> list[int] | None:
-    versions = body.get("modelVersions") if isinstance(body, dict) else None
-    if not isinstance(versions, list):
-        return None
-    ids: list[Any] = [v.get("id") for v in versions if isinstance(v, dict)]
-    return [i for i in ids if _is_id(i)]
-
-
-def _is_id(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
