@@ -30,9 +30,7 @@ class Response:
 class Transport(Protocol):
     """Sends one GET; raises aiohttp.ClientError, TimeoutError or OSError when no answer came."""
 
-    async def get(
-        self, url: str, params: Params, headers: Mapping[str, str], timeout: float
-    ) -> Response: ...
+    async def get(self, url: str, params: Params, headers: Mapping[str, str], timeout: float) -> Response: ...
 
 
 class AiohttpTransport:
