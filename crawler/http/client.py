@@ -21,6 +21,7 @@ import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import aiohttp
 
@@ -77,6 +78,7 @@ class HttpClient:
         self._has_key = any(name.lower() == "authorization" for name in self._headers)
         self._clock = clock or gate.clock
         self._rng = rng
+        self._host = _host_of(settings.base_url)
 
     @property
     def gate(self) -> RateGate:
@@ -105,10 +107,7 @@ class HttpClient:
             if outcome.kind is Kind.OK:
                 parsed: T = outcome.body
                 return parsed
-            if outcome.kind is Kind.RUN_FATAL:
-                raise RunFatalError(outcome.reason)
-            if outcome.kind is Kind.SHARD_FATAL:
-                raise _shard_error(outcome, path)
+            _raise_if_fatal(outcome, path)
             wait = 0.0  # RATE_LIMITED: the shared cooldown already holds everyone back
             if outcome.kind is Kind.RETRY:
                 failures += 1
@@ -118,11 +117,27 @@ class HttpClient:
                         f"{path}: {timed_out} attempts timed out; last: {outcome.reason}"
                     )
                 wait = backoff_delay(failures, self._settings.max_backoff, self._rng)
-            log.debug("%s: %s (attempt %d of %d)", path, outcome.reason, attempt + 1, attempts)
+            self._report(path, outcome, attempt, wait)
             if attempt + 1 < attempts and wait > 0:
                 await self._clock.sleep(wait)
         assert outcome is not None
         raise RetriesExhaustedError(f"{path}: gave up after {attempts} attempts; last: {outcome.reason}")
+
+    def _report(self, path: str, outcome: Outcome, attempt: int, wait: float) -> None:
+        """Log a failed attempt: at WARNING when the host was not reached and a retry follows."""
+        retries = self._settings.max_retries
+        if outcome.unreachable and attempt < retries:
+            # Not DEBUG: a run without a network would otherwise say nothing until its budgets run out.
+            log.warning(
+                "%s unreachable (%s): retry %d/%d in %s s",
+                self._host,
+                outcome.unreachable,
+                attempt + 1,
+                retries,
+                _seconds(wait),
+            )
+        else:
+            log.debug("%s: %s (attempt %d of %d)", path, outcome.reason, attempt + 1, retries + 1)
 
     async def _attempt(self, path: str, query: Params, parse: Callable[[Any], Any]) -> Outcome:
         """One request; its outcome is observed (cooldown, rate) before the turn ends."""
@@ -150,9 +165,33 @@ def _parsed(outcome: Outcome, parse: Callable[[Any], Any]) -> Outcome:
     return Outcome(Kind.OK, "ok", body=parsed, status=outcome.status)
 
 
+def _raise_if_fatal(outcome: Outcome, path: str) -> None:
+    if outcome.kind is Kind.RUN_FATAL:
+        raise RunFatalError(outcome.reason)
+    if outcome.kind is Kind.SHARD_FATAL:
+        raise _shard_error(outcome, path)
+
+
 def _shard_error(outcome: Outcome, path: str) -> ApiError:
     if outcome.status == 400:
         return BadRequestError(f"{path}: {outcome.reason}")
     if outcome.status == 404:
         return NotFoundError(f"{path}: {outcome.reason}")
     return ShardError(f"{path}: {outcome.reason}")
+
+
+def _host_of(base_url: str) -> str:
+    """`host:port` of the service, for messages (never the URL's user or password)."""
+    parts = urlsplit(base_url)
+    try:
+        port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
+    except ValueError:  # a port that is not a number: the request itself will say so
+        port = None
+    host = parts.hostname or "?"
+    host = f"[{host}]" if ":" in host else host
+    return f"{host}:{port}" if port else host
+
+
+def _seconds(value: float) -> str:
+    """4 -> "4", 1.4995 -> "1.5", 0.05 -> "0.05", 16.3 -> "16": enough digits for a person."""
+    return f"{value:.0f}" if value >= 10 else f"{value:.2g}"
