@@ -1,5 +1,5 @@
 """The client (issue #3): one classification of every outcome, Retry-After in both forms,
-capped backoff that never retries early, AIMD pacing; then `ApiClient` against the real
+capped backoff that never retries early, AIMD pacing; then `CivitaiApi` against the real
 fake API over HTTP (no mocks)."""
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 from conftest import make_dataset
 from crawler.config import ApiConfig
+from crawler.crawl.api import CivitaiApi, _parse_page, make_api
 from crawler.errors import (
     BadRequestError,
     NotFoundError,
@@ -29,9 +30,13 @@ from crawler.errors import (
     SearchTimeoutError,
     ShardError,
 )
-from crawler.http.client import Aimd, ApiClient, Cooldown, Pacer, _parse_page, backoff_delay
+from crawler.http.backoff import backoff_delay
+from crawler.http.client import HttpClient, HttpSettings
+from crawler.http.gate import Aimd, Cooldown, Pacer, RateGate
 from crawler.http.outcomes import MAX_RETRY_AFTER, Kind, classify, classify_exception, parse_retry_after
+from crawler.http.transport import Response
 from crawler.testing.fakeapi import Dataset, FakeServer, FaultInjector, FaultSpec, serve
+from crawler.testing.fakehttp import ScriptedTransport, VirtualClock, reply, run_virtual
 
 JSON = {"Content-Type": "application/json"}
 HTML = {"Content-Type": "text/html; charset=utf-8"}
@@ -389,7 +394,183 @@ def test_pages_keep_string_and_number_cursors() -> None:
     assert legacy is not None and legacy.next_cursor == 8
 
 
-# ---------------------------------------------------------------- ApiClient against the fake API
+# ---------------------------------------------------------------- HttpClient on a scripted transport
+
+BASE = "http://127.0.0.1:9/api/v1"  # never contacted: the transport is scripted
+GOOD = {"ids": [1, 2]}
+
+
+def ids(body: Any) -> list[int] | None:
+    """A caller's parse: the body's `ids`, or None when it is not the promised shape."""
+    got = body.get("ids") if isinstance(body, dict) else None
+    return got if isinstance(got, list) else None
+
+
+def scripted(
+    clock: VirtualClock,
+    *script: Response | BaseException,
+    headers: dict[str, str] | None = None,
+    **settings: Any,
+) -> tuple[HttpClient, ScriptedTransport]:
+    """A client on virtual time over a scripted transport; jitter 0, so every wait is nominal."""
+    values: dict[str, Any] = {
+        "base_url": BASE,
+        "timeout": 5.0,
+        "max_retries": 8,
+        "max_backoff": 30.0,
+        "requests_per_second": 100.0,
+        "concurrency": 1,
+        **settings,
+    }
+    http = HttpSettings(**values)
+    gate = RateGate(http.requests_per_second, http.concurrency, max_backoff=http.max_backoff, clock=clock)
+    transport = ScriptedTransport(*script)
+    return HttpClient(transport, gate, http, headers, rng=lambda: 0.0), transport
+
+
+def fetch(clock: VirtualClock, client: HttpClient, timeouts: int | None = None) -> list[int]:
+    return run_virtual(clock, lambda: client.get_json("/things", [("a", "1")], ids, timeouts=timeouts))
+
+
+def send_times(transport: ScriptedTransport) -> list[float]:
+    return [s.at for s in transport.sent]
+
+
+def test_get_json_sends_the_url_query_headers_and_timeout() -> None:
+    clock = VirtualClock()
+    client, transport = scripted(clock, reply(200, GOOD), headers={"X-Test": "1"}, timeout=7.5)
+    assert fetch(clock, client) == [1, 2]
+    (sent,) = transport.sent
+    assert (sent.url, sent.params, dict(sent.headers), sent.timeout) == (
+        BASE + "/things",
+        (("a", "1"),),
+        {"X-Test": "1"},
+        7.5,
+    )
+    assert client.counters.requests == 1 and client.counters.retries == 0 and clock.slept == []
+
+
+def test_every_retry_spends_the_budget_with_a_growing_backoff_between() -> None:
+    clock = VirtualClock()
+    client, transport = scripted(clock, *[reply(500, {"error": "boom"})] * 3, max_retries=2)
+    with pytest.raises(RetriesExhaustedError, match="^/things: gave up after 3 attempts; last: HTTP 500"):
+        fetch(clock, client)
+    assert clock.slept == [1.0, 2.0]  # after the 1st and 2nd failure; none after the last
+    first, second, third = send_times(transport)
+    assert (second - first, third - second) == (pytest.approx(1.0), pytest.approx(2.0))
+    assert client.counters.retries == 2 and client.counters.by_reason == {"500": 3}
+
+
+def test_backoff_is_capped_by_max_backoff() -> None:
+    clock = VirtualClock()
+    client, _ = scripted(clock, *[reply(502, b"<html/>")] * 4, reply(200, GOOD), max_backoff=1.5)
+    assert fetch(clock, client) == [1, 2]
+    assert clock.slept == [1.0, 1.5, 1.5, 1.5]
+
+
+def test_rate_limited_answers_spend_the_budget_too() -> None:
+    clock = VirtualClock()
+    client, transport = scripted(clock, *[reply(429, retry_after="1")] * 3, max_retries=2)
+    with pytest.raises(RetriesExhaustedError, match="gave up after 3 attempts; last: HTTP 429"):
+        fetch(clock, client)
+    assert len(transport.sent) == 3 and client.counters.rate_limited == 3
+    assert gaps_of(send_times(transport)) == [pytest.approx(1.0)] * 2  # the cooldown only, no backoff
+
+
+def test_no_request_is_sent_before_a_retry_after_has_passed() -> None:
+    clock = VirtualClock()
+    client, transport = scripted(
+        clock, reply(503, retry_after="7"), reply(429, retry_after="0.5"), reply(200, GOOD)
+    )
+    assert fetch(clock, client) == [1, 2]
+    first, second, third = send_times(transport)
+    assert second >= first + 7 and third >= second + 0.5
+    assert second - first == pytest.approx(7.0) and third - second == pytest.approx(0.5)
+    assert client.gate.cooldown_until == pytest.approx(second + 0.5)
+
+
+def test_a_body_parse_refuses_is_malformed_and_retried() -> None:
+    clock = VirtualClock()
+    client, transport = scripted(clock, reply(200, {"ids": "nope"}), reply(200, [1]), reply(200, GOOD))
+    assert fetch(clock, client) == [1, 2]
+    assert len(transport.sent) == 3 and client.counters.by_reason == {"malformed": 2}
+    assert clock.slept == [1.0, 2.0]
+
+
+def test_the_client_retries_transport_failures() -> None:
+    clock = VirtualClock()
+    failures: list[BaseException] = [
+        ConnectionResetError(104, "Connection reset by peer"),
+        aiohttp.ServerDisconnectedError(),
+        aiohttp.ClientPayloadError("Response payload is not completed"),
+    ]
+    client, transport = scripted(clock, *failures, reply(200, GOOD))
+    assert fetch(clock, client) == [1, 2]
+    assert client.counters.by_reason == {
+        "ConnectionResetError": 1,
+        "ServerDisconnectedError": 1,
+        "ClientPayloadError": 1,
+    }
+
+
+def test_timed_out_attempts_raise_search_timeout_when_asked() -> None:
+    clock = VirtualClock()
+    client, transport = scripted(clock, TimeoutError(), reply(500, {}), reply(524, b"<html/>"))
+    with pytest.raises(SearchTimeoutError, match="/things: 2 attempts timed out; last: HTTP 524"):
+        fetch(clock, client, timeouts=2)
+    assert len(transport.sent) == 3  # the 500 did not time out
+
+
+def test_timed_out_attempts_are_plain_retries_otherwise() -> None:
+    clock = VirtualClock()
+    client, _ = scripted(clock, TimeoutError(), reply(504, b"<html/>"), reply(200, GOOD))
+    assert fetch(clock, client) == [1, 2]
+    assert client.counters.by_reason == {"timeout": 1, "504": 1}
+
+
+def test_concurrent_requests_share_the_slots_and_the_pace() -> None:
+    clock = VirtualClock()
+    client, transport = scripted(clock, *[reply(200, GOOD)] * 6, concurrency=2, requests_per_second=10.0)
+    transport.latency = 1.0
+
+    async def six() -> list[list[int]]:
+        return list(await asyncio.gather(*(client.get_json("/things", [], ids) for _ in range(6))))
+
+    assert run_virtual(clock, six) == [[1, 2]] * 6
+    assert transport.peak_in_flight == 2
+    # Two in flight at a time, each a second long: sends at 0, 0.1, then as slots free up.
+    assert [t - 100 for t in send_times(transport)] == pytest.approx([0, 0.1, 1.0, 1.1, 2.0, 2.1], abs=1e-6)
+
+
+KEY = {"Authorization": "Bearer sk-test"}
+FATAL: dict[str, tuple[Response, dict[str, str] | None, type[Exception], str]] = {
+    "400": (reply(400, {"error": "Bad cursor"}), None, BadRequestError, "/things: HTTP 400 bad request"),
+    "404": (reply(404, {"error": "No such thing"}), None, NotFoundError, "HTTP 404 not found"),
+    "410": (reply(410, {"error": "Gone"}), None, ShardError, "/things: HTTP 410: Gone"),
+    "429 page cap": (reply(429, {"error": "too many pages"}), None, ShardError, "page cap"),
+    "401, no key": (reply(401, {"error": "Unauthorized"}), None, ShardError, "no API key"),
+    "401, key": (reply(401, {"error": "Unauthorized"}), KEY, RunFatalError, "was rejected"),
+    "403, key": (reply(403, {"error": "Forbidden"}), KEY, RunFatalError, "was rejected"),
+    "451": (reply(451, {"error": "Legal"}), None, RunFatalError, "blocked in this region"),
+}
+
+
+@pytest.mark.parametrize("case", list(FATAL))
+def test_fatal_answers_map_to_their_error_and_are_never_retried(case: str) -> None:
+    response, headers, error, words = FATAL[case]
+    clock = VirtualClock()
+    client, transport = scripted(clock, response, headers=headers)
+    with pytest.raises(error, match=words) as caught:
+        fetch(clock, client)
+    assert type(caught.value) is error and len(transport.sent) == 1
+    assert client.counters.retries == 0 and clock.slept == []
+
+
+def gaps_of(times: list[float]) -> list[float]:
+    return [b - a for a, b in zip(times, times[1:], strict=False)]
+
+
+# ---------------------------------------------------------------- CivitaiApi against the fake API
 
 PARAMS = [("modelVersionId", "5003"), ("browsingLevel", "31"), ("limit", "50")]
 
@@ -407,7 +588,7 @@ async def client_for(
     key: str | None = None,
     server_key: str | None = None,
     **api: Any,
-) -> AsyncIterator[tuple[ApiClient, FakeServer]]:
+) -> AsyncIterator[tuple[CivitaiApi, FakeServer]]:
     settings: dict[str, Any] = {
         "requests_per_second": 500.0,
         "concurrency": 1,
@@ -417,7 +598,7 @@ async def client_for(
         **api,
     }
     async with serve(dataset, faults, api_key=server_key) as server, aiohttp.ClientSession() as session:
-        yield ApiClient(session, ApiConfig(base_url=server.base_url, **settings), key), server
+        yield make_api(session, ApiConfig(base_url=server.base_url, **settings), key), server
 
 
 async def test_every_transient_fault_is_retried_until_a_page_comes(small: Dataset) -> None:
@@ -529,7 +710,7 @@ async def test_blocked_region_and_rejected_key_stop_the_run(small: Dataset) -> N
 
 
 def test_monotonic_clock_is_the_one_the_fake_api_logs() -> None:
-    from crawler.http.client import MonotonicClock
+    from crawler.http.clock import MonotonicClock
 
     before = time.monotonic()
     assert before <= MonotonicClock().now() <= time.monotonic()

@@ -21,7 +21,7 @@ from crawler.cli import app as cli
 from crawler.cli import logs
 from crawler.cli.progress import LiveProgress, LogProgress, shorten_keys
 from crawler.crawl.watch import ShardView
-from crawler.http.client import Counters
+from crawler.http.gate import Counters
 from crawler.testing.fakeapi import FakeServer, ServerThread
 
 MODEL = {"modelId": 500, "sort": "Newest", "browsingLevel": 31}

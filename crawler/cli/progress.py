@@ -27,7 +27,7 @@ from typing import Any, Protocol, TypeVar
 from urllib.parse import unquote_plus
 
 from crawler.crawl.watch import ShardView
-from crawler.http.client import Counters
+from crawler.http.gate import Counters
 
 log = logging.getLogger("harvest")
 

@@ -21,12 +21,13 @@ import aiohttp
 from crawler.archive.checkpoint import ArchiveSpec, Checkpointer
 from crawler.archive.state import ShardStatus, State
 from crawler.config import Config
+from crawler.crawl.api import CivitaiApi, make_api
 from crawler.crawl.plan import plan_walk
 from crawler.crawl.shards import PlanFailure, Shard, describe, plan_shards, split
 from crawler.crawl.walker import Failed, Fetched, Split, walk
 from crawler.crawl.watch import NoProgress, Progress, ShardView
 from crawler.errors import HarvestError
-from crawler.http.client import ApiClient, Counters
+from crawler.http.gate import Counters
 
 log = logging.getLogger("harvest")
 T = TypeVar("T")
@@ -58,7 +59,7 @@ async def run_harvest(
     summary = RunSummary()
     connector = aiohttp.TCPConnector(limit=config.api.concurrency)
     async with aiohttp.ClientSession(connector=connector) as session:
-        client = ApiClient(session, config.api, api_key)
+        client = make_api(session, config.api, api_key)
         summary.counters = client.counters
         try:
             planned, plan_failures = await plan_shards(config.queries, client)
@@ -91,7 +92,7 @@ def _close_pass(state: State, shards: Sequence[Shard], failures: Sequence[PlanFa
 async def _walk_all(
     shards: list[Shard],
     state: State,
-    client: ApiClient,
+    client: CivitaiApi,
     config: Config,
     summary: RunSummary,
     progress: Progress,
@@ -136,7 +137,7 @@ def _errors(error: BaseException) -> Iterator[BaseException]:
 
 
 async def _produce(
-    shards: Sequence[Shard], rows: dict[str, Any], client: ApiClient, queue: asyncio.Queue[Any]
+    shards: Sequence[Shard], rows: dict[str, Any], client: CivitaiApi, queue: asyncio.Queue[Any]
 ) -> None:
     async with asyncio.TaskGroup() as walkers:
         for shard in shards:

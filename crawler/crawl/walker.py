@@ -15,10 +15,10 @@ from typing import Any
 
 from crawler.archive.checkpoint import PageResult
 from crawler.archive.state import Cursor
+from crawler.crawl.api import CivitaiApi, Page
 from crawler.crawl.plan import PageSize, WalkPlan
 from crawler.crawl.shards import Shard, check_items, describe, split, with_limit
 from crawler.errors import CursorLoopError, SearchTimeoutError, ShardError
-from crawler.http.client import ApiClient, Page
 
 log = logging.getLogger("harvest")
 
@@ -47,7 +47,7 @@ class Split:
     children: list[Shard]
 
 
-async def walk(shard: Shard, plan: WalkPlan, client: ApiClient, queue: asyncio.Queue[Any]) -> None:
+async def walk(shard: Shard, plan: WalkPlan, client: CivitaiApi, queue: asyncio.Queue[Any]) -> None:
     """Walk `shard` from `plan.start`; failures go on the queue, never up."""
     try:
         if not await _follow(shard, plan, client, queue):
@@ -56,7 +56,7 @@ async def walk(shard: Shard, plan: WalkPlan, client: ApiClient, queue: asyncio.Q
         await queue.put(Failed(shard, str(exc)))
 
 
-async def _follow(shard: Shard, plan: WalkPlan, client: ApiClient, queue: asyncio.Queue[Any]) -> bool:
+async def _follow(shard: Shard, plan: WalkPlan, client: CivitaiApi, queue: asyncio.Queue[Any]) -> bool:
     """Follow the cursors to the end: True, or False when the shard must be split."""
     cursor = plan.start
     used: set[str] = set()
@@ -83,7 +83,7 @@ async def _follow(shard: Shard, plan: WalkPlan, client: ApiClient, queue: asynci
         cursor = page.next_cursor
 
 
-async def _walk_children(shard: Shard, client: ApiClient, queue: asyncio.Queue[Any]) -> None:
+async def _walk_children(shard: Shard, client: CivitaiApi, queue: asyncio.Queue[Any]) -> None:
     children = split(shard)
     if not children:
         raise SearchTimeoutError("requests keep timing out even at the smallest page size")

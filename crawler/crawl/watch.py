@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from crawler.http.client import Counters
+from crawler.http.gate import Counters
 
 
 @dataclass(frozen=True, slots=True)

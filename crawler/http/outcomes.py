@@ -23,13 +23,19 @@ HTTP-date `Retry-After` is read against `now`, the wall clock unless given).
 
 A RETRY that carries a `Retry-After` (e.g. a 502 with one) keeps it: the client
 honours it like any other, without calling it a rate limit.
+
+A transport failure that got no answer at all says why in `unreachable`
+("connection refused", "DNS", "timed out", ...), so a run that cannot reach the
+host can say so on every retry instead of staying silent until it gives up.
 """
 
 from __future__ import annotations
 
 import enum
+import errno
 import json
 import re
+import socket
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -37,6 +43,7 @@ from datetime import UTC
 from email.utils import parsedate_to_datetime
 from typing import Any
 
+import aiohttp
 import orjson
 
 
@@ -56,6 +63,7 @@ class Outcome:
     retry_after: float | None = None  # seconds, from a parseable Retry-After header
     status: int | None = None
     tag: str = ""  # short and stable, for counting: "503", "429", "html-200", "timeout", ...
+    unreachable: str | None = None  # no answer came, and why: "connection refused", "DNS", "timed out"
 
     @property
     def timed_out(self) -> bool:
@@ -144,10 +152,38 @@ def classify_exception(exc: BaseException) -> Outcome:
     """Timeouts, resets, refusals and cut bodies are all transient."""
     name = type(exc).__name__
     if isinstance(exc, TimeoutError):
-        return Outcome(Kind.RETRY, "request timed out", tag="timeout")
+        # Our timeout covers the whole request, so a slow answer and an unreachable
+        # host look alike here; either way nothing came back in time.
+        return Outcome(Kind.RETRY, "request timed out", tag="timeout", unreachable="timed out")
     text = str(exc)
     detail = text.splitlines()[0] if text else name
-    return Outcome(Kind.RETRY, f"connection failed ({name}: {detail})", tag=name)
+    return Outcome(
+        Kind.RETRY, f"connection failed ({name}: {detail})", tag=name, unreachable=_unreachable(exc)
+    )
+
+
+_NO_CONNECTION = {
+    errno.ECONNREFUSED: "connection refused",
+    errno.EHOSTUNREACH: "no route to host",
+    errno.ENETUNREACH: "network unreachable",
+}
+# aiohttp >= 3.11 names DNS failures; before, they came as a connector error around a gaierror.
+_DNS_ERROR: type[BaseException] = getattr(aiohttp, "ClientConnectorDNSError", socket.gaierror)
+
+
+def _unreachable(exc: BaseException) -> str | None:
+    """Why no connection could be made; None when one was and broke later (reset, cut body)."""
+    connector = isinstance(exc, aiohttp.ClientConnectorError)
+    cause: BaseException = exc.os_error if isinstance(exc, aiohttp.ClientConnectorError) else exc
+    if isinstance(exc, _DNS_ERROR) or isinstance(cause, socket.gaierror):
+        return "DNS"
+    if not isinstance(cause, OSError):
+        return None
+    if cause.errno in _NO_CONNECTION:
+        return _NO_CONNECTION[cause.errno]
+    if connector:  # TLS and the like: still never connected
+        return (cause.strerror or str(cause) or type(cause).__name__).splitlines()[0][:120]
+    return None
 
 
 def _rate_limited(status: int, delay: float | None, what: str) -> Outcome:
