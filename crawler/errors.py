@@ -67,6 +67,10 @@ class ForeignItemsError(ShardError):
     """The API served items that do not match the shard's key."""
 
 
+class OddItemError(ShardError):
+    """The API served an item the archive cannot hold (an id beyond 63 bits)."""
+
+
 class BadRequestError(ShardError):
     """A 400: the API rejected a parameter (named in the message)."""
 

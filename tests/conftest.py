@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -116,3 +117,21 @@ def expected_ids(dataset: Dataset, versions: Sequence[int], levels: int = 31) ->
 @pytest.fixture
 def options() -> ServerOptions:
     return ServerOptions()
+
+
+@dataclass(frozen=True)
+class Batch:
+    """A page as the archive takes it: ids and each item's line, serialised as the API does."""
+
+    ids: list[int]
+    lines: list[bytes]
+
+
+def batch(items: Sequence[Mapping[str, Any]]) -> Batch:
+    def line(item: Mapping[str, Any]) -> bytes:
+        try:
+            return orjson.dumps(item, option=orjson.OPT_APPEND_NEWLINE)
+        except (TypeError, orjson.JSONEncodeError):  # lone surrogates, integers past 64 bits
+            return json.dumps(item, separators=(",", ":")).encode() + b"\n"
+
+    return Batch([item["id"] for item in items], [line(item) for item in items])

@@ -7,10 +7,14 @@ from pathlib import Path
 import orjson
 import pytest
 
+from conftest import batch
 from crawler.archive.checkpoint import ArchiveSpec, Checkpointer
-from crawler.archive.segments import dump_item
 from crawler.archive.state import ShardStatus, State
 from crawler.errors import StateError
+
+
+def _line(item: dict) -> bytes:
+    return batch([item]).lines[0]
 
 
 def _items(*ids: int) -> list[dict]:
@@ -29,8 +33,8 @@ def _open(out: Path) -> tuple[State, Checkpointer]:
 
 def test_pages_dedupe_within_page_and_across_pages(tmp_path: Path) -> None:
     state, sink = _open(tmp_path)
-    assert sink.commit("k", None, _items(1, 2, 2, 3), "c1").new_items == 3
-    assert sink.commit("k", "c1", _items(3, 4), None).new_items == 1
+    assert sink.commit("k", None, batch(_items(1, 2, 2, 3)), "c1").new_items == 3
+    assert sink.commit("k", "c1", batch(_items(3, 4)), None).new_items == 1
     assert [i["id"] for i in _lines(tmp_path)] == [1, 2, 3, 4]
     row = state.shard("k")
     assert (row.status, row.cursor, row.tail_cursor, row.items, row.pages) == (
@@ -44,23 +48,23 @@ def test_pages_dedupe_within_page_and_across_pages(tmp_path: Path) -> None:
 
 def test_uncommitted_tail_is_cut_on_reopen(tmp_path: Path) -> None:
     state, sink = _open(tmp_path)
-    sink.commit("k", None, _items(1, 2), 200)
+    sink.commit("k", None, batch(_items(1, 2)), 200)
     sink.close()
     segment = next(tmp_path.glob("*.ndjson"))
     committed = segment.read_bytes()
     with segment.open("ab") as f:  # a page written but never committed, torn mid-line
-        f.write(dump_item(_items(3)[0]) + b'{"id": 4, "me')
+        f.write(_line(_items(3)[0]) + b'{"id": 4, "me')
     state.close()
     state, sink = _open(tmp_path)
     assert segment.read_bytes() == committed
     assert state.shard("k").cursor == 200  # a JSON-number cursor (legacy path) round-trips
-    sink.commit("k", 200, _items(3, 4), None)
+    sink.commit("k", 200, batch(_items(3, 4)), None)
     assert [i["id"] for i in _lines(tmp_path)] == [1, 2, 3, 4]
 
 
 def test_file_shorter_than_commit_is_refused(tmp_path: Path) -> None:
     state, sink = _open(tmp_path)
-    sink.commit("k", None, _items(1, 2), "c")
+    sink.commit("k", None, batch(_items(1, 2)), "c")
     sink.close()
     segment = next(tmp_path.glob("*.ndjson"))
     segment.write_bytes(segment.read_bytes()[:5])
@@ -71,13 +75,13 @@ def test_file_shorter_than_commit_is_refused(tmp_path: Path) -> None:
 def test_lines_keep_every_key_and_unicode(tmp_path: Path) -> None:
     state, sink = _open(tmp_path)
     item = {"id": 7, "meta": {"id": 7, "meta": {"x": [1, 2.5, None]}}, "username": "ünïcødé", "stats": {}}
-    sink.commit("k", None, [item], None)
+    sink.commit("k", None, batch([item]), None)
     assert _lines(tmp_path) == [item]
 
 
 def test_new_pass_restarts_finished_shards_from_head(tmp_path: Path) -> None:
     state, sink = _open(tmp_path)
-    sink.commit("k", None, _items(1), None)
+    sink.commit("k", None, batch(_items(1)), None)
     assert state.finish_pass_if_complete(["k"])
     assert state.begin_pass([("k", "q")]) == 2
     assert state.shard("k").status == ShardStatus.PENDING
@@ -88,7 +92,7 @@ def test_items_orjson_refuses_are_still_written_intact(tmp_path: Path) -> None:
 
     state, sink = _open(tmp_path)
     odd = {"id": 9, "meta": {"prompt": "lone \ud800 surrogate", "seed": 2**70}}
-    sink.commit("k", None, [*_items(1), odd], None)
+    sink.commit("k", None, batch([*_items(1), odd]), None)
     lines = next(tmp_path.glob("*.ndjson")).read_bytes().splitlines()
     assert [json.loads(line) for line in lines] == [*_items(1), odd]
 
@@ -98,7 +102,7 @@ def test_segments_close_by_size_when_segment_mb_is_set(tmp_path: Path) -> None:
     state.begin_pass([("k", "q")])
     sink = Checkpointer(ArchiveSpec(tmp_path, segment_items=0, segment_mb=100 / 2**20), state)  # 100 bytes
     for n in range(4):
-        sink.commit("k", f"c{n}", _items(2 * n, 2 * n + 1), f"c{n + 1}")  # ~90 bytes a page
+        sink.commit("k", f"c{n}", batch(_items(2 * n, 2 * n + 1)), f"c{n + 1}")  # ~90 bytes a page
     sink.close()
     segments = state.segments()
     assert [(s.items, s.closed) for s in segments] == [(4, True), (4, True)]

@@ -20,8 +20,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from conftest import make_dataset
+from crawler import exactjson
 from crawler.config import ApiConfig
-from crawler.crawl.api import CivitaiApi, _parse_page, make_api
+from crawler.crawl.api import CivitaiApi, make_api
 from crawler.errors import (
     BadRequestError,
     NotFoundError,
@@ -31,9 +32,16 @@ from crawler.errors import (
     ShardError,
 )
 from crawler.http.backoff import backoff_delay
-from crawler.http.client import HttpClient, HttpSettings
+from crawler.http.client import HttpClient, HttpSettings, _parsed
 from crawler.http.gate import Aimd, Cooldown, Pacer, RateGate
-from crawler.http.outcomes import MAX_RETRY_AFTER, Kind, classify, classify_exception, parse_retry_after
+from crawler.http.outcomes import (
+    MAX_RETRY_AFTER,
+    Kind,
+    Outcome,
+    classify,
+    classify_exception,
+    parse_retry_after,
+)
 from crawler.http.transport import Response
 from crawler.testing.fakeapi import Dataset, FakeServer, FaultInjector, FaultSpec, serve
 from crawler.testing.fakehttp import ScriptedTransport, VirtualClock, reply, run_virtual
@@ -152,7 +160,7 @@ CASES: dict[str, tuple[int, dict[str, str], bytes, bool, Kind, float | None, str
 @pytest.mark.parametrize("case", list(CASES))
 def test_classify(case: str) -> None:
     status, headers, body, has_key, kind, retry_after, words = CASES[case]
-    outcome = classify(status, headers, body, has_key=has_key)
+    outcome = answered(status, headers, body, has_key=has_key)
     assert (outcome.kind, outcome.retry_after) == (kind, retry_after)
     assert words in outcome.reason and "\n" not in outcome.reason
     assert outcome.status == status and outcome.key
@@ -180,9 +188,15 @@ def test_every_kind_and_status_family_is_covered() -> None:
     }
 
 
+def answered(status: int, headers: dict[str, str], body: bytes, *, has_key: bool) -> Outcome:
+    """What the client makes of an answer: `classify`, then a 2xx body read as JSON (by its bytes)."""
+    outcome = classify(status, headers, body, has_key=has_key)
+    return _parsed(outcome, exactjson.loads) if outcome.kind is Kind.OK else outcome
+
+
 def test_json_fallback_accepts_what_orjson_refuses() -> None:
     body = b'{"items": [{"id": 1, "n": 123456789012345678901234567890, "s": "\\ud800"}]}'
-    outcome = classify(200, JSON, body, has_key=False)
+    outcome = answered(200, JSON, body, has_key=False)
     assert outcome.kind is Kind.OK and outcome.body["items"][0]["n"] == 123456789012345678901234567890
 
 
@@ -368,40 +382,15 @@ async def test_cooldown_is_shared_only_grows_and_reports_growth() -> None:
 # ---------------------------------------------------------------- page shape
 
 
-@pytest.mark.parametrize(
-    "body",
-    [
-        [],
-        {"items": None},
-        {"items": [{"id": "1"}]},
-        {"items": [{"id": True}]},
-        {"items": [], "metadata": []},
-        {"items": [], "metadata": {"nextCursor": 1.5}},
-        {"items": [], "metadata": {"nextCursor": False}},
-        {"error": "Service Unavailable"},
-    ],
-)
-def test_malformed_pages_are_refused(body: Any) -> None:
-    assert _parse_page(body) is None
-
-
-def test_pages_keep_string_and_number_cursors() -> None:
-    page = _parse_page({"items": [{"id": 1}], "metadata": {"nextCursor": "200|1700000000000"}})
-    assert page is not None and page.next_cursor == "200|1700000000000"
-    end = _parse_page({"items": [], "metadata": {}})
-    assert end is not None and end.next_cursor is None
-    legacy = _parse_page({"items": [{"id": 9}], "metadata": {"nextCursor": 8}})
-    assert legacy is not None and legacy.next_cursor == 8
-
-
 # ---------------------------------------------------------------- HttpClient on a scripted transport
 
 BASE = "http://127.0.0.1:9/api/v1"  # never contacted: the transport is scripted
 GOOD = {"ids": [1, 2]}
 
 
-def ids(body: Any) -> list[int] | None:
+def ids(raw: bytes) -> list[int] | None:
     """A caller's parse: the body's `ids`, or None when it is not the promised shape."""
+    body = exactjson.loads(raw)
     got = body.get("ids") if isinstance(body, dict) else None
     return got if isinstance(got, list) else None
 
@@ -429,14 +418,14 @@ def scripted(
 
 
 def fetch(clock: VirtualClock, client: HttpClient, timeouts: int | None = None) -> list[int]:
-    return run_virtual(clock, lambda: client.get_json("/things", [("a", "1")], ids, timeouts=timeouts))
+    return run_virtual(clock, lambda: client.get("/things", [("a", "1")], ids, timeouts=timeouts))
 
 
 def send_times(transport: ScriptedTransport) -> list[float]:
     return [s.at for s in transport.sent]
 
 
-def test_get_json_sends_the_url_query_headers_and_timeout() -> None:
+def test_get_sends_the_url_query_headers_and_timeout() -> None:
     clock = VirtualClock()
     client, transport = scripted(clock, reply(200, GOOD), headers={"X-Test": "1"}, timeout=7.5)
     assert fetch(clock, client) == [1, 2]
@@ -534,7 +523,7 @@ def test_concurrent_requests_share_the_slots_and_the_pace() -> None:
     transport.latency = 1.0
 
     async def six() -> list[list[int]]:
-        return list(await asyncio.gather(*(client.get_json("/things", [], ids) for _ in range(6))))
+        return list(await asyncio.gather(*(client.get("/things", [], ids) for _ in range(6))))
 
     assert run_virtual(clock, six) == [[1, 2]] * 6
     assert transport.peak_in_flight == 2

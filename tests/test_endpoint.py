@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
 from typing import Any
 
+import orjson
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from crawler import checks
-from crawler.civitai.endpoint import Frontier, WireParams
+from crawler.civitai.endpoint import Frontier, Page, WireParams
 from crawler.civitai.images import IMAGES, LEVEL_BITS, LIST_KEYS, TYPES
-from crawler.errors import ForeignItemsError, NotFoundError
+from crawler.errors import ForeignItemsError, NotFoundError, OddItemError
+from crawler.exactjson import NotJson
 
 # ---------------------------------------------------------------- parameters
 
@@ -90,17 +91,39 @@ def test_each_listed_value_gets_its_own_parameter_set() -> None:
     ],
 )
 def test_malformed_pages_are_refused(body: Any) -> None:
-    assert IMAGES.parse_page(body) is None
+    if not isinstance(body, dict):
+        with pytest.raises(NotJson):  # not even an object: a failed attempt all the same
+            IMAGES.parse_page(orjson.dumps(body))
+        return
+    assert IMAGES.parse_page(orjson.dumps(body)) is None
+
+
+def parse(body: Any) -> Page:
+    page = IMAGES.parse_page(orjson.dumps(body))
+    assert page is not None
+    return page
 
 
 def test_pages_keep_items_and_string_or_number_cursors() -> None:
-    page = IMAGES.parse_page({"items": [{"id": 1, "x": None}], "metadata": {"nextCursor": "200|17"}})
-    assert page is not None and page.items == [{"id": 1, "x": None}] and page.next_cursor == "200|17"
-    end = IMAGES.parse_page({"items": [], "metadata": {}})
-    assert end is not None and end.items == [] and end.next_cursor is None
-    assert IMAGES.parse_page({"items": [], "metadata": {"nextCursor": None}}) == end
-    legacy = IMAGES.parse_page({"items": [{"id": 9}], "metadata": {"nextCursor": 8}})
-    assert legacy is not None and legacy.next_cursor == 8
+    page = parse({"items": [{"id": 1, "x": None}], "metadata": {"nextCursor": "200|17"}})
+    assert page.items == [{"id": 1, "x": None}] and page.next_cursor == "200|17"
+    assert page.lines == [b'{"id":1,"x":null}\n'] and page.ids == [1]
+    end = parse({"items": [], "metadata": {}})
+    assert end.items == [] and end.next_cursor is None
+    assert parse({"items": [], "metadata": {"nextCursor": None}}) == end
+    legacy = parse({"items": [{"id": 9}], "metadata": {"nextCursor": 8}})
+    assert legacy.next_cursor == 8
+
+
+def test_a_cursor_that_cannot_be_sent_back_is_refused() -> None:
+    with pytest.raises(ValueError, match="cannot be sent back"):
+        IMAGES.parse_page(b'{"items":[],"metadata":{"nextCursor":"\\ud83d"}}')
+
+
+def test_an_id_beyond_63_bits_stops_the_shard() -> None:
+    page = parse({"items": [{"id": 2**63}], "metadata": {}})
+    with pytest.raises(OddItemError, match=str(2**63)):
+        IMAGES.check_items((("modelVersionId", "5"),), page)
 
 
 # ---------------------------------------------------------------- expansion
@@ -149,7 +172,7 @@ async def test_expansion_only_where_needed_and_errors_go_up() -> None:
     ("body", "ids"),
     [
         ({"id": 1, "modelVersions": [{"id": 11}, {"id": 12}]}, [11, 12]),
-        ({"modelVersions": [{"id": 11}, {"id": "12"}, {"id": True}, 3, {}]}, [11]),
+        ({"modelVersions": [{"id": 11}, {"id": "12"}, {"id": True}, {"id": "x1"}, 3, {}]}, [11, 12]),
         ({"modelVersions": []}, []),
         ({"modelVersions": None}, None),
         ({"error": "No model with id 4"}, None),
@@ -199,7 +222,7 @@ def test_split_by_level_bits_then_type_and_never_without_explicit_levels() -> No
 
 
 def test_items_must_match_the_guarded_parameters() -> None:
-    items: Sequence[dict[str, Any]] = [{"id": 1, "postId": 7, "username": "Ajuro"}, {"id": 2}]
+    items = parse({"items": [{"id": 1, "postId": 7, "username": "Ajuro"}, {"id": 2}]})
     IMAGES.check_items((("postId", "7"), ("username", "ajuro")), items)  # case-insensitive; absent is fine
     IMAGES.check_items((("modelVersionId", "5"),), items)  # nothing to guard
     with pytest.raises(ForeignItemsError, match=r"postId=8: the API served image 1 with postId=7"):

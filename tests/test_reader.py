@@ -8,14 +8,18 @@ from typing import Any
 import orjson
 import pytest
 
+from conftest import batch
 from crawler.archive.checkpoint import ArchiveSpec, Checkpointer
 from crawler.archive.reader import Line, committed_items, committed_lines, parse, segment_lines
-from crawler.archive.segments import dump_item
 from crawler.archive.state import State
 from crawler.archive.verify import verify
 from crawler.errors import StateError
 
 SEGMENTS = ["images-000001.ndjson", "images-000002.ndjson", "images-000003.ndjson"]
+
+
+def _line(item: dict) -> bytes:
+    return batch([item]).lines[0]
 
 
 def _items(*ids: int) -> list[dict[str, Any]]:
@@ -29,7 +33,7 @@ def _archive(out: Path, codec: str) -> State:
     sink = Checkpointer(ArchiveSpec(out, segment_items=3, compress=codec), state)
     pages = [_items(1, 2, 3), _items(4), _items(5, 6), _items(7)]
     for n, page in enumerate(pages):
-        sink.commit("k", f"c{n}", page, f"c{n + 1}")
+        sink.commit("k", f"c{n}", batch(page), f"c{n + 1}")
     sink.close()
     return state
 
@@ -48,7 +52,7 @@ def test_committed_lines_of_every_segment_in_order(tmp_path: Path, codec: str, s
             (SEGMENTS[1], 3),
             (SEGMENTS[2], 1),
         ]
-        assert [line.data for line in lines] == [dump_item(i) for i in _items(*range(1, 8))]
+        assert [line.data for line in lines] == [_line(i) for i in _items(*range(1, 8))]
         assert list(committed_items(tmp_path, state)) == _items(*range(1, 8))
 
 
@@ -56,7 +60,7 @@ def test_offsets_are_positions_in_the_uncompressed_segment(tmp_path: Path) -> No
     with _archive(tmp_path, "zstd") as state:
         first = state.segments()[0]
         lines = list(segment_lines(tmp_path, first))
-        sizes = [len(dump_item(i)) for i in _items(1, 2, 3)]
+        sizes = [len(_line(i)) for i in _items(1, 2, 3)]
         assert [line.offset for line in lines] == [0, sizes[0], sizes[0] + sizes[1]]
         assert all(line.committed_in(first) for line in lines)
 
@@ -65,7 +69,7 @@ def test_the_uncommitted_tail_of_the_active_segment_is_left_out(tmp_path: Path) 
     with _archive(tmp_path, "zstd") as state:
         active = state.segments()[-1]
         with (tmp_path / active.file).open("ab") as f:  # a page written, never committed, torn
-            f.write(dump_item(_items(8)[0]) + b'{"id": 9, "me')
+            f.write(_line(_items(8)[0]) + b'{"id": 9, "me')
         assert [i["id"] for i in committed_items(tmp_path, state)] == list(range(1, 8))
         raw = list(segment_lines(tmp_path, active))  # checking tools still see what is there
         assert [line.committed_in(active) for line in raw] == [True, False, False]
@@ -94,7 +98,7 @@ def test_parse_reads_what_the_writer_wrote_without_orjson(tmp_path: Path) -> Non
     with State.open(tmp_path) as state:
         state.begin_pass([("k", "q")])
         sink = Checkpointer(ArchiveSpec(tmp_path), state)
-        sink.commit("k", None, [*_items(1), odd], None)
+        sink.commit("k", None, batch([*_items(1), odd]), None)
         sink.close()
         assert list(committed_items(tmp_path, state)) == [*_items(1), odd]
         assert verify(tmp_path, state).sound  # not "not JSON": verify reads lines the same way

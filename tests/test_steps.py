@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from conftest import batch
 from crawler.archive.checkpoint import ArchiveSpec, Checkpointer
 from crawler.archive.compression import compress
 from crawler.archive.reader import committed_items
@@ -53,7 +54,7 @@ def _fill(state: State, spec: ArchiveSpec, steps: tuple[SegmentStep, ...] | None
     sink = Checkpointer(spec, state, steps)
     try:
         for n, page in enumerate([ALL[0:2], ALL[2:4], ALL[4:]]):
-            sink.commit("k", f"c{n}", page, f"c{n + 1}")
+            sink.commit("k", f"c{n}", batch(page), f"c{n + 1}")
     finally:
         sink.close()
 

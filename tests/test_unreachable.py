@@ -20,6 +20,7 @@ import aiohttp
 import pytest
 
 from conftest import harvest, write_config
+from crawler import exactjson
 from crawler.errors import RetriesExhaustedError
 from crawler.http.client import HttpClient, HttpSettings
 from crawler.http.gate import RateGate
@@ -95,7 +96,7 @@ def fetch(base_url: str, *script: Response | BaseException, max_retries: int = 8
     settings = HttpSettings(base_url, 5.0, max_retries, 30.0, 100.0, 1)
     gate = RateGate(100.0, 1, max_backoff=30.0, clock=clock)
     client = HttpClient(ScriptedTransport(*script), gate, settings, rng=lambda: 0.0)
-    return run_virtual(clock, lambda: client.get_json("/x", [], lambda body: body))
+    return run_virtual(clock, lambda: client.get("/x", [], exactjson.loads))
 
 
 def test_each_retry_of_an_unreachable_host_is_a_warning(log: pytest.LogCaptureFixture) -> None:

@@ -15,10 +15,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Protocol
 
 from crawler.archive.fs import remove_partials
-from crawler.archive.segments import SegmentWriter, dump_items
+from crawler.archive.segments import SegmentWriter
 from crawler.archive.state import Cursor, PageCommit, State
 from crawler.archive.steps import Compress, SegmentStep, finish_closed
 
@@ -31,6 +31,15 @@ class ArchiveSpec:
     segment_items: int = 100_000  # close a segment after this many images (0: no limit)
     segment_mb: float = 0.0  # ... or once it holds this many MiB (0: no limit)
     compress: str = "none"  # what closed segments become: "zstd", "gzip" or "none" (stay plain)
+
+
+class Lines(Protocol):
+    """A page as the archive sees it: each item's id and its line (bytes ending in a newline)."""
+
+    @property
+    def ids(self) -> Sequence[int]: ...
+    @property
+    def lines(self) -> Sequence[bytes]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,14 +69,14 @@ class Checkpointer:
         self,
         shard_key: str,
         page_cursor: Cursor | None,
-        items: list[dict[str, Any]],
+        page: Lines,
         next_cursor: Cursor | None,
         stop_when_known: bool = False,
     ) -> PageResult:
-        fresh, fresh_ids = self._unseen(items)
-        if stop_when_known and items and not fresh:
+        fresh, fresh_ids = self._unseen(page)
+        if stop_when_known and page.ids and not fresh:
             next_cursor = None  # an incremental walk has reached what it already holds
-        size = self._writer.append(dump_items(fresh), len(fresh)) if fresh else self._writer.size
+        size = self._writer.append(b"".join(fresh), len(fresh)) if fresh else self._writer.size
         self._state.commit_page(
             PageCommit(
                 shard_key=shard_key,
@@ -99,16 +108,15 @@ class Checkpointer:
         closed = [s for s in self._state.segments() if s.closed]
         finish_closed(closed, self._output.dir, self._state, self._steps)
 
-    def _unseen(self, items: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[int]]:
-        """Items whose id is neither in the state nor earlier on this page, and their ids."""
-        ids = [i["id"] for i in items]
-        known = self._state.known_ids(ids)
+    def _unseen(self, page: Lines) -> tuple[list[bytes], list[int]]:
+        """The lines whose id is neither in the state nor earlier on this page, and their ids."""
+        known = self._state.known_ids(page.ids)
         fresh, fresh_ids = [], []
-        for item, image_id in zip(items, ids, strict=True):
-            if image_id not in known:
-                known.add(image_id)
-                fresh.append(item)
-                fresh_ids.append(image_id)
+        for line, item_id in zip(page.lines, page.ids, strict=True):
+            if item_id not in known:
+                known.add(item_id)
+                fresh.append(line)
+                fresh_ids.append(item_id)
         return fresh, fresh_ids
 
     def close(self) -> None:

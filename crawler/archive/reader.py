@@ -9,14 +9,12 @@ repair, go through it.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import orjson
-
+from crawler import exactjson
 from crawler.archive.compression import open_segment
 from crawler.archive.state import SegmentRow, State
 from crawler.errors import StateError
@@ -77,10 +75,5 @@ def parse(line: Line) -> dict[str, Any]:
 
 
 def loads(data: bytes) -> Any:
-    """The JSON value of one line; ValueError when it holds none."""
-    try:
-        return orjson.loads(data)
-    except orjson.JSONDecodeError:
-        # The writer falls back to the standard library for what orjson refuses
-        # (lone surrogates, integers past 64 bits): read those back the same way.
-        return json.loads(data)
+    """The JSON value of one line, every number exact; ValueError when it holds none."""
+    return exactjson.loads(data)

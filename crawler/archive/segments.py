@@ -7,14 +7,9 @@ length (a torn line, a page whose commit never happened) is cut away.
 
 from __future__ import annotations
 
-import functools
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
-
-import orjson
 
 from crawler.archive.fs import describe, fsync_dir
 from crawler.archive.state import SegmentRow
@@ -25,27 +20,6 @@ SEGMENT_SUFFIX = ".ndjson"
 
 def segment_name(number: int) -> str:
     return f"images-{number:06d}{SEGMENT_SUFFIX}"
-
-
-_dump_line = functools.partial(orjson.dumps, option=orjson.OPT_APPEND_NEWLINE)
-
-
-def dump_item(item: Any) -> bytes:
-    """One image as one JSON line: every key as served, nothing added."""
-    try:
-        return _dump_line(item)
-    except (TypeError, orjson.JSONEncodeError):
-        # orjson refuses lone surrogates and integers past 64 bits, which the
-        # standard library (our parse fallback) lets through; keep them intact.
-        return json.dumps(item, ensure_ascii=True, separators=(",", ":")).encode() + b"\n"
-
-
-def dump_items(items: Sequence[Any]) -> bytes:
-    """The lines of a page, in one buffer; the per-item fallback only when orjson refuses one."""
-    try:
-        return b"".join(map(_dump_line, items))
-    except (TypeError, orjson.JSONEncodeError):
-        return b"".join(map(dump_item, items))
 
 
 class SegmentWriter:

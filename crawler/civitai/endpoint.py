@@ -19,8 +19,8 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from crawler import checks
-from crawler.errors import ForeignItemsError
+from crawler import checks, exactjson
+from crawler.errors import ForeignItemsError, OddItemError
 
 Cursor = str | int  # the search feed's "<offset>|<ms>" (or "feed:..."), or the legacy path's image id
 ParamValue = str | tuple[str, ...]  # a tuple only for a list key: one shard per element
@@ -29,11 +29,16 @@ Check = Callable[[Any], str]  # a TOML value -> its wire spelling, or checks.Inv
 Lister = Callable[[str], Awaitable[Sequence[int]]]  # e.g. a model id -> its version ids
 
 
+MAX_ID = 2**63 - 1  # ids are indexed as SQLite integers
+
+
 @dataclass(frozen=True, slots=True)
 class Page:
-    """One page of a list endpoint: the items as served and the cursor to the next."""
+    """One page of a list endpoint: each item's value, its bytes as served, its id; the next cursor."""
 
-    items: list[dict[str, Any]]
+    items: list[dict[str, Any]]  # read only: what is written is `lines`
+    lines: list[bytes]  # each item's own bytes from the response, as one NDJSON line
+    ids: list[int]
     next_cursor: Cursor | None
 
 
@@ -141,25 +146,35 @@ class Endpoint:
 
     # -- pages -------------------------------------------------------------------
 
-    def parse_page(self, body: Any) -> Page | None:
-        """A page, or None when the body is not the shape the API promises."""
-        if not isinstance(body, dict):
+    def parse_page(self, body: bytes) -> Page | None:
+        """A page, or None when the body is not the shape the API promises.
+
+        Raises `exactjson.NotJson` (a ValueError) when the body is not JSON at all.
+        Items are never re-serialised: `lines` are their bytes as served.
+        """
+        envelope = exactjson.split_object(body, "items")
+        meta = envelope.fields.get("metadata", {})
+        if envelope.elements is None or not isinstance(meta, dict):
             return None
-        items, meta = body.get("items"), body.get("metadata", {})
-        if not isinstance(items, list) or not isinstance(meta, dict):
-            return None
+        items = [e.value for e in envelope.elements]
         if not all(isinstance(i, dict) and checks.is_int(i.get(self.id_key)) for i in items):
             return None
         cursor = meta.get("nextCursor")
-        if cursor is not None and (not isinstance(cursor, str | int) or isinstance(cursor, bool)):
+        if cursor is not None and (isinstance(cursor, bool) or not isinstance(cursor, str | int)):
             return None
-        return Page(items, cursor)
+        if isinstance(cursor, str) and not _sendable(cursor):
+            raise ValueError(f"a nextCursor that cannot be sent back: {cursor!r:.80}")
+        lines = [e.line for e in envelope.elements]
+        return Page(items, lines, [i[self.id_key] for i in items], cursor)
 
-    def check_items(self, params: Iterable[tuple[str, str]], items: Sequence[dict[str, Any]]) -> None:
-        """Refuse a page holding items that do not match the shard's guarded parameters.
-
-        The API has answered a filter it could not apply with the global feed.
-        """
+    def check_items(self, params: Iterable[tuple[str, str]], page: Page) -> None:
+        """Refuse a page holding an item the archive cannot index, or items that do not match the
+        shard's guarded parameters (the API has answered a filter it could not apply with the
+        global feed). Either stops this shard only."""
+        odd = next((i for i in page.ids if not 0 < i <= MAX_ID), None)
+        if odd is not None:
+            raise OddItemError(f"the API served an image id out of range ({odd}); refusing the page")
+        items = page.items
         values = dict(params)
         for name in self.guards:
             expected = values.get(name)
@@ -190,3 +205,12 @@ class Endpoint:
         """Where a walk of these parameters, once walked to its end, resumes and stops."""
         sort = dict(params).get(self.sort_key)
         return self.frontiers.get(sort, Frontier.WALK_ALL) if sort is not None else Frontier.WALK_ALL
+
+
+def _sendable(cursor: str) -> bool:
+    """Text we can put back into a URL: no lone surrogates."""
+    try:
+        cursor.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

@@ -12,6 +12,7 @@ a filter, and the frontier of each sort.
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
@@ -26,6 +27,8 @@ NSFW_LEVELS: tuple[str, ...] = ("None", "Soft", "Mature", "X")
 LEVEL_BITS: tuple[int, ...] = (1, 2, 4, 8, 16)  # browsingLevel: PG, PG-13, R, X, XXX; one per image
 LIST_KEYS: frozenset[str] = frozenset({"postId", "modelVersionId", "userId", "modelId", "username"})
 DEFAULT_LIMIT = 200  # the API's maximum: fewer requests for the same items
+
+log = logging.getLogger("harvest")
 
 
 def _wire_id(value: Any) -> str:
@@ -85,12 +88,33 @@ _WALKED = "the harvester walks cursors itself; remove it"
 
 
 def _version_ids(body: Any) -> list[int] | None:
-    """`GET /models/{id}`: the ids of its `modelVersions[]` (published, with a file), or None."""
+    """`GET /models/{id}`: the ids of its `modelVersions[]` (published, with a file), or None.
+
+    An id given as an integer string ("11") is that integer; anything else is
+    reported and skipped, never dropped silently.
+    """
     versions = body.get("modelVersions") if isinstance(body, dict) else None
     if not isinstance(versions, list):
         return None
-    ids: list[Any] = [v.get("id") for v in versions if isinstance(v, dict)]
-    return [i for i in ids if checks.is_int(i)]
+    ids: list[int] = []
+    for version in versions:
+        raw = version.get("id") if isinstance(version, dict) else version
+        value = _as_id(raw) if isinstance(version, dict) else None
+        if value is None:
+            log.warning(
+                "model %s lists a version whose id is not an integer (%.60r); skipped", body.get("id"), raw
+            )
+        else:
+            ids.append(value)
+    return ids
+
+
+def _as_id(raw: Any) -> int | None:
+    if checks.is_int(raw):
+        return int(raw) if raw > 0 else None
+    if isinstance(raw, str) and raw.isascii() and raw.isdigit() and int(raw) > 0:
+        return int(raw)
+    return None
 
 
 def _partitions(params: Mapping[str, str]) -> list[tuple[str, str]]:

@@ -183,7 +183,7 @@ class _Committer:
                 self._sink.commit,
                 message.shard.key,
                 message.cursor,
-                page.items,
+                page,
                 page.next_cursor,
                 incremental,
             )

@@ -37,7 +37,7 @@ def plan_walk(shard: Shard, row: ShardRow) -> WalkPlan:
 
 # -- page size -----------------------------------------------------------------
 # Page size of a walk whose requests time out: halve it, then grow it back.
-# 
+#
 # A smaller `limit` asks the search backend for less work per request; offset and
 # id cursors do not depend on it, so it can change in the middle of a walk.
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 from urllib.parse import urlencode
 
-from crawler.civitai.endpoint import WireParams
+from crawler.civitai.endpoint import Page, WireParams
 from crawler.civitai.images import IMAGES
 from crawler.config import Query
 from crawler.errors import ShardError
@@ -81,9 +81,9 @@ def _add(shards: dict[str, Shard], shard: Shard) -> None:
     shards.setdefault(shard.key, shard)
 
 
-def check_items(shard: Shard, items: Sequence[dict[str, Any]]) -> None:
-    """Refuse a page holding images that do not match the shard's key."""
-    IMAGES.check_items(shard.params, items)
+def check_items(shard: Shard, page: Page) -> None:
+    """Refuse a page holding odd ids or images that do not match the shard's key."""
+    IMAGES.check_items(shard.params, page)
 
 
 def describe(shard: Shard) -> str:

@@ -15,7 +15,8 @@ from typing import Any
 
 from crawler.archive.checkpoint import PageResult
 from crawler.archive.state import Cursor
-from crawler.crawl.api import CivitaiApi, Page
+from crawler.civitai.endpoint import Page
+from crawler.crawl.api import CivitaiApi
 from crawler.crawl.plan import PageSize, WalkPlan
 from crawler.crawl.shards import Shard, check_items, describe, split, with_limit
 from crawler.errors import CursorLoopError, SearchTimeoutError, ShardError
@@ -71,7 +72,7 @@ async def _follow(shard: Shard, plan: WalkPlan, client: CivitaiApi, queue: async
             log.warning("%s: timing out; asking for %d images a page", describe(shard), size.current)
             continue
         size.answered()
-        check_items(shard, page.items)
+        check_items(shard, page)
         if page.next_cursor is not None and repr(page.next_cursor) in used:
             raise CursorLoopError(
                 f"the cursor looped: {page.next_cursor!r} was already followed in this walk"

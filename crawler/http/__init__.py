@@ -3,7 +3,7 @@
 - `transport`: the network behind one seam (`Transport`, `Response`, `AiohttpTransport`);
 - `outcomes`: what every answer or transport failure means (`classify`, `classify_exception`);
 - `gate`: `RateGate`, the slots, shared cooldown, pacer and AIMD rate every request passes;
-- `client`: `HttpClient.get_json`, the retry loop over the three, with `HttpSettings`;
+- `client`: `HttpClient.get`, the retry loop over the three, with `HttpSettings`;
 - `backoff`, `clock`: the capped exponential delay and the injectable time they share.
 
 It imports nothing from `crawler` but `crawler.errors`.

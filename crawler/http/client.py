@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
+from crawler import exactjson
 from crawler.errors import (
     ApiError,
     BadRequestError,
@@ -37,7 +38,7 @@ from crawler.errors import (
 from crawler.http.backoff import backoff_delay
 from crawler.http.clock import Clock
 from crawler.http.gate import Counters, RateGate
-from crawler.http.outcomes import Kind, Outcome, classify, classify_exception
+from crawler.http.outcomes import Kind, Outcome, classify, classify_exception, malformed, not_json
 from crawler.http.transport import Params, Transport
 
 log = logging.getLogger("harvest")
@@ -88,10 +89,15 @@ class HttpClient:
     def counters(self) -> Counters:
         return self._gate.counters
 
-    async def get_json(
-        self, path: str, query: Params, parse: Callable[[Any], T | None], *, timeouts: int | None = None
+    async def get(
+        self, path: str, query: Params, parse: Callable[[bytes], T | None], *, timeouts: int | None = None
     ) -> T:
         """`parse(body)` of the first good answer to GET base_url+path?query.
+
+        `parse` gets the body's bytes and returns what the caller wants from them,
+        or None (or raises ValueError with a reason) when they are not what was due:
+        a failed attempt, retried like a 5xx. The body is decided by what it holds,
+        never by its content-type label.
 
         With `timeouts`, that many timed-out attempts (our own timeout, or a
         gateway's 504/524) raise `SearchTimeoutError`, so the caller can ask for less.
@@ -139,7 +145,7 @@ class HttpClient:
         else:
             log.debug("%s: %s (attempt %d of %d)", path, outcome.reason, attempt + 1, retries + 1)
 
-    async def _attempt(self, path: str, query: Params, parse: Callable[[Any], Any]) -> Outcome:
+    async def _attempt(self, path: str, query: Params, parse: Callable[[bytes], Any]) -> Outcome:
         """One request; its outcome is observed (cooldown, rate) before the turn ends."""
         async with self._gate.turn() as turn:
             outcome = await self._send(path, query)
@@ -157,11 +163,17 @@ class HttpClient:
         return classify(resp.status, resp.headers, resp.body, has_key=self._has_key)
 
 
-def _parsed(outcome: Outcome, parse: Callable[[Any], Any]) -> Outcome:
-    """OK with the parsed body, or RETRY when the JSON is not the shape the caller expects."""
-    parsed = parse(outcome.body)
+def _parsed(outcome: Outcome, parse: Callable[[bytes], Any]) -> Outcome:
+    """OK with what `parse` made of the body, or RETRY when it could not use it."""
+    status = outcome.status or 200
+    try:
+        parsed = parse(outcome.body)
+    except exactjson.NotJson:
+        return not_json(status, outcome.body)
+    except ValueError as exc:
+        return malformed(status, str(exc))
     if parsed is None:
-        return Outcome(Kind.RETRY, "malformed JSON response", status=outcome.status, tag="malformed")
+        return malformed(status, None)
     return Outcome(Kind.OK, "ok", body=parsed, status=outcome.status)
 
 

@@ -7,8 +7,8 @@ HTTP-date `Retry-After` is read against `now`, the wall clock unless given).
 
 | answer                                               | kind                          |
 |------------------------------------------------------|-------------------------------|
-| 2xx with a JSON body                                 | OK (the caller checks shape)  |
-| 2xx with HTML, an empty or cut or non-JSON body      | RETRY (challenge page, ...)   |
+| 2xx                                                  | OK: the caller parses the body|
+| 2xx the caller cannot parse (HTML, empty, cut, ...)  | RETRY: `not_json`, `malformed`|
 | 429 JSON "too many pages" (the `page` cap)           | SHARD_FATAL, never retried    |
 | any other 429, with or without Retry-After           | RATE_LIMITED                  |
 | 503 with Retry-After                                 | RATE_LIMITED                  |
@@ -44,7 +44,8 @@ from email.utils import parsedate_to_datetime
 from typing import Any
 
 import aiohttp
-import orjson
+
+from crawler import exactjson
 
 
 class Kind(enum.Enum):
@@ -88,18 +89,11 @@ def classify(
 ) -> Outcome:
     """What one complete HTTP response means for the harvest."""
     lowered = _lower(headers)
-    body, is_json = _parse(raw, lowered)
     if 200 <= status < 300:
-        if not is_json:
-            what = _non_json(raw, lowered)
-            return Outcome(
-                Kind.RETRY,
-                f"HTTP {status} with {what} where JSON was due",
-                status=status,
-                tag=f"{'html' if 'HTML' in what else 'non-json'}-{status}",
-            )
-        return Outcome(Kind.OK, "ok", body=body, status=status)
-    message = _error_text(body) if is_json else _non_json(raw, lowered)
+        # The caller's parse judges the body; the label may lie either way.
+        return Outcome(Kind.OK, "ok", body=raw, status=status)
+    body, is_json = _parse(raw)
+    message = _error_text(body) if is_json else _non_json(raw)
     retry_after = parse_retry_after(lowered.get("retry-after"), now)
     if status == 429:
         if is_json and _PAGE_CAP in message.casefold():
@@ -216,24 +210,32 @@ def _lower(headers: Mapping[str, str]) -> dict[str, str]:
     return {k.lower(): v for k, v in headers.items()}
 
 
-def _parse(raw: bytes, lowered: Mapping[str, str]) -> tuple[Any, bool]:
+def _parse(raw: bytes) -> tuple[Any, bool]:
     """(body, True) for JSON, (None, False) for anything else, whatever the content-type says."""
-    if "html" in lowered.get("content-type", "").lower():
-        return None, False
     try:
-        return orjson.loads(raw), True
-    except orjson.JSONDecodeError:
-        pass
-    try:
-        # orjson refuses lone surrogates and huge integers; the API may still send them.
-        return json.loads(raw), True
-    except (ValueError, UnicodeDecodeError, RecursionError):
+        return exactjson.loads(raw), True
+    except exactjson.NotJson:
         return None, False
 
 
-def _non_json(raw: bytes, lowered: Mapping[str, str]) -> str:
+def not_json(status: int, raw: bytes) -> Outcome:
+    """A 2xx whose body is not JSON at all (a challenge page, an empty or cut body)."""
+    what = _non_json(raw)
+    tag = f"{'html' if 'HTML' in what else 'non-json'}-{status}"
+    return Outcome(Kind.RETRY, f"HTTP {status} with {what} where JSON was due", status=status, tag=tag)
+
+
+def malformed(status: int, why: str | None) -> Outcome:
+    """A 2xx whose JSON is not the shape the caller expects."""
+    detail = f" ({why})" if why else ""
+    return Outcome(
+        Kind.RETRY, f"HTTP {status}: malformed JSON response{detail}", status=status, tag="malformed"
+    )
+
+
+def _non_json(raw: bytes) -> str:
     head = raw[:512].lstrip().lower()
-    if "html" in lowered.get("content-type", "").lower() or head.startswith((b"<!doctype", b"<html", b"<")):
+    if head.startswith((b"<!doctype", b"<html", b"<")):
         return "an HTML page"
     return "an empty body" if not raw.strip() else "a non-JSON body"
 

@@ -2,7 +2,7 @@
 
     clock = VirtualClock()
     transport = ScriptedTransport(reply(503, retry_after="2"), reply(200, {"ok": True}))
-    result = run_virtual(clock, lambda: client_over(transport, clock).get_json(...))
+    result = run_virtual(clock, lambda: client_over(transport, clock).get(...))
 
 `run_virtual` runs a coroutine on an event loop whose time is `clock`: whenever
 every task waits, time jumps to the next timer instead of sleeping. aiolimiter
