@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -14,11 +15,11 @@ from crawler.config import OutputConfig
 from crawler.errors import StateError
 
 
-def _items(*ids: int) -> list[dict]:
+def _items(*ids: int) -> list[dict[str, Any]]:
     return [{"id": i, "meta": {"prompt": f"p{i} ✓"}, "nsfw": False} for i in ids]
 
 
-def _lines(out: Path) -> list[dict]:
+def _lines(out: Path) -> list[dict[str, Any]]:
     return [orjson.loads(line) for f in sorted(out.glob("*.ndjson")) for line in f.read_bytes().splitlines()]
 
 
