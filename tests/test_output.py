@@ -132,7 +132,15 @@ def test_failing_write_then_resume(tmp_path: Path) -> None:
 
     with ServerThread(dataset) as api:
         _fill_then_resume(tmp_path, dataset, api.base_url, out, preexec_fn=limit)
+        # The failed run still wrote its summary (a small file, under the limit): what it had
+        # committed before the disk filled, and that it ended with exit 1.
+        summary = orjson.loads((out / "last-run.json").read_bytes())
+        assert summary["exit_code"] == 1 and summary["ok"] is False
         cfg = _config(tmp_path, api.base_url, out=str(out))
+        status = harvest("status", cfg)
+        committed = status.stdout.splitlines()[-1]  # "N images in M file(s) under ..."
+        assert status.code == 0 and committed.startswith(f"{summary['new_items']} images in")
+        assert summary["new_items"] > 0 and summary["pages"] > 0
         assert harvest("run", cfg).code == 0
     ids = ids_of([{"id": i} for i in _all_ids(out)])
     assert len(ids) == len(set(ids)) and set(ids) == expected_ids(dataset, [8001, 8002])

@@ -214,7 +214,7 @@ def configure(logger: logging.Logger, options: LogOptions, redact: Redact = _kee
     return handler
 
 
-def log_summary(summary: Any, config: Any, out: TextIO | None = None) -> None:
+def log_summary(summary: Any, config: Any, exit_code: int, out: TextIO | None = None) -> None:
     """`report.print_summary` as JSON records: the summary line carries every figure as a field."""
     from crawler.cli.report import print_summary, summary_dict
 
@@ -225,7 +225,7 @@ def log_summary(summary: Any, config: Any, out: TextIO | None = None) -> None:
     if not isinstance(target, LinesToRecords):  # not in json mode: print as usual
         print(text.getvalue(), end="", file=out or target)
         return
-    fields = {"event": "summary", **summary_dict(summary), "output_dir": str(config.output.dir)}
+    fields = {"event": "summary", **summary_dict(summary, exit_code), "output_dir": str(config.output.dir)}
     for index, line in enumerate(lines):
         target.emit_line(line, fields if index == 0 else None)
 
