@@ -52,6 +52,7 @@ def test_uncommitted_tail_is_cut_on_reopen(tmp_path: Path) -> None:
     committed = segment.read_bytes()
     with segment.open("ab") as f:  # a page written but never committed, torn mid-line
         f.write(dump_item(_items(3)[0]) + b'{"id": 4, "me')
+    assert segment.read_bytes().endswith(b'\n{"id": 4, "me')  # really torn, before the reopen
     state.close()
     state, sink = _open(tmp_path)
     assert segment.read_bytes() == committed
