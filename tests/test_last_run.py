@@ -70,3 +70,22 @@ def test_a_locked_output_dir_leaves_the_other_runs_summary_alone(tmp_path: Path,
     finally:
         lock.release()
     assert (tmp_path / "out" / SUMMARY).read_bytes() == before
+
+
+def test_a_summary_that_cannot_be_written(tmp_path: Path, api: FakeServer) -> None:
+    """A finished run that cannot record itself fails (1); a failing one keeps its own error."""
+    query = {"modelVersionId": 5003, "browsingLevel": 31}
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "last-run.tmp").mkdir()  # where the summary is written before its rename
+    finished = harvest("run", write_config(tmp_path / "c.toml", api.base_url, [query]))
+    assert finished.code == 1, finished.stderr
+    error = finished.stderr.strip().splitlines()[-1]
+    assert error.startswith("harvest: error: ") and "cannot write the run summary" in error
+    with ServerThread(make_dataset(), api_key="sk-test-the-right-one") as keyed:
+        cfg = write_config(tmp_path / "c.toml", keyed.base_url, [query])
+        rejected = harvest("run", cfg, env={"CIVITAI_API_KEY": KEY})
+    assert rejected.code == 1, rejected.stderr
+    *before, error = rejected.stderr.strip().splitlines()
+    assert "was rejected" in error  # the run's own error is what is reported, last
+    assert any(" WARNING " in line and "cannot write the run summary" in line for line in before)
+    assert not (tmp_path / "out" / SUMMARY).exists()

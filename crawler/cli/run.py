@@ -38,7 +38,7 @@ _FINISHED = (ExitCode.OK, ExitCode.SHARDS_FAILED)
 def cmd_run(config: Config, key: str | None, progress: Progress) -> int:
     _tune_gc()
     lock = OutputLock(config.output.dir)  # exit 4 here: the dir, and its last-run.json, are another run's
-    last = LastRun(config.output.dir, RunSummary())
+    last = _LastRun(config.output.dir, RunSummary())
     try:
         return _run_locked(config, key, progress, last)
     finally:
@@ -46,7 +46,7 @@ def cmd_run(config: Config, key: str | None, progress: Progress) -> int:
         lock.release()
 
 
-def _run_locked(config: Config, key: str | None, progress: Progress, last: LastRun) -> int:
+def _run_locked(config: Config, key: str | None, progress: Progress, last: _LastRun) -> int:
     try:
         code = _harvest(config, key, progress, last)
     except BaseException as exc:
@@ -64,7 +64,7 @@ def _run_locked(config: Config, key: str | None, progress: Progress, last: LastR
     return code
 
 
-def _harvest(config: Config, key: str | None, progress: Progress, last: LastRun) -> int:
+def _harvest(config: Config, key: str | None, progress: Progress, last: _LastRun) -> int:
     """The run itself: 0 or 3 when it got to the end, 128 + N when signal N stopped it."""
     state = State.open(config.output.dir)
     try:
@@ -88,7 +88,7 @@ def _exit_code_of(exc: BaseException) -> int:
 
 
 @dataclass(slots=True)
-class LastRun:
+class _LastRun:
     """`last-run.json` of one run: the summary the pipeline fills in, and how the run ended."""
 
     out_dir: Path
