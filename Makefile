@@ -17,8 +17,8 @@ test: install
 	$(BIN)/pytest -q -p no:cacheprovider
 
 lint: install
-	$(BIN)/ruff check crawler tests
-	$(BIN)/mypy crawler
+	$(BIN)/ruff check crawler tests bench
+	$(BIN)/mypy crawler tests bench
 
 fmt: install
 	$(BIN)/ruff format crawler tests

@@ -38,7 +38,8 @@ from bench.harness import (
 
 def _child(config: Path, out: Path, timer: str) -> int:
     """In the child: run the CLI with the main thread and the committer thread profiled."""
-    from crawler import checkpoint, cli
+    from crawler.archive import checkpoint
+    from crawler.cli import app as cli
 
     clock: Any = time.thread_time if timer == "cpu" else time.perf_counter
     main_prof, commit_prof = cProfile.Profile(clock), cProfile.Profile(clock)

@@ -15,6 +15,8 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
+import orjson
+
 from conftest import HARVEST, Result, expected_ids, harvest, ids_of, make_dataset, read_items, write_config
 from crawler.testing.fakeapi import (
     FAULT_KINDS,
@@ -160,6 +162,23 @@ def test_blocked_region_stops_the_run_with_one_line(tmp_path: Path) -> None:
     assert records and all(r.status == 451 for r in records)
     urls = Counter(tuple(sorted(r.query.items())) for r in records)
     assert max(urls.values()) == 1, "a 451 was retried"
+
+
+def test_a_region_blocked_mid_run_exits_1_and_last_run_keeps_what_was_done(tmp_path: Path) -> None:
+    dataset = make_dataset()
+    injector = FaultInjector()
+    with ServerThread(dataset, injector) as api:
+        query = {"modelVersionId": VERSIONS, "browsingLevel": 31, "limit": 20}
+        cfg = write_config(tmp_path / "c.toml", api.base_url, [query], requests_per_second=40)
+        result = harvest_meanwhile(cfg, lambda: _ok_pages(api.log) >= 4, lambda: injector.queue("451"))
+        served = _ok_pages(api.log)
+    assert result.code == 1, result.stderr
+    assert "blocked in this region" in result.stderr.strip().splitlines()[-1]
+    summary = orjson.loads((tmp_path / "out" / "last-run.json").read_bytes())
+    assert summary["exit_code"] == 1 and summary["ok"] is False
+    written = ids_of(read_items(tmp_path / "out"))
+    assert summary["new_items"] == len(written) > 0  # what was committed before the 451, all of it
+    assert 0 < summary["pages"] <= served and summary["requests"] > summary["pages"]
 
 
 # ---------------------------------------------------------------- (d) a spent retry budget

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -13,15 +14,15 @@ from crawler.archive.state import ShardStatus, State
 from crawler.errors import StateError
 
 
-def _line(item: dict) -> bytes:
+def _line(item: dict[str, Any]) -> bytes:
     return batch([item]).lines[0]
 
 
-def _items(*ids: int) -> list[dict]:
+def _items(*ids: int) -> list[dict[str, Any]]:
     return [{"id": i, "meta": {"prompt": f"p{i} ✓"}, "nsfw": False} for i in ids]
 
 
-def _lines(out: Path) -> list[dict]:
+def _lines(out: Path) -> list[dict[str, Any]]:
     return [orjson.loads(line) for f in sorted(out.glob("*.ndjson")) for line in f.read_bytes().splitlines()]
 
 
@@ -54,6 +55,7 @@ def test_uncommitted_tail_is_cut_on_reopen(tmp_path: Path) -> None:
     committed = segment.read_bytes()
     with segment.open("ab") as f:  # a page written but never committed, torn mid-line
         f.write(_line(_items(3)[0]) + b'{"id": 4, "me')
+    assert segment.read_bytes().endswith(b'\n{"id": 4, "me')  # really torn, before the reopen
     state.close()
     state, sink = _open(tmp_path)
     assert segment.read_bytes() == committed

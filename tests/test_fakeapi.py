@@ -70,7 +70,7 @@ async def get(http: aiohttp.ClientSession, url: str, **params: Any) -> tuple[int
         return resp.status, await resp.json(content_type=None)
 
 
-async def walk(http: aiohttp.ClientSession, url: str, **params: Any) -> list[dict]:
+async def walk(http: aiohttp.ClientSession, url: str, **params: Any) -> list[dict[str, Any]]:
     """Follow nextCursor to the end; every page's body, in order."""
     pages, cursor = [], None
     for _ in range(500):
@@ -83,7 +83,7 @@ async def walk(http: aiohttp.ClientSession, url: str, **params: Any) -> list[dic
     raise AssertionError("walk did not end")
 
 
-def ids_of(pages: list[dict]) -> list[int]:
+def ids_of(pages: list[dict[str, Any]]) -> list[int]:
     return [item["id"] for page in pages for item in page["items"]]
 
 
@@ -293,7 +293,7 @@ async def test_page_cap_is_429_and_page_is_ignored_on_the_feed(
     ],
 )
 async def test_bad_parameters_answer_zod_400(
-    api: FakeServer, http: aiohttp.ClientSession, params: dict, path: list, code: str
+    api: FakeServer, http: aiohttp.ClientSession, params: dict[str, Any], path: list[str], code: str
 ) -> None:
     status, body = await get(http, f"{api.base_url}/images", **params)
     assert status == 400 and body["error"]["name"] == "ZodError"

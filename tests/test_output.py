@@ -58,32 +58,78 @@ def test_verify_finds_duplicates_and_torn_lines(tmp_path: Path) -> None:
     with ServerThread(dataset) as api:
         cfg = _config(tmp_path, api.base_url)
         assert harvest("run", cfg).code == 0
-    segment = tmp_path / "out" / "images-000001.ndjson"
-    first = segment.read_bytes().splitlines(keepends=True)[0]
-    segment.write_bytes(segment.read_bytes() + first)  # the same image twice
-    assert harvest("verify", cfg).code == 0  # past the committed length: only a note
-    data = segment.read_bytes()
-    segment.write_bytes(first + data[: -len(first)])  # same length, id 1 twice, last line lost
+        segment = tmp_path / "out" / "images-000001.ndjson"
+        committed = segment.read_bytes()
+        first = committed.splitlines(keepends=True)[0]
+        # Past the committed length: a page appended, the same image again, then a torn line.
+        segment.write_bytes(committed + first + first[: len(first) // 2])
+        tail = segment.read_bytes()
+        assert not tail.endswith(b"\n") and tail.count(b"\n") == committed.count(b"\n") + 1  # torn
+        noted = harvest("verify", cfg)
+        assert noted.code == 0 and "uncommitted tail" in noted.stdout  # only a note: the next run cuts it
+        assert harvest("run", cfg).code == 0  # the resume
+    assert segment.read_bytes() == committed
+    clean = harvest("verify", cfg)
+    assert clean.code == 0 and "uncommitted tail" not in clean.stdout
+    # Within the committed length: id 1 twice, and the last line cut, so the file keeps its length.
+    segment.write_bytes(first + committed[: -len(first)])
+    damaged = segment.read_bytes()
+    assert len(damaged) == len(committed) and not damaged.endswith(b"\n")  # really a torn line
     bad = harvest("verify", cfg)
-    assert bad.code == 1 and "appears twice" in bad.stdout and "NOT sound" in bad.stdout
+    assert bad.code == 1 and "NOT sound" in bad.stdout
+    assert "appears twice" in bad.stdout and "torn line (no newline)" in bad.stdout
+
+
+def _segment_bytes(out: Path) -> int:
+    return sum(p.stat().st_size for p in out.glob("images-*")) if out.exists() else 0
+
+
+def _committed(cfg: Path) -> int:
+    """Images the state has committed, as `harvest status` reports them."""
+    status = harvest("status", cfg)
+    assert status.code == 0, status.stderr
+    return int(status.stdout.splitlines()[-1].split(" images in ")[0])
 
 
 def test_kill_across_rotation_and_compression_is_exact(tmp_path: Path) -> None:
+    """Eight SIGKILLs, each after the run's first write and before the harvest is complete.
+
+    limit 10 at 10 requests/s: ~58 requests, so at least ~6 s of harvesting paced by the
+    limiter, while each run is killed within ~0.4 s of its first request: the kills land
+    mid-run on any machine (a slower one only harvests less per run).
+    """
     dataset = make_dataset(VERSIONS)
+    expected = expected_ids(dataset, list(VERSIONS))
     rng = random.Random(4)
+    out = tmp_path / "out"
     with ServerThread(dataset) as api:
         cfg = _config(tmp_path, api.base_url, segment_items=60, compress="zstd")
-        cfg.write_text(cfg.read_text().replace("requests_per_second = 500", "requests_per_second = 40"))
-        for _ in range(8):
+        fast = cfg.read_text()
+        slow = fast.replace("requests_per_second = 500", "requests_per_second = 10")
+        slow = slow.replace("limit = 25", "limit = 10")
+        assert slow.count(" = 10\n") == 2, slow
+        cfg.write_text(slow)
+        committed = 0
+        for n in range(1, 9):
+            before = _segment_bytes(out)
             proc = subprocess.Popen([HARVEST, "run", "-q", str(cfg)], stderr=subprocess.DEVNULL)
-            time.sleep(rng.uniform(0.3, 1.0))
+            deadline = time.monotonic() + 30
+            while _segment_bytes(out) == before and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.002)  # until this run has written
+            time.sleep(rng.uniform(0.0, 0.25))
             proc.send_signal(signal.SIGKILL)
-            proc.wait()
+            assert proc.wait() == -signal.SIGKILL, f"kill {n}: the run had already exited {proc.returncode}"
+            now = _committed(cfg)
+            assert committed <= now < len(expected), f"kill {n}: {now} of {len(expected)} images committed"
+            committed = now
+        assert len(list(out.glob("images-*"))) >= 2, "the kills never spanned a rotation"
+        cfg.write_text(fast)  # the rest at full speed
         assert harvest("run", cfg).code == 0
-    ids = _all_ids(tmp_path / "out")
-    assert len(ids) == len(set(ids)) and set(ids) == expected_ids(dataset, list(VERSIONS))
+    ids = _all_ids(out)
+    assert len(ids) == len(set(ids)) and set(ids) == expected
     assert harvest("verify", cfg).code == 0
-    assert not list((tmp_path / "out").glob("*.part"))
+    assert not list(out.glob("*.part"))
+    assert list(out.glob("*.ndjson.zst"))
 
 
 def _fill_then_resume(tmp_path: Path, dataset: Dataset, api_url: str, out: Path, **popen: object) -> None:
@@ -132,7 +178,15 @@ def test_failing_write_then_resume(tmp_path: Path) -> None:
 
     with ServerThread(dataset) as api:
         _fill_then_resume(tmp_path, dataset, api.base_url, out, preexec_fn=limit)
+        # The failed run still wrote its summary (a small file, under the limit): what it had
+        # committed before the disk filled, and that it ended with exit 1.
+        summary = orjson.loads((out / "last-run.json").read_bytes())
+        assert summary["exit_code"] == 1 and summary["ok"] is False
         cfg = _config(tmp_path, api.base_url, out=str(out))
+        status = harvest("status", cfg)
+        committed = status.stdout.splitlines()[-1]  # "N images in M file(s) under ..."
+        assert status.code == 0 and committed.startswith(f"{summary['new_items']} images in")
+        assert summary["new_items"] > 0 and summary["pages"] > 0
         assert harvest("run", cfg).code == 0
     ids = ids_of([{"id": i} for i in _all_ids(out)])
     assert len(ids) == len(set(ids)) and set(ids) == expected_ids(dataset, [8001, 8002])

@@ -134,7 +134,7 @@ def test_demo_takes_the_log_flags(tmp_path: Path) -> None:
 
 @pytest.fixture
 def cli_logging(monkeypatch: pytest.MonkeyPatch) -> Iterator[io.StringIO]:
-    """A buffer to be stderr; the harvest logger and the CLI's globals restored afterwards.
+    """A buffer to be stderr; the harvest logger and sys.stderr restored afterwards.
 
     The test body puts the buffer in place: pytest sets its own stderr capture between fixture and test.
     """
@@ -142,8 +142,6 @@ def cli_logging(monkeypatch: pytest.MonkeyPatch) -> Iterator[io.StringIO]:
     saved = (logger.handlers[:], logger.propagate, logger.level)
     buffer = io.StringIO()
     monkeypatch.setattr(sys, "stderr", sys.stderr)  # restored after the test, whatever it set
-    monkeypatch.setattr(logs, "OPTIONS", logs.OPTIONS)
-    monkeypatch.setenv("CIVITAI_API_KEY", KEY)
     yield buffer
     logger.handlers[:], logger.propagate = saved[0], saved[1]
     logger.setLevel(saved[2])
@@ -152,8 +150,8 @@ def cli_logging(monkeypatch: pytest.MonkeyPatch) -> Iterator[io.StringIO]:
 @pytest.mark.parametrize("log_format", ["text", "json"])
 def test_the_key_never_appears_in_either_format(cli_logging: io.StringIO, log_format: str) -> None:
     sys.stderr = cli_logging
-    cli.build_parser().parse_args(["run", "x.toml", "--log-format", log_format])
-    cli._setup_logging(False, False)
+    args = cli.build_parser().parse_args(["run", "x.toml", "--log-format", log_format])
+    cli.setup_logging(cli.log_options(args), KEY)
     log = logging.getLogger("harvest")
     log.warning("rejected %s", KEY, extra={"detail": {"header": f"Bearer {KEY}"}})
     try:
@@ -175,18 +173,19 @@ def test_the_key_never_appears_in_either_format(cli_logging: io.StringIO, log_fo
 def test_the_watcher_follows_the_flags(cli_logging: io.StringIO) -> None:
     sys.stderr = cli_logging
 
+    def options(*argv: str) -> logs.LogOptions:
+        return cli.log_options(cli.build_parser().parse_args(["run", "x.toml", *argv]))
+
     def watcher(*argv: str) -> object:
-        args = cli.build_parser().parse_args(["run", "x.toml", *argv])
-        cli._setup_logging(args.verbose, args.quiet)
-        return logs.new_progress()
+        chosen = options(*argv)
+        return logs.new_progress(chosen, cli.setup_logging(chosen, None))
 
     assert type(watcher()).__name__ == "LogProgress"  # stderr is no terminal here
     assert watcher("--progress-every", "5").every == 5  # type: ignore[attr-defined]
     assert type(watcher("-q")).__name__ == "NoProgress"
     assert type(watcher("--progress-every", "0")).__name__ == "NoProgress"
-    assert logs.OPTIONS.progress_every == 0
-    watcher()
-    assert logs.OPTIONS.progress_every == logs.DEFAULT_PROGRESS_EVERY  # a new parse starts afresh
+    assert options("--progress-every", "0").progress_every == 0
+    assert options().progress_every == logs.DEFAULT_PROGRESS_EVERY  # a new parse starts afresh
 
 
 # -- the watchers, driven directly --------------------------------------------------------------

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from conftest import expected_ids, harvest, ids_of, make_dataset, read_items, write_config
 from crawler.crawl.shards import make_shard, split
 from crawler.testing.fakeapi import ServerOptions, ServerThread, SlowSearch
 
-FAST = {"timeout": 0.4, "max_backoff": 0.05, "max_retries": 6}
+# Any: the values are keyword arguments to write_config, which also has a str parameter.
+FAST: dict[str, Any] = {"timeout": 0.4, "max_backoff": 0.05, "max_retries": 6}
 
 
 def test_split_partitions_by_level_bits_then_type() -> None:

@@ -1,24 +1,27 @@
-"""`harvest`: the command line. Turns every HarvestError into one line and an exit status."""
+"""`harvest`: the parser and `main`. Turns every HarvestError into one line and an exit status.
+
+Each subcommand lives in a module of its own (`run`, `status`, `verify`, `demo`);
+this module parses the command line, sets up logging from it and dispatches.
+"""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import gc
+import functools
 import logging
 import os
-import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from crawler.archive.lock import OutputLock
-from crawler.archive.state import State
-from crawler.archive.verify import verify
+from crawler import __version__
 from crawler.cli import logs
-from crawler.cli.report import print_status, write_summary
-from crawler.config import ApiConfig, Config, OutputConfig, load_config
-from crawler.crawl.pipeline import RunSummary, run_harvest
+from crawler.cli.logs import DEFAULT_PROGRESS_EVERY, LOG_FORMATS, LogOptions, StderrHandler
+from crawler.cli.run import cmd_run
+from crawler.cli.status import cmd_status
+from crawler.cli.verify import cmd_verify
+from crawler.config import ApiConfig, OutputConfig, load_config
+from crawler.crawl.watch import Progress
 from crawler.errors import ExitCode, HarvestError
 
 log = logging.getLogger("harvest")
@@ -72,6 +75,9 @@ def _config_reference() -> str:
     return "\n".join(lines) + "\n"
 
 
+# -- the parser ------------------------------------------------------------------------
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="harvest",
@@ -79,46 +85,90 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"harvest {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # Every subcommand takes the logging flags; those that run a harvest also --progress-every.
+    common, running = _common_flags(progress=False), _common_flags(progress=True)
     run = sub.add_parser(
         "run",
+        parents=[running],
         help="harvest a config into its output dir (rerun to resume)",
         epilog=_config_reference() + "\n" + EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     run.add_argument("config", type=Path, help="TOML config file")
-    _add_verbosity(run)
-    status = sub.add_parser("status", help="show where every shard of a config's harvest stands")
+    status = sub.add_parser(
+        "status", parents=[common], help="show where every shard of a config's harvest stands"
+    )
     status.add_argument("config", type=Path, help="TOML config file")
-    check = sub.add_parser("verify", help="check the output against the state (exit 0 when sound)")
+    check = sub.add_parser(
+        "verify", parents=[common], help="check the output against the state (exit 0 when sound)"
+    )
     check.add_argument("config", type=Path, help="TOML config file")
-    demo = sub.add_parser("demo", help="harvest a sample from the bundled fake API on loopback")
+    demo = sub.add_parser(
+        "demo", parents=[running], help="harvest a sample from the bundled fake API on loopback"
+    )
     demo.add_argument("--dir", type=Path, default=Path("demo"), help="where to write (default: ./demo)")
-    _add_verbosity(demo)
     return parser
 
 
-def _add_verbosity(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("-v", "--verbose", action="store_true", help="log every page")
-    group.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only; no progress")
-    logs.add_arguments(parser)  # --log-format, --progress-every
+def _common_flags(progress: bool) -> argparse.ArgumentParser:
+    """`-v`, `-q`, `--log-format` and, where a harvest runs, `--progress-every`."""
+    flags = argparse.ArgumentParser(add_help=False)
+    group = flags.add_mutually_exclusive_group()
+    more = "log every page" if progress else "log debug lines"
+    group.add_argument("-v", "--verbose", action="store_true", help=f"{more}; tracebacks of internal errors")
+    less = "log warnings and errors only" + ("; no progress" if progress else "")
+    group.add_argument("-q", "--quiet", action="store_true", help=less)
+    flags.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        default="text",
+        help="log lines on stderr as text (default) or as one JSON object a line",
+    )
+    if progress:
+        flags.add_argument(
+            "--progress-every",
+            type=_seconds,
+            default=DEFAULT_PROGRESS_EVERY,
+            metavar="SECONDS",
+            help="off a terminal (or with json logs), log the totals every SECONDS "
+            f"(default {DEFAULT_PROGRESS_EVERY:g}); on a terminal a live table is shown instead; "
+            "0: no progress",
+        )
+    return flags
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: give 0 (off) or a positive number of seconds")
+    return value
+
+
+def log_options(args: argparse.Namespace) -> LogOptions:
+    """The parsed logging flags as one value; commands that run nothing show no progress."""
+    return LogOptions(
+        log_format=args.log_format,
+        verbose=args.verbose,
+        quiet=args.quiet,
+        progress_every=getattr(args, "progress_every", 0.0),
+    )
+
+
+# -- main ------------------------------------------------------------------------------
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _setup_logging(getattr(args, "verbose", False), getattr(args, "quiet", False))
+    options = log_options(args)
     key = os.environ.get(KEY_ENV) or None
+    handler = setup_logging(options, key)
     try:
-        if args.command == "run":
-            return cmd_run(load_config(args.config), key)
-        if args.command == "status":
-            return cmd_status(load_config(args.config))
-        if args.command == "verify":
-            return cmd_verify(load_config(args.config))
-        from crawler.cli.demo import run_demo  # the fake API is only loaded when asked for
-
-        return run_demo(args.dir, cmd_run)
+        return _dispatch(args, key, lambda: logs.new_progress(options, handler))
     except HarvestError as exc:
         print(f"harvest: error: {redact(str(exc), key)}", file=sys.stderr)
         return exc.exit_code
@@ -129,108 +179,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         return ExitCode.ERROR
 
 
-def cmd_run(config: Config, key: str | None) -> int:
-    _tune_gc()
-    lock = OutputLock(config.output.dir)
-    state = State.open(config.output.dir)
-    try:
-        summary, signum = _run_interruptibly(lambda: run_harvest(config, state, key, logs.new_progress()))
-        if signum is not None:
-            name = signal.Signals(signum).name
-            print(
-                f"harvest: interrupted by {name}; committed work is kept. "
-                f"Resume with: harvest run {config.path}",
-                file=sys.stderr,
-            )
-            return 128 + signum
-        assert summary is not None
-        write_summary(config.output.dir, summary)
-        logs.log_summary(summary, config)  # in json mode a record with every figure as a field
-        return ExitCode.OK if summary.ok else ExitCode.SHARDS_FAILED
-    finally:
-        state.close()
-        lock.release()
+def _dispatch(args: argparse.Namespace, key: str | None, watcher: Callable[[], Progress]) -> int:
+    if args.command == "demo":
+        from crawler.cli.demo import run_demo  # the fake API is only loaded when asked for
+
+        return run_demo(args.dir, lambda config, demo_key: cmd_run(config, demo_key, watcher()))
+    config = load_config(args.config)
+    if args.command == "run":
+        return cmd_run(config, key, watcher())
+    if args.command == "status":
+        return cmd_status(config)
+    return cmd_verify(config)
 
 
-def _run_interruptibly(
-    make: Callable[[], object],
-) -> tuple[RunSummary | None, int | None]:
-    """Run the harvest; the first SIGINT/SIGTERM cancels it cleanly, a second exits at once.
-
-    Exiting at once is safe: every commit is one SQLite transaction and an
-    uncommitted tail of the output is cut away on the next start.
-    """
-    caught: list[int] = []
-
-    async def guarded() -> RunSummary | None:
-        loop = asyncio.get_running_loop()
-        task = asyncio.current_task()
-        assert task is not None
-
-        def on_signal(signum: int) -> None:
-            if caught:
-                os._exit(128 + caught[0])
-            caught.append(signum)
-            log.warning("%s: finishing the page being committed, then stopping", signal.Signals(signum).name)
-            task.cancel()
-
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, on_signal, signum)
-        try:
-            return await make()  # type: ignore[no-any-return, misc]
-        except asyncio.CancelledError:
-            if caught:
-                return None
-            raise
-
-    summary = asyncio.run(guarded())
-    # The loop and its handlers are gone; a signal during the last steps (summary,
-    # closing the state) still exits cleanly and at once, with the status it asks for.
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda got, _frame: os._exit(128 + (caught[0] if caught else got)))
-    return summary, (caught[0] if caught else None)
-
-
-def _tune_gc() -> None:
-    """Collect rarely: pages are parsed into many small, acyclic containers whose
-    allocation would trigger a young collection several times per page, for nothing
-    (measured by `make bench`: ~1 µs of CPU per image). Startup objects are frozen
-    out of collections altogether."""
-    gc.freeze()
-    gc.set_threshold(50_000, 20, 100)
-
-
-def cmd_status(config: Config) -> int:
-    state = State.open(config.output.dir, create=False)
-    try:
-        print_status(state, config)
-    finally:
-        state.close()
-    return ExitCode.OK
-
-
-def cmd_verify(config: Config) -> int:
-    state = State.open(config.output.dir, create=False)
-    try:
-        report = verify(config.output.dir, state)
-    finally:
-        state.close()
-    for line in report.problems + report.notes:
-        print(line)
-    verdict = "sound" if report.sound else f"NOT sound: {len(report.problems)} problem(s)"
-    print(f"{report.lines} images in {report.segments} segment(s) under {config.output.dir}: {verdict}")
-    return ExitCode.OK if report.sound else ExitCode.ERROR
+def setup_logging(options: LogOptions, key: str | None) -> StderrHandler:
+    """Text or JSON lines on stderr, as `options` say; the key is redacted from every line."""
+    return logs.configure(log, options, redact=functools.partial(redact, key=key))
 
 
 def redact(text: str, key: str | None) -> str:
     """Belt and braces: the key is never put into messages, but never let one through."""
     return text.replace(key, "[redacted]") if key else text
-
-
-def _setup_logging(verbose: bool, quiet: bool) -> None:
-    """Text or JSON lines on stderr (`--log-format`), as recorded by the parser; the key never shown."""
-    # Both formatters redact every line they produce, whatever reaches them.
-    logs.configure(log, verbose, quiet, redact=lambda text: redact(text, os.environ.get(KEY_ENV)))
 
 
 if __name__ == "__main__":

@@ -9,17 +9,20 @@
   table; elsewhere an INFO line with the totals every SECONDS (default 30).
   0 turns progress output off.
 
+The command line is read once into a frozen `LogOptions`; `configure()` and
+`new_progress()` take it (and the handler) as arguments, so nothing here is set
+aside in module state between a parse and a run.
+
 Whatever is written goes through a `redact` function last, so the API key cannot
 leak through a message, a structured field or a traceback.
 """
 
 from __future__ import annotations
 
-import argparse
 import io
 import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TextIO
@@ -41,65 +44,21 @@ def _keep(text: str) -> str:
     return text
 
 
-# -- command line -----------------------------------------------------------------
+# -- the options ---------------------------------------------------------------------
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class LogOptions:
-    """The logging options of the command being run, recorded as argparse parses them."""
+    """How the command being run logs and shows progress; built once from its command line."""
 
-    log_format: str = "text"
-    progress_every: float = DEFAULT_PROGRESS_EVERY
-    quiet: bool = False
+    log_format: str = "text"  # one of LOG_FORMATS
+    verbose: bool = False  # DEBUG: every page, the traceback of an internal error
+    quiet: bool = False  # WARNING and up; no progress
+    progress_every: float = DEFAULT_PROGRESS_EVERY  # seconds; 0: no progress
 
-
-OPTIONS = LogOptions()
-
-
-class _Record(argparse.Action):
-    """Store the value as usual and also into `OPTIONS`, where `configure()` finds it."""
-
-    def __call__(
-        self,
-        parser: argparse.ArgumentParser,
-        namespace: argparse.Namespace,
-        values: str | Sequence[Any] | None,
-        option_string: str | None = None,
-    ) -> None:
-        setattr(namespace, self.dest, values)
-        setattr(OPTIONS, self.dest, values)
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r}: give 0 (off) or a positive number of seconds")
-    return value
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """`--log-format` and `--progress-every`; resets what an earlier parse recorded."""
-    global OPTIONS
-    OPTIONS = LogOptions()
-    parser.add_argument(
-        "--log-format",
-        choices=LOG_FORMATS,
-        default="text",
-        action=_Record,
-        help="log lines on stderr as text (default) or as one JSON object a line",
-    )
-    parser.add_argument(
-        "--progress-every",
-        type=_seconds,
-        default=DEFAULT_PROGRESS_EVERY,
-        metavar="SECONDS",
-        action=_Record,
-        help="off a terminal (or with json logs), log the totals every SECONDS "
-        f"(default {DEFAULT_PROGRESS_EVERY:g}); on a terminal a live table is shown instead; 0: no progress",
-    )
+    @property
+    def level(self) -> int:
+        return logging.DEBUG if self.verbose else logging.WARNING if self.quiet else logging.INFO
 
 
 # -- formatters -----------------------------------------------------------------------
@@ -234,36 +193,28 @@ class LinesToRecords(io.TextIOBase):
 
 # -- setting it up --------------------------------------------------------------------
 
-_handler: StderrHandler | None = None
 
+def configure(logger: logging.Logger, options: LogOptions, redact: Redact = _keep) -> StderrHandler:
+    """Send `logger` to stderr in the chosen format; in json mode every stderr line is JSON.
 
-def configure(
-    logger: logging.Logger,
-    verbose: bool,
-    quiet: bool,
-    redact: Redact = _keep,
-    log_format: str | None = None,
-) -> StderrHandler:
-    """Send `logger` to stderr in the chosen format; in json mode every stderr line is JSON."""
-    global _handler
-    log_format = log_format or OPTIONS.log_format
-    OPTIONS.quiet = quiet
+    Returns the handler: a live display routes log lines through it (`new_progress`).
+    """
     stream = sys.stderr
     if isinstance(stream, LinesToRecords):  # configured before, in this process
         stream = stream.wrapped
         sys.stderr = stream
     handler = StderrHandler(stream)
-    handler.setFormatter(JsonFormatter(redact) if log_format == "json" else TextFormatter(redact))
+    json_lines = options.log_format == "json"
+    handler.setFormatter(JsonFormatter(redact) if json_lines else TextFormatter(redact))
     logger.handlers[:] = [handler]
     logger.propagate = False
-    logger.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
-    if log_format == "json":
+    logger.setLevel(options.level)
+    if json_lines:
         sys.stderr = LinesToRecords(handler, stream, logger.name)
-    _handler = handler
     return handler
 
 
-def log_summary(summary: Any, config: Any, out: TextIO | None = None) -> None:
+def log_summary(summary: Any, config: Any, exit_code: int, out: TextIO | None = None) -> None:
     """`report.print_summary` as JSON records: the summary line carries every figure as a field."""
     from crawler.cli.report import print_summary, summary_dict
 
@@ -274,23 +225,22 @@ def log_summary(summary: Any, config: Any, out: TextIO | None = None) -> None:
     if not isinstance(target, LinesToRecords):  # not in json mode: print as usual
         print(text.getvalue(), end="", file=out or target)
         return
-    fields = {"event": "summary", **summary_dict(summary), "output_dir": str(config.output.dir)}
+    fields = {"event": "summary", **summary_dict(summary, exit_code), "output_dir": str(config.output.dir)}
     for index, line in enumerate(lines):
         target.emit_line(line, fields if index == 0 else None)
 
 
-def new_progress() -> Progress:
-    """The watcher for one run, from the options the command line was parsed with."""
-    if OPTIONS.quiet or OPTIONS.progress_every <= 0:
+def new_progress(options: LogOptions, handler: StderrHandler) -> Progress:
+    """The watcher for one run: nothing, a log line every N seconds, or a live table on a terminal."""
+    if options.quiet or options.progress_every <= 0:
         return NoProgress()
-    stream = _handler.stream if _handler is not None else sys.stderr
-    if OPTIONS.log_format == "text" and _is_terminal(stream):
+    if options.log_format == "text" and _is_terminal(handler.stream):
         from rich.console import Console
 
         console = Console(stderr=True)
         if console.is_terminal and not console.is_dumb_terminal:
-            return LiveProgress(console, route=_handler)
-    return LogProgress(OPTIONS.progress_every)
+            return LiveProgress(console, route=handler)
+    return LogProgress(options.progress_every)
 
 
 def _is_terminal(stream: Any) -> bool:

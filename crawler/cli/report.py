@@ -13,17 +13,20 @@ import orjson
 from crawler.archive.state import State
 from crawler.config import Config
 from crawler.crawl.pipeline import RunSummary
+from crawler.errors import ExitCode, OutputError
 
 SUMMARY_FILE = "last-run.json"
 
 
-def summary_dict(summary: RunSummary) -> dict[str, Any]:
-    """Every figure of the run: the pipeline's, then all of the client's counters."""
+def summary_dict(summary: RunSummary, exit_code: int) -> dict[str, Any]:
+    """How the run ended (its exit status; `ok` only for 0), then every figure: the pipeline's,
+    then all of the client's counters."""
     counters = asdict(summary.counters)
     counters["cooldown_seconds"] = round(counters["cooldown_seconds"], 3)
     counters["failed_attempts"] = counters.pop("by_reason")
     return {
-        "ok": summary.ok,
+        "exit_code": exit_code,
+        "ok": exit_code == ExitCode.OK,
         "new_items": summary.new_items,
         "pages": summary.pages,
         **counters,
@@ -34,12 +37,15 @@ def summary_dict(summary: RunSummary) -> dict[str, Any]:
     }
 
 
-def write_summary(out_dir: Path, summary: RunSummary) -> None:
+def write_summary(out_dir: Path, summary: RunSummary, exit_code: int) -> None:
     """Atomically replace the output dir's summary, for dashboards and cron wrappers."""
     target = out_dir / SUMMARY_FILE
     temp = target.with_suffix(".tmp")
-    temp.write_bytes(orjson.dumps(summary_dict(summary), option=orjson.OPT_INDENT_2) + b"\n")
-    os.replace(temp, target)
+    try:
+        temp.write_bytes(orjson.dumps(summary_dict(summary, exit_code), option=orjson.OPT_INDENT_2) + b"\n")
+        os.replace(temp, target)
+    except OSError as exc:
+        raise OutputError(f"{target}: cannot write the run summary: {exc.strerror or exc}") from None
 
 
 def print_summary(summary: RunSummary, config: Config, out: TextIO | None = None) -> None:

@@ -52,11 +52,19 @@ class RunSummary:
 
 
 async def run_harvest(
-    config: Config, state: State, api_key: str | None, progress: Progress | None = None
+    config: Config,
+    state: State,
+    api_key: str | None,
+    progress: Progress | None = None,
+    *,
+    summary: RunSummary | None = None,
 ) -> RunSummary:
-    """Walk every shard of `config` into its output dir; resumable at any instant."""
+    """Walk every shard of `config` into its output dir; resumable at any instant.
+
+    Pass your own `summary` to read what the run did even when it raises or is cancelled.
+    """
     started = time.monotonic()
-    summary = RunSummary()
+    summary = RunSummary() if summary is None else summary
     connector = aiohttp.TCPConnector(limit=config.api.concurrency)
     async with aiohttp.ClientSession(connector=connector) as session:
         client = make_api(session, config.api, api_key)
