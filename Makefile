@@ -19,6 +19,7 @@ test: install
 lint: install
 	$(BIN)/ruff check crawler tests bench
 	$(BIN)/mypy crawler tests bench
+	$(BIN)/lint-imports
 
 fmt: install
 	$(BIN)/ruff format crawler tests

@@ -18,7 +18,7 @@ from crawler.errors import StateError
 SEGMENTS = ["images-000001.ndjson", "images-000002.ndjson", "images-000003.ndjson"]
 
 
-def _line(item: dict) -> bytes:
+def _line(item: dict[str, Any]) -> bytes:
     return batch([item]).lines[0]
 
 
