@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from crawler.testing import configs
+
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 HARVEST = str(Path(sys.executable).with_name("harvest"))
@@ -59,36 +61,10 @@ def dataset_spec(versions: Sequence[tuple[int, int]], *, seed: int = 20_240_601)
     }
 
 
-def _toml(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return json.dumps(value)
-    return repr(value)
-
-
 def write_config(path: Path, base_url: str, query: Mapping[str, Any], out: str = "out", **api: Any) -> Path:
-    """A harvest config (same shape as tests/conftest.py) whose output dir is path.parent / out."""
-    api = {
-        "base_url": base_url,
-        "requests_per_second": 100_000,
-        "concurrency": 4,
-        "timeout": 60,
-        "max_backoff": 1.0,
-        **api,
-    }
-    lines = [
-        "[api]",
-        *(f"{k} = {_toml(v)}" for k, v in api.items()),
-        "",
-        "[output]",
-        f"dir = {_toml(out)}",
-        "",
-        "[[queries]]",
-        *(f"{k} = {_toml(v)}" for k, v in query.items()),
-    ]
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    """A harvest config whose output dir is path.parent / out; the pace is the server's to set."""
+    api = {"requests_per_second": 100_000, "concurrency": 4, "timeout": 60, "max_backoff": 1.0, **api}
+    return configs.write_config(path, base_url, [query], out, **api)
 
 
 def harvest_query(limit: int = 200) -> dict[str, Any]:

@@ -15,6 +15,9 @@ from typing import Any
 import orjson
 import pytest
 
+from crawler.testing import configs
+from crawler.testing.configs import expected_ids as expected_ids  # re-exported for the tests
+from crawler.testing.configs import toml_value
 from crawler.testing.fakeapi import Dataset, DatasetSpec, FakeServer, ServerOptions
 from crawler.testing.fakeapi.background import ServerThread
 
@@ -46,14 +49,7 @@ def api(dataset: Dataset) -> Iterator[FakeServer]:
         yield server
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    if isinstance(value, str):
-        return orjson.dumps(value).decode()
-    return repr(value)
+_toml_value = toml_value  # the name older test modules import
 
 
 def write_config(
@@ -64,19 +60,8 @@ def write_config(
     **api: Any,
 ) -> Path:
     """A config file whose output dir is `path.parent / out`; fast retries unless overridden."""
-    api = {
-        "base_url": base_url,
-        "requests_per_second": 500,
-        "concurrency": 4,
-        "timeout": 5,
-        "max_backoff": 0.05,
-        **api,
-    }
-    lines = ["[api]", *(f"{k} = {_toml_value(v)}" for k, v in api.items()), "", "[output]", f'dir = "{out}"']
-    for query in queries:
-        lines += ["", "[[queries]]", *(f"{k} = {_toml_value(v)}" for k, v in query.items())]
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    api = {"requests_per_second": 500, "concurrency": 4, "timeout": 5, "max_backoff": 0.05, **api}
+    return configs.write_config(path, base_url, queries, out, **api)
 
 
 @dataclass(frozen=True)
@@ -108,10 +93,6 @@ def read_items(out_dir: Path) -> list[dict[str, Any]]:
 
 def ids_of(items: Sequence[Mapping[str, Any]]) -> list[int]:
     return [item["id"] for item in items]
-
-
-def expected_ids(dataset: Dataset, versions: Sequence[int], levels: int = 31) -> set[int]:
-    return {i for v in versions for i in dataset.version_image_ids(v, levels=levels)}
 
 
 @pytest.fixture

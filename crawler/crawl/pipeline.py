@@ -12,13 +12,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import aiohttp
 
-from crawler.archive.checkpoint import ArchiveSpec, Checkpointer
+from crawler.archive.checkpoint import ArchiveSpec, Checkpointer, PageResult
 from crawler.archive.state import ShardStatus, State
 from crawler.config import Config
 from crawler.crawl.api import CivitaiApi, make_api
@@ -186,17 +186,15 @@ class _Committer:
     async def _commit(self, message: Fetched) -> None:
         page = message.page
         incremental = message.committed is not None
-        result = await _uncancellable(
-            asyncio.to_thread(
-                self._sink.commit,
-                message.shard.key,
-                message.cursor,
-                page,
-                page.next_cursor,
-                incremental,
-            )
+        work = asyncio.to_thread(
+            self._sink.commit, message.shard.key, message.cursor, page, page.next_cursor, incremental
         )
-        if message.committed is not None:
+        await _uncancellable(work, lambda result: self._account(message, result))
+
+    def _account(self, message: Fetched, result: PageResult) -> None:
+        """What a committed page changed, in the summary and the display (also when cancelled)."""
+        page = message.page
+        if message.committed is not None and not message.committed.done():  # its walker may be gone
             message.committed.set_result(result)
         self._summary.pages += 1
         self._summary.new_items += result.new_items
@@ -208,15 +206,17 @@ class _Committer:
             log.info("shard %s done", describe(message.shard))
 
 
-async def _uncancellable(work: Awaitable[T]) -> T:
-    """Let a commit that has started finish even if the run is being cancelled.
+async def _uncancellable(work: Awaitable[T], then: Callable[[T], None]) -> None:
+    """Let a commit that has started finish, and be counted by `then`, even if the run is
+    being cancelled.
 
     The commit runs in a thread; abandoning it would let the state be closed
-    under it. Cancellation is re-raised once it is over.
+    under it. Cancellation is re-raised once it is over and counted.
     """
     task = asyncio.ensure_future(work)
     try:
-        return await asyncio.shield(task)
+        result = await asyncio.shield(task)
     except asyncio.CancelledError:
-        await task
+        then(await task)
         raise
+    then(result)
