@@ -201,7 +201,7 @@ def test_a_full_disk_inside_a_transaction_is_a_clean_state_error(tmp_path: Path)
         assert state.seen_count() == 1
 
 
-def test_version_1_gains_the_segment_steps_table_and_keeps_the_rest(tmp_path: Path) -> None:
+def test_version_1_gains_the_later_tables_and_keeps_the_rest(tmp_path: Path) -> None:
     path = make_pre_versioning_state(tmp_path)
     conn = sqlite3.connect(path)
     conn.execute("PRAGMA user_version = 1")  # as version-1 code leaves it
@@ -214,6 +214,6 @@ def test_version_1_gains_the_segment_steps_table_and_keeps_the_rest(tmp_path: Pa
         assert state.done_steps("images-000001.ndjson") == {"compress"}
         assert state.segment("images-000001.ndjson").file == "images-000001.ndjson.zst"
     after = table_sql(path)
-    assert set(after) == set(before) | {"segment_steps"}
+    assert set(after) == set(before) | {"segment_steps", "walks", "end_ids", "shard_levels"}
     assert {t: after[t] for t in before} == before
-    assert user_version(path) == 2
+    assert user_version(path) == schema.LATEST == 3

@@ -138,7 +138,8 @@ def test_a_state_from_before_steps_were_recorded_completes_them(tmp_path: Path) 
         _fill(state, ArchiveSpec(tmp_path, segment_items=2, compress="zstd"))
         assert not (tmp_path / SEG1).exists()  # compressed and removed, as usual
     conn = sqlite3.connect(tmp_path / STATE_FILE, isolation_level=None)
-    conn.execute("DROP TABLE segment_steps")  # what version 1 had
+    for later in ("segment_steps", "walks", "end_ids", "shard_levels"):  # what version 1 lacked
+        conn.execute(f"DROP TABLE {later}")
     conn.execute("PRAGMA user_version = 1")
     conn.close()
     (tmp_path / SEG1).write_bytes(b'{"id":1}\n')  # the plain file version-1 code had not removed yet

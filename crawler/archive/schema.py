@@ -69,7 +69,34 @@ def _v2_segment_steps(conn: sqlite3.Connection) -> None:
     )
 
 
-MIGRATIONS: tuple[Migration, ...] = (_v1_tables, _v2_segment_steps)
+def _v3_walks(conn: sqlite3.Connection) -> None:
+    """What completeness needs: how deep each walk has gone (the server caps walks), whether a
+    shard is walked from both ends and which ids each end has seen, the browsing levels served.
+
+    New tables, not new columns: the first tables stay exactly as older code made them.
+    """
+    conn.execute(
+        """CREATE TABLE walks (
+    shard TEXT PRIMARY KEY,
+    depth INTEGER NOT NULL DEFAULT 0,
+    ends INTEGER NOT NULL DEFAULT 0
+) WITHOUT ROWID"""
+    )
+    conn.execute(
+        "CREATE TABLE end_ids (shard TEXT NOT NULL, id INTEGER NOT NULL, PRIMARY KEY (shard, id)) "
+        "WITHOUT ROWID"
+    )
+    conn.execute(
+        """CREATE TABLE shard_levels (
+    shard TEXT NOT NULL,
+    level INTEGER NOT NULL,
+    served INTEGER NOT NULL,
+    PRIMARY KEY (shard, level)
+) WITHOUT ROWID"""
+    )
+
+
+MIGRATIONS: tuple[Migration, ...] = (_v1_tables, _v2_segment_steps, _v3_walks)
 LATEST = len(MIGRATIONS)  # the version this code reads and writes
 
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Self
 
@@ -31,7 +31,10 @@ class ShardStatus:
     ACTIVE = "active"  # walked part way; `cursor` is the next page
     DONE = "done"  # walked to the end in this pass
     FAILED = "failed"  # stopped on an error; a rerun resumes from `cursor`
-    SPLIT = "split"  # timed out; walked as child shards that partition it, for good
+    SPLIT = "split"  # timed out or capped; walked as child shards that cover it exactly, for good
+    CAPPED = "capped"  # walked to the server's walk cap, from both ends, and more exist between
+
+    FINISHED = frozenset({DONE, CAPPED})  # nothing more to do in this pass
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +51,8 @@ class ShardRow:
     pages: int
     finished: int  # walks that reached the end, over all passes
     error: str | None
+    depth: int = 0  # positions the current walk has gone into its query
+    ends: bool = False  # walked from both ends (newest and oldest first) until they meet
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +76,10 @@ class PageCommit:
     new_ids: Sequence[int]
     next_cursor: Cursor | None
     page_cursor: Cursor | None
+    depth: int = 0  # positions the walk has gone into its query after this page
+    capped: bool = False  # with no next cursor: the walk stopped at the server's cap, not the end
+    levels: Mapping[int, int] = field(default_factory=dict)  # images served on the page, by level
+    walked_ids: Sequence[int] = ()  # every id on the page, for a shard walked from both ends
 
 
 def _connect(out_dir: Path, path: Path) -> sqlite3.Connection:
@@ -186,8 +195,8 @@ class State:
             for key, query in shards:
                 self._enrol(key, query, pass_no)
 
-    def record_split(self, key: str, children: Iterable[tuple[str, str]]) -> None:
-        """Mark `key` split and enrol its children, in one transaction."""
+    def record_split(self, key: str, children: Iterable[tuple[str, str]], *, ends: bool = False) -> None:
+        """Mark `key` split and enrol its children (walked from both ends, with `ends`), at once."""
         pass_no = int(self.get_meta("pass") or 0)
         with self._transaction():
             self._conn.execute(
@@ -195,9 +204,47 @@ class State:
                 (ShardStatus.SPLIT, time.time(), key),
             )
             for child, query in children:
-                self._enrol(child, query, pass_no)
+                self._enrol(child, query, pass_no, ends=ends)
 
-    def _enrol(self, key: str, query: str, pass_no: int) -> None:
+    def record_ends(self, key: str, other: tuple[str, str], deepest: Sequence[int]) -> None:
+        """`key`, a walk that reached the cap, is from now on one end of a two-ended walk; `other`
+        walks from the other end until it meets the ids `key` saw deepest."""
+        pass_no = int(self.get_meta("pass") or 0)
+        with self._transaction():
+            self._set_walk(key, ends=True)
+            self._conn.executemany("INSERT OR IGNORE INTO end_ids VALUES (?, ?)", ((key, i) for i in deepest))
+            self._enrol(*other, pass_no, ends=True)
+
+    def walked_by(self, key: str, ids: Sequence[int]) -> bool:
+        """Whether the walk of `key` has served any of `ids` (for shards walked from both ends)."""
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            query = f"SELECT 1 FROM end_ids WHERE shard=? AND id IN ({marks}) LIMIT 1"
+            if self._conn.execute(query, (key, *chunk)).fetchone() is not None:
+                return True
+        return False
+
+    def mark_met(self, key: str) -> None:
+        """The other end reached what `key` walked: a capped end is complete after all."""
+        self._conn.execute(
+            "UPDATE shards SET status=?, updated=? WHERE key=? AND status=?",
+            (ShardStatus.DONE, time.time(), key, ShardStatus.CAPPED),
+        )
+
+    def _set_walk(self, key: str, *, depth: int | None = None, ends: bool | None = None) -> None:
+        self._conn.execute(
+            "INSERT INTO walks (shard, depth, ends) VALUES (?, COALESCE(?, 0), COALESCE(?, 0)) "
+            "ON CONFLICT(shard) DO UPDATE SET depth=COALESCE(?, depth), ends=COALESCE(?, ends)",
+            (key, depth, ends, depth, ends),
+        )
+
+    def levels(self, key: str) -> dict[int, int]:
+        """Images served to `key`'s walks, by browsing level, over every pass."""
+        rows = self._conn.execute("SELECT level, served FROM shard_levels WHERE shard=?", (key,))
+        return {int(level): int(served) for level, served in rows}
+
+    def _enrol(self, key: str, query: str, pass_no: int, *, ends: bool = False) -> None:
         row = self._conn.execute("SELECT pass FROM shards WHERE key=?", (key,)).fetchone()
         now = time.time()
         if row is None:
@@ -205,9 +252,12 @@ class State:
                 "INSERT INTO shards (key, query, pass, status, updated) VALUES (?,?,?,?,?)",
                 (key, query, pass_no, ShardStatus.PENDING, now),
             )
+            if ends:
+                self._set_walk(key, ends=True)
         elif row[0] != pass_no:
             # A new pass walks from the head again; the old tail is kept for
             # sorts that can continue from it.
+            self._set_walk(key, depth=0)
             self._conn.execute(
                 "UPDATE shards SET pass=?, cursor=NULL, error=NULL, updated=?, "
                 "status=CASE status WHEN ? THEN status ELSE ? END WHERE key=?",
@@ -215,9 +265,9 @@ class State:
             )
 
     def finish_pass_if_complete(self, keys: Iterable[str]) -> bool:
-        """Close the pass when every one of `keys` is done; say whether it closed."""
+        """Close the pass when every one of `keys` is finished (done or capped); say whether it closed."""
         statuses = [self.shard(k).status for k in keys]
-        complete = all(s == ShardStatus.DONE for s in statuses)
+        complete = all(s in ShardStatus.FINISHED for s in statuses)
         if complete:
             self.set_meta("pass_open", "0")
         return complete
@@ -226,8 +276,7 @@ class State:
 
     def shard(self, key: str) -> ShardRow:
         row = self._conn.execute(
-            "SELECT key, query, pass, status, cursor, tail_cursor, items, pages, finished, error "
-            "FROM shards WHERE key=?",
+            f"SELECT {_SHARD_COLUMNS} FROM shards LEFT JOIN walks ON walks.shard = shards.key WHERE key=?",
             (key,),
         ).fetchone()
         if row is None:
@@ -235,10 +284,7 @@ class State:
         return _shard_row(row)
 
     def shards(self) -> list[ShardRow]:
-        rows = self._conn.execute(
-            "SELECT key, query, pass, status, cursor, tail_cursor, items, pages, finished, error "
-            "FROM shards ORDER BY query, key"
-        ).fetchall()
+        rows = self._conn.execute(f"SELECT {_SHARD_COLUMNS} FROM shards ORDER BY query, key").fetchall()
         return [_shard_row(r) for r in rows]
 
     def mark_failed(self, key: str, error: str) -> None:
@@ -262,8 +308,17 @@ class State:
     def commit_page(self, page: PageCommit) -> None:
         """Record one page: its new ids, the segment's size, the shard's next cursor."""
         done = page.next_cursor is None
+        status = ShardStatus.ACTIVE if not done else ShardStatus.CAPPED if page.capped else ShardStatus.DONE
         with self._transaction():
             self._conn.executemany("INSERT INTO seen (id) VALUES (?)", ((i,) for i in page.new_ids))
+            self._conn.executemany(
+                "INSERT OR IGNORE INTO end_ids VALUES (?, ?)", ((page.shard_key, i) for i in page.walked_ids)
+            )
+            self._conn.executemany(
+                "INSERT INTO shard_levels VALUES (?, ?, ?) "
+                "ON CONFLICT(shard, level) DO UPDATE SET served=served+excluded.served",
+                ((page.shard_key, level, n) for level, n in page.levels.items()),
+            )
             self._conn.execute(
                 "INSERT INTO segments (name, size, items) VALUES (?, ?, ?) "
                 "ON CONFLICT(name) DO UPDATE SET size=excluded.size, items=items+excluded.items",
@@ -273,7 +328,7 @@ class State:
                 "UPDATE shards SET status=?, cursor=?, tail_cursor=COALESCE(?, tail_cursor), "
                 "items=items+?, pages=pages+1, finished=finished+?, error=NULL, updated=? WHERE key=?",
                 (
-                    ShardStatus.DONE if done else ShardStatus.ACTIVE,
+                    status,
                     _dump_cursor(page.next_cursor),
                     _dump_cursor(page.page_cursor),
                     len(page.new_ids),
@@ -284,6 +339,7 @@ class State:
             )
             if updated.rowcount != 1:  # a cursor saved nowhere would be progress lost
                 raise StateError(f"{self.path}: page committed for unknown shard {page.shard_key}")
+            self._set_walk(page.shard_key, depth=page.depth)
 
     # -- segments -------------------------------------------------------------
 
@@ -360,8 +416,14 @@ def _segment_row(row: tuple[str, int, int, int, str]) -> SegmentRow:
     return SegmentRow(name, size, items, bool(closed), file)
 
 
+_SHARD_COLUMNS = (
+    "key, query, pass, status, cursor, tail_cursor, items, pages, finished, error, "
+    "COALESCE(depth, 0), COALESCE(ends, 0)"
+)
+
+
 def _shard_row(row: tuple[object, ...]) -> ShardRow:
-    key, query, pass_no, status, cursor, tail, items, pages, finished, error = row
+    key, query, pass_no, status, cursor, tail, items, pages, finished, error, depth, ends = row
     return ShardRow(
         key=str(key),
         query=str(query),
@@ -373,4 +435,6 @@ def _shard_row(row: tuple[object, ...]) -> ShardRow:
         pages=int(pages),  # type: ignore[call-overload]
         finished=int(finished),  # type: ignore[call-overload]
         error=None if error is None else str(error),
+        depth=int(depth),  # type: ignore[call-overload]
+        ends=bool(ends),
     )

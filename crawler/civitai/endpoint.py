@@ -100,6 +100,9 @@ class Endpoint:
     guards: tuple[str, ...]  # item fields that must equal the shard's parameter of that name
     sort_key: str
     frontiers: Mapping[str, Frontier]  # by sort; any other sort walks everything
+    end_sorts: tuple[str, str]  # the sorts that walk a query from its two ends (newest, oldest first)
+    cursor_offset: Callable[[Cursor], int | None]  # how deep a cursor points, when it tells
+    cursor_gone: Callable[[str], bool]  # a 400's message says the cursor cannot be continued
 
     # -- queries -----------------------------------------------------------------
 
@@ -200,6 +203,12 @@ class Endpoint:
         for name, value in self.partitions(dict(params)):
             children.append((*((k, v) for k, v in params if k != name), (name, value)))
         return children
+
+    def from_ends(self, params: Iterable[tuple[str, str]]) -> list[WireParams]:
+        """The same query walked from each of its two ends (newest first, oldest first)."""
+        params = tuple(params)
+        rest = tuple((k, v) for k, v in params if k != self.sort_key)
+        return [(*rest, (self.sort_key, sort)) for sort in self.end_sorts]
 
     def frontier(self, params: Iterable[tuple[str, str]]) -> Frontier:
         """Where a walk of these parameters, once walked to its end, resumes and stops."""

@@ -18,7 +18,7 @@ from types import MappingProxyType
 from typing import Any
 
 from crawler import checks
-from crawler.civitai.endpoint import Check, Endpoint, Expansion, Frontier
+from crawler.civitai.endpoint import Check, Cursor, Endpoint, Expansion, Frontier
 
 SORTS: tuple[str, ...] = ("Most Reactions", "Most Comments", "Most Collected", "Newest", "Oldest", "Random")
 PERIODS: tuple[str, ...] = ("Day", "Week", "Month", "Year", "AllTime")
@@ -131,6 +131,21 @@ def _partitions(params: Mapping[str, str]) -> list[tuple[str, str]]:
     return []
 
 
+def _cursor_offset(cursor: Cursor) -> int | None:
+    """The search feed's `"<offset>|<ms>"` says how deep it points; bare ids and `feed:` do not."""
+    if isinstance(cursor, str):
+        head, bar, _ = cursor.partition("|")
+        if bar and head.isascii() and head.isdigit():
+            return int(head)
+    return None
+
+
+def _cursor_gone(message: str) -> bool:
+    """`This cursor can no longer be continued`, `... cannot be continued with these filters`,
+    a numeric cursor beyond 32 bits: all mean walk again from the head, not a bad config."""
+    return "cursor" in message.casefold()
+
+
 IMAGES = Endpoint(
     path="/images",
     params=MappingProxyType(_PARAMS),
@@ -150,4 +165,7 @@ IMAGES = Endpoint(
     guards=("postId", "username"),
     sort_key="sort",
     frontiers=MappingProxyType({"Newest": Frontier.STOP_WHEN_KNOWN, "Oldest": Frontier.CONTINUE_FROM_TAIL}),
+    end_sorts=("Newest", "Oldest"),
+    cursor_offset=_cursor_offset,
+    cursor_gone=_cursor_gone,
 )
