@@ -34,6 +34,7 @@ class ApiConfig:
     timeout: float = 30.0
     max_retries: int = 8
     max_backoff: float = 30.0
+    walk_cap: int = 50_000  # positions deep the server lets one walk go (see api-facts: walks are capped)
 
 
 COMPRESSIONS: tuple[str, ...] = ("none", "zstd", "gzip")
@@ -85,6 +86,7 @@ _API_CHECKS: dict[str, Callable[[Any], Any]] = {
     "timeout": checks.positive_number,
     "max_retries": functools.partial(checks.integer, low=0),
     "max_backoff": checks.positive_number,
+    "walk_cap": functools.partial(checks.integer, low=1),
 }
 
 

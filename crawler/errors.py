@@ -67,6 +67,10 @@ class ForeignItemsError(ShardError):
     """The API served items that do not match the shard's key."""
 
 
+class CursorGoneError(ShardError):
+    """The server no longer continues a cursor (expired, other filters): walk again from the head."""
+
+
 class OddItemError(ShardError):
     """The API served an item the archive cannot hold (an id beyond 63 bits)."""
 

@@ -12,8 +12,8 @@ so a restart completes whichever a crash interrupted.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -43,11 +43,23 @@ class Lines(Protocol):
 
 
 @dataclass(frozen=True, slots=True)
+class WalkNote:
+    """What the walk knows about a page that the archive records with it."""
+
+    stop_when_known: bool = False  # an incremental walk: a page of known ids only ends it
+    depth: int = 0  # positions deep into the query after this page
+    capped: bool = False  # without a next cursor: the walk stopped at the server's cap
+    other_end: str | None = None  # walked from both ends: the shard walking from the other one
+    levels: Mapping[int, int] = field(default_factory=dict)  # images on the page by browsing level
+
+
+@dataclass(frozen=True, slots=True)
 class PageResult:
     """What committing one page changed."""
 
     new_items: int
     done: bool
+    met: bool = False  # the page reached what the other end of the walk had walked
 
 
 def closed_segment_steps(output: ArchiveSpec) -> tuple[SegmentStep, ...]:
@@ -71,11 +83,14 @@ class Checkpointer:
         page_cursor: Cursor | None,
         page: Lines,
         next_cursor: Cursor | None,
-        stop_when_known: bool = False,
+        walk: WalkNote = WalkNote(),
     ) -> PageResult:
         fresh, fresh_ids = self._unseen(page)
-        if stop_when_known and page.ids and not fresh:
+        if walk.stop_when_known and page.ids and not fresh:
             next_cursor = None  # an incremental walk has reached what it already holds
+        met = walk.other_end is not None and self._state.walked_by(walk.other_end, page.ids)
+        if met:
+            next_cursor = None  # the two ends of a walk met: everything between is covered
         size = self._writer.append(b"".join(fresh), len(fresh)) if fresh else self._writer.size
         self._state.commit_page(
             PageCommit(
@@ -85,11 +100,16 @@ class Checkpointer:
                 new_ids=fresh_ids,
                 next_cursor=next_cursor,
                 page_cursor=page_cursor,
+                depth=walk.depth,
+                capped=walk.capped and next_cursor is None and not met,
+                levels=walk.levels,
+                walked_ids=page.ids if walk.other_end is not None else (),
+                met=walk.other_end if met else None,
             )
         )
         if self._segment_full():
             self._rotate()
-        return PageResult(new_items=len(fresh), done=next_cursor is None)
+        return PageResult(new_items=len(fresh), done=next_cursor is None, met=met)
 
     def _segment_full(self) -> bool:
         limit_items, limit_mb = self._output.segment_items, self._output.segment_mb

@@ -79,7 +79,8 @@ def _v3_walks(conn: sqlite3.Connection) -> None:
         """CREATE TABLE walks (
     shard TEXT PRIMARY KEY,
     depth INTEGER NOT NULL DEFAULT 0,
-    ends INTEGER NOT NULL DEFAULT 0
+    ends INTEGER NOT NULL DEFAULT 0,
+    met INTEGER NOT NULL DEFAULT 0
 ) WITHOUT ROWID"""
     )
     conn.execute(

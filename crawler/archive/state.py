@@ -53,6 +53,7 @@ class ShardRow:
     error: str | None
     depth: int = 0  # positions the current walk has gone into its query
     ends: bool = False  # walked from both ends (newest and oldest first) until they meet
+    met: bool = False  # ... and they did: nothing between them is out of reach
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +81,7 @@ class PageCommit:
     capped: bool = False  # with no next cursor: the walk stopped at the server's cap, not the end
     levels: Mapping[int, int] = field(default_factory=dict)  # images served on the page, by level
     walked_ids: Sequence[int] = ()  # every id on the page, for a shard walked from both ends
+    met: str | None = None  # the other end's shard, when this page reached what it walked
 
 
 def _connect(out_dir: Path, path: Path) -> sqlite3.Connection:
@@ -188,12 +190,12 @@ class State:
                 self._enrol(key, query, pass_no)
         return pass_no
 
-    def enrol(self, shards: Iterable[tuple[str, str]]) -> None:
-        """Add shards found after the pass began (the children of a split) to it."""
+    def enrol(self, shards: Iterable[tuple[str, str]], *, ends: bool = False) -> None:
+        """Add shards found after the pass began (the children of a split, the ends of a walk)."""
         pass_no = int(self.get_meta("pass") or 0)
         with self._transaction():
             for key, query in shards:
-                self._enrol(key, query, pass_no)
+                self._enrol(key, query, pass_no, ends=ends)
 
     def record_split(self, key: str, children: Iterable[tuple[str, str]], *, ends: bool = False) -> None:
         """Mark `key` split and enrol its children (walked from both ends, with `ends`), at once."""
@@ -225,19 +227,28 @@ class State:
                 return True
         return False
 
-    def mark_met(self, key: str) -> None:
-        """The other end reached what `key` walked: a capped end is complete after all."""
-        self._conn.execute(
-            "UPDATE shards SET status=?, updated=? WHERE key=? AND status=?",
-            (ShardStatus.DONE, time.time(), key, ShardStatus.CAPPED),
-        )
-
     def _set_walk(self, key: str, *, depth: int | None = None, ends: bool | None = None) -> None:
         self._conn.execute(
             "INSERT INTO walks (shard, depth, ends) VALUES (?, COALESCE(?, 0), COALESCE(?, 0)) "
             "ON CONFLICT(shard) DO UPDATE SET depth=COALESCE(?, depth), ends=COALESCE(?, ends)",
             (key, depth, ends, depth, ends),
         )
+
+    def _mark_met(self, *keys: str) -> None:
+        """The two ends of a walk met: neither is capped, and nothing lies out of reach between them."""
+        for key in keys:
+            self._conn.execute("UPDATE walks SET met=1 WHERE shard=?", (key,))
+            self._conn.execute(
+                "UPDATE shards SET status=? WHERE key=? AND status=?",
+                (ShardStatus.DONE, key, ShardStatus.CAPPED),
+            )
+
+    def finish_unwalked(self, key: str) -> str:
+        """A shard with nothing to walk this pass keeps the outcome of its last walk; returns it."""
+        met = self._conn.execute("SELECT met FROM walks WHERE shard=?", (key,)).fetchone()
+        status = ShardStatus.DONE if met is not None and met[0] else ShardStatus.CAPPED
+        self._conn.execute("UPDATE shards SET status=?, updated=? WHERE key=?", (status, time.time(), key))
+        return status
 
     def levels(self, key: str) -> dict[int, int]:
         """Images served to `key`'s walks, by browsing level, over every pass."""
@@ -252,8 +263,6 @@ class State:
                 "INSERT INTO shards (key, query, pass, status, updated) VALUES (?,?,?,?,?)",
                 (key, query, pass_no, ShardStatus.PENDING, now),
             )
-            if ends:
-                self._set_walk(key, ends=True)
         elif row[0] != pass_no:
             # A new pass walks from the head again; the old tail is kept for
             # sorts that can continue from it.
@@ -263,6 +272,8 @@ class State:
                 "status=CASE status WHEN ? THEN status ELSE ? END WHERE key=?",
                 (pass_no, now, ShardStatus.SPLIT, ShardStatus.PENDING, key),
             )
+        if ends:
+            self._set_walk(key, ends=True)
 
     def finish_pass_if_complete(self, keys: Iterable[str]) -> bool:
         """Close the pass when every one of `keys` is finished (done or capped); say whether it closed."""
@@ -284,7 +295,9 @@ class State:
         return _shard_row(row)
 
     def shards(self) -> list[ShardRow]:
-        rows = self._conn.execute(f"SELECT {_SHARD_COLUMNS} FROM shards ORDER BY query, key").fetchall()
+        rows = self._conn.execute(
+            f"SELECT {_SHARD_COLUMNS} FROM shards LEFT JOIN walks ON walks.shard = shards.key ORDER BY query, key"
+        ).fetchall()
         return [_shard_row(r) for r in rows]
 
     def mark_failed(self, key: str, error: str) -> None:
@@ -340,6 +353,8 @@ class State:
             if updated.rowcount != 1:  # a cursor saved nowhere would be progress lost
                 raise StateError(f"{self.path}: page committed for unknown shard {page.shard_key}")
             self._set_walk(page.shard_key, depth=page.depth)
+            if page.met is not None:
+                self._mark_met(page.shard_key, page.met)
 
     # -- segments -------------------------------------------------------------
 
@@ -418,12 +433,12 @@ def _segment_row(row: tuple[str, int, int, int, str]) -> SegmentRow:
 
 _SHARD_COLUMNS = (
     "key, query, pass, status, cursor, tail_cursor, items, pages, finished, error, "
-    "COALESCE(depth, 0), COALESCE(ends, 0)"
+    "COALESCE(depth, 0), COALESCE(ends, 0), COALESCE(met, 0)"
 )
 
 
 def _shard_row(row: tuple[object, ...]) -> ShardRow:
-    key, query, pass_no, status, cursor, tail, items, pages, finished, error, depth, ends = row
+    key, query, pass_no, status, cursor, tail, items, pages, finished, error, depth, ends, met = row
     return ShardRow(
         key=str(key),
         query=str(query),
@@ -437,4 +452,5 @@ def _shard_row(row: tuple[object, ...]) -> ShardRow:
         error=None if error is None else str(error),
         depth=int(depth),  # type: ignore[call-overload]
         ends=bool(ends),
+        met=bool(met),
     )

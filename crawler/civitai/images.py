@@ -25,6 +25,8 @@ PERIODS: tuple[str, ...] = ("Day", "Week", "Month", "Year", "AllTime")
 TYPES: tuple[str, ...] = ("image", "video", "audio")
 NSFW_LEVELS: tuple[str, ...] = ("None", "Soft", "Mature", "X")
 LEVEL_BITS: tuple[int, ...] = (1, 2, 4, 8, 16)  # browsingLevel: PG, PG-13, R, X, XXX; one per image
+MATURE_LEVELS = 4 | 8 | 16  # R, X, XXX: never served by the SFW host (civitai.com since 2026-04)
+SFW_HOST_AFTER = 1000  # images of a mature query, none mature, before the SFW host is suspected
 LIST_KEYS: frozenset[str] = frozenset({"postId", "modelVersionId", "userId", "modelId", "username"})
 DEFAULT_LIMIT = 200  # the API's maximum: fewer requests for the same items
 

@@ -47,6 +47,7 @@ _API_HELP = {
     "timeout": "seconds for one whole request",
     "max_retries": "retries of one request after its first attempt; then the shard stops, the run exits 3",
     "max_backoff": "seconds: cap of the exponential backoff when no Retry-After is given",
+    "walk_cap": "positions deep the server lets one walk go; deeper shards are split, walked from both ends",
 }
 _OUTPUT_HELP = {
     "segment_items": "close a segment after this many images (0: no limit)",

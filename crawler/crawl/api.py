@@ -13,6 +13,7 @@ from crawler import exactjson
 from crawler.civitai.endpoint import Cursor, Page
 from crawler.civitai.images import IMAGES
 from crawler.config import ApiConfig
+from crawler.errors import BadRequestError, CursorGoneError
 from crawler.http.client import HttpClient, HttpSettings
 from crawler.http.gate import Counters, RateGate
 from crawler.http.transport import AiohttpTransport, Params
@@ -37,7 +38,12 @@ class CivitaiApi:
         """One page. With `timeouts`, that many timed-out attempts (the client's own timeout,
         or a gateway's 504/524) raise `SearchTimeoutError`, so the walker can ask for less."""
         query = list(params) + ([("cursor", str(cursor))] if cursor is not None else [])
-        return await self.http.get(IMAGES.path, query, IMAGES.parse_page, timeouts=timeouts)
+        try:
+            return await self.http.get(IMAGES.path, query, IMAGES.parse_page, timeouts=timeouts)
+        except BadRequestError as refused:
+            if cursor is not None and IMAGES.cursor_gone(str(refused)):
+                raise CursorGoneError(f"the server no longer continues the cursor: {refused}") from None
+            raise
 
     async def model_version_ids(self, model_id: str) -> list[int]:
         expansion = IMAGES.expansion

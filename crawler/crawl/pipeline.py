@@ -13,18 +13,19 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 import aiohttp
 
-from crawler.archive.checkpoint import ArchiveSpec, Checkpointer, PageResult
+from crawler.archive.checkpoint import ArchiveSpec, Checkpointer, PageResult, WalkNote
 from crawler.archive.state import ShardStatus, State
 from crawler.config import Config
 from crawler.crawl.api import CivitaiApi, make_api
-from crawler.crawl.plan import plan_walk
-from crawler.crawl.shards import PlanFailure, Shard, describe, plan_shards, split
-from crawler.crawl.walker import Failed, Fetched, Split, walk
+from crawler.crawl.coverage import capped_lines, leaves_of, other_end, sfw_warnings
+from crawler.crawl.plan import WalkPlan, plan_walk
+from crawler.crawl.shards import PlanFailure, Shard, describe, plan_shards
+from crawler.crawl.walker import Ends, Failed, Fetched, Split, Walker, walk_all
 from crawler.crawl.watch import NoProgress, Progress, ShardView
 from crawler.errors import HarvestError
 from crawler.http.gate import Counters
@@ -45,10 +46,13 @@ class RunSummary:
     pages: int = 0
     elapsed: float = 0.0
     counters: Counters = field(default_factory=Counters)
+    capped: list[str] = field(default_factory=list)  # one line per shard with images out of reach
+    levels: dict[str, dict[int, int]] = field(default_factory=dict)  # served this run: shard -> level -> n
+    warnings: list[str] = field(default_factory=list)  # said at the end of the run (the SFW host)
 
     @property
     def ok(self) -> bool:
-        return not self.failures
+        return not self.failures and not self.capped
 
 
 async def run_harvest(
@@ -73,23 +77,16 @@ async def run_harvest(
             planned, plan_failures = await plan_shards(config.queries, client)
             summary.failures += [f"{f.query} [{f.what}]: {f.error}" for f in plan_failures]
             state.begin_pass((s.key, s.query) for s in planned)
-            shards = list(_leaves_of(planned, state))
+            shards = list(leaves_of(planned, state))
             await _walk_all(shards, state, client, config, summary, progress or NoProgress())
             _close_pass(state, shards, plan_failures)
+            summary.capped = capped_lines(state, shards)
+            summary.warnings = sfw_warnings(state, shards)
+            for line in summary.warnings:
+                log.warning("%s", line)
         finally:
             summary.elapsed = time.monotonic() - started
     return summary
-
-
-def _leaves_of(shards: Sequence[Shard], state: State) -> Iterator[Shard]:
-    """The shards to walk: a shard split in an earlier run is walked as its children."""
-    for shard in shards:
-        if state.shard(shard.key).status != ShardStatus.SPLIT:
-            yield shard
-            continue
-        children = split(shard)
-        state.enrol((c.key, c.query) for c in children)
-        yield from _leaves_of(children, state)
 
 
 def _close_pass(state: State, shards: Sequence[Shard], failures: Sequence[PlanFailure]) -> None:
@@ -106,7 +103,11 @@ async def _walk_all(
     progress: Progress,
 ) -> None:
     rows = {s.key: state.shard(s.key) for s in shards}
-    todo = [s for s in shards if rows[s.key].status != ShardStatus.DONE]
+    plans = {s.key: plan_walk(s, rows[s.key], other_end(s, rows[s.key])) for s in shards}
+    for shard in shards:
+        if rows[shard.key].status not in ShardStatus.FINISHED and plans[shard.key].skip:
+            rows[shard.key] = replace(rows[shard.key], status=state.finish_unwalked(shard.key))
+    todo = [s for s in shards if rows[s.key].status not in ShardStatus.FINISHED]
     summary.shards = len(shards)
     summary.shards_done = len(shards) - len(todo)
     log.info("%d shards, %d to walk", len(shards), len(todo))
@@ -117,7 +118,8 @@ async def _walk_all(
     committer = _Committer(sink, state, summary, progress, shards)
     try:
         async with asyncio.TaskGroup() as group:
-            group.create_task(_produce(todo, rows, client, queue))
+            walker = Walker(client, queue, config.api.walk_cap)
+            group.create_task(_produce(todo, [plans[s.key] for s in todo], walker))
             group.create_task(committer.consume(queue))
     except BaseExceptionGroup as group_error:
         raise _first_harvest_error(group_error) from None
@@ -144,13 +146,9 @@ def _errors(error: BaseException) -> Iterator[BaseException]:
         yield error
 
 
-async def _produce(
-    shards: Sequence[Shard], rows: dict[str, Any], client: CivitaiApi, queue: asyncio.Queue[Any]
-) -> None:
-    async with asyncio.TaskGroup() as walkers:
-        for shard in shards:
-            walkers.create_task(walk(shard, plan_walk(shard, rows[shard.key]), client, queue))
-    await queue.put(_STOP)
+async def _produce(shards: Sequence[Shard], plans: Sequence[WalkPlan], walker: Walker) -> None:
+    await walk_all(shards, plans, walker)
+    await walker.queue.put(_STOP)
 
 
 class _Committer:
@@ -168,6 +166,8 @@ class _Committer:
                 self._failed(message)
             elif isinstance(message, Split):
                 self._split(message)
+            elif isinstance(message, Ends):
+                self._ends(message)
             else:
                 await self._commit(message)
 
@@ -178,16 +178,24 @@ class _Committer:
         self._progress.shard_failed(message.shard.key, message.error)
 
     def _split(self, message: Split) -> None:
-        self._state.record_split(message.shard.key, [(c.key, c.query) for c in message.children])
+        children = [(c.key, c.query) for c in message.children]
+        self._state.record_split(message.shard.key, children, ends=message.ends)
         self._shards.remove(message.shard)
         self._shards.extend(message.children)
         self._summary.shards += len(message.children) - 1
 
+    def _ends(self, message: Ends) -> None:
+        self._state.record_ends(message.shard.key, (message.other.key, message.other.query), message.deepest)
+        self._shards.append(message.other)
+        self._summary.shards += 1
+
     async def _commit(self, message: Fetched) -> None:
         page = message.page
-        incremental = message.committed is not None
+        note = WalkNote(
+            message.stop_when_known, message.depth, message.capped, message.other_end, message.levels
+        )
         work = asyncio.to_thread(
-            self._sink.commit, message.shard.key, message.cursor, page, page.next_cursor, incremental
+            self._sink.commit, message.shard.key, message.cursor, page, page.next_cursor, note
         )
         await _uncancellable(work, lambda result: self._account(message, result))
 
@@ -198,6 +206,9 @@ class _Committer:
             message.committed.set_result(result)
         self._summary.pages += 1
         self._summary.new_items += result.new_items
+        served = self._summary.levels.setdefault(message.shard.key, {})
+        for level, n in message.levels.items():
+            served[level] = served.get(level, 0) + n
         self._progress.page(message.shard.key, result.new_items, len(page.items))
         log.debug("%s: %d new of %d", describe(message.shard), result.new_items, len(page.items))
         if result.done:

@@ -22,17 +22,24 @@ from crawler.crawl.shards import Shard
 class WalkPlan:
     start: Cursor | None
     stop_when_known: bool  # end the walk on a page of known images only
+    depth: int = 0  # positions deep `start` points
+    known_from: int = 0  # ... but not before the walk is this deep (a restart after a dead cursor)
+    other_end: str | None = None  # walked from both ends: the shard walking from the other one
+    skip: bool = False  # nothing to walk: the oldest end of a two-ended walk, done before
 
 
-def plan_walk(shard: Shard, row: ShardRow) -> WalkPlan:
+def plan_walk(shard: Shard, row: ShardRow, other_end: str | None = None) -> WalkPlan:
     frontier = IMAGES.frontier(shard.params)
     seen_end = row.finished > 0
     stop = seen_end and frontier is Frontier.STOP_WHEN_KNOWN
     if row.status in (ShardStatus.ACTIVE, ShardStatus.FAILED):
-        return WalkPlan(row.cursor, stop)
+        return WalkPlan(row.cursor, stop, row.depth, other_end=other_end)
+    if other_end is not None and seen_end and frontier is Frontier.CONTINUE_FROM_TAIL:
+        # New images arrive at the newest end, which its own walk takes; this end stays put.
+        return WalkPlan(None, False, other_end=other_end, skip=True)
     if seen_end and frontier is Frontier.CONTINUE_FROM_TAIL and row.tail_cursor is not None:
-        return WalkPlan(row.tail_cursor, False)
-    return WalkPlan(None, stop)
+        return WalkPlan(row.tail_cursor, False, other_end=other_end)
+    return WalkPlan(None, stop, other_end=other_end)
 
 
 # -- page size -----------------------------------------------------------------

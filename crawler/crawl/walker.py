@@ -1,29 +1,43 @@
 """One shard's walk: follow cursors, check what comes back, hand pages on.
 
 A walk ends only when `nextCursor` is absent or null, never on a short or empty
-page. When a shard's requests keep timing out, the walk first asks for smaller
-pages, then splits the shard into children that partition it exactly and walks
-those instead: slow is not a reason to give up on a shard.
+page; and an end is only the end when the walk did not reach the server's walk
+cap. Three things make a walker go on where a naive one would stop:
+
+- timeouts: the walk asks for smaller pages, then splits the shard into children
+  that partition it exactly and walks those (slow is no reason to give up);
+- the walk cap: a walk that stops `walk_cap` positions deep is split the same
+  way, and a shard that cannot be split further is walked from both ends
+  (newest first, oldest first) until the two walks meet; what lies between two
+  capped ends is reported, never hidden (status `capped`);
+- a cursor the server no longer continues: the walk starts again from the head,
+  at most `CURSOR_RESTARTS` times a run, never stopping on known pages before it
+  is past where it was.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from crawler.archive.checkpoint import PageResult
 from crawler.archive.state import Cursor
 from crawler.civitai.endpoint import Page
+from crawler.civitai.images import IMAGES
 from crawler.crawl.api import CivitaiApi
 from crawler.crawl.plan import PageSize, WalkPlan
-from crawler.crawl.shards import Shard, check_items, describe, split, with_limit
-from crawler.errors import CursorLoopError, SearchTimeoutError, ShardError
+from crawler.crawl.shards import Shard, check_items, describe, make_shard, split, with_limit
+from crawler.errors import CursorGoneError, CursorLoopError, SearchTimeoutError, ShardError
 
 log = logging.getLogger("harvest")
 
 TIMEOUTS_PER_LIMIT = 2  # timed-out attempts at one page size before it is halved
+CURSOR_RESTARTS = 3  # walks from the head after a dead cursor, per shard and run
+DEEPEST_PAGES = 2  # pages whose ids mark where a capped walk stopped
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,9 +45,19 @@ class Fetched:
     shard: Shard
     cursor: Cursor | None
     page: Page
-    # Set for incremental walks: the walker waits for the commit to learn
-    # whether the page was all known, so it never fetches past the frontier.
+    depth: int  # positions deep into the query after this page
+    capped: bool  # the page ends the walk at the server's cap, not at the query's end
+    stop_when_known: bool  # an incremental walk: a page of known images only ends it
+    other_end: str | None  # the shard walking the same query from the other end: stop on meeting it
+    # Set when the walker must learn how the commit went (known page, the ends met) before
+    # it fetches on, so it never walks past a frontier.
     committed: asyncio.Future[PageResult] | None = None
+
+    @property
+    def levels(self) -> dict[int, int]:
+        """Images on the page by browsing level (the SFW-host check reads these)."""
+        counts = collections.Counter(i.get("browsingLevel") for i in self.page.items)
+        return {int(k): n for k, n in counts.items() if isinstance(k, int) and not isinstance(k, bool)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,50 +70,160 @@ class Failed:
 class Split:
     shard: Shard
     children: list[Shard]
+    ends: bool = False  # the children walk the shard from its two ends
 
 
-async def walk(shard: Shard, plan: WalkPlan, client: CivitaiApi, queue: asyncio.Queue[Any]) -> None:
-    """Walk `shard` from `plan.start`; failures go on the queue, never up."""
+@dataclass(frozen=True, slots=True)
+class Ends:
+    """`shard` reached the cap from one end; `other` now walks it from the other end."""
+
+    shard: Shard
+    other: Shard
+    deepest: list[int]
+
+
+@dataclass(frozen=True, slots=True)
+class Walker:
+    """What every walk of a run shares."""
+
+    client: CivitaiApi
+    queue: asyncio.Queue[Any]
+    walk_cap: int
+
+
+@dataclass(slots=True)
+class _Walk:
+    """Where one walk is: its cursor, depth, the ids it saw deepest."""
+
+    cursor: Cursor | None
+    depth: int
+    used: set[str] = field(default_factory=set)
+    deepest: collections.deque[list[int]] = field(
+        default_factory=lambda: collections.deque(maxlen=DEEPEST_PAGES)
+    )
+    capped: bool = False
+    met: bool = False
+
+
+async def walk(shard: Shard, plan: WalkPlan, walker: Walker) -> None:
+    """Walk `shard` as `plan` says; failures go on the queue, never up."""
     try:
-        if not await _follow(shard, plan, client, queue):
-            await _walk_children(shard, client, queue)
+        await _walk(shard, plan, walker)
     except ShardError as exc:
-        await queue.put(Failed(shard, str(exc)))
+        await walker.queue.put(Failed(shard, str(exc)))
 
 
-async def _follow(shard: Shard, plan: WalkPlan, client: CivitaiApi, queue: asyncio.Queue[Any]) -> bool:
-    """Follow the cursors to the end: True, or False when the shard must be split."""
-    cursor = plan.start
-    used: set[str] = set()
+async def _walk(shard: Shard, plan: WalkPlan, walker: Walker) -> None:
+    restarts = 0
+    while True:
+        walk_ = _Walk(plan.start, plan.depth)
+        try:
+            await _follow(shard, plan, walker, walk_)
+        except SearchTimeoutError:
+            await _walk_children(shard, walker, "timing out")
+            return
+        except CursorGoneError as gone:
+            restarts += 1
+            if restarts > CURSOR_RESTARTS:
+                raise CursorGoneError(
+                    f"{gone} (walked again from the head {CURSOR_RESTARTS} times)"
+                ) from None
+            log.warning("%s: %s; walking it again from the head", describe(shard), gone)
+            # Known pages do not end the new walk before it is past where the old one was.
+            plan = replace(plan, start=None, depth=0, known_from=max(walk_.depth, plan.known_from))
+            continue
+        if walk_.capped and not walk_.met:
+            await _beyond_the_cap(shard, plan, walker, walk_)
+        return
+
+
+async def _follow(shard: Shard, plan: WalkPlan, walker: Walker, walk_: _Walk) -> None:
+    """Follow the cursors to the end (or the cap, or the other end)."""
     size = PageSize(int(shard.value("limit") or 200))
     while True:
-        used.add(repr(cursor))
+        walk_.used.add(repr(walk_.cursor))
         try:
-            page = await client.images(with_limit(shard.params, size.current), cursor, TIMEOUTS_PER_LIMIT)
+            page = await walker.client.images(
+                with_limit(shard.params, size.current), walk_.cursor, TIMEOUTS_PER_LIMIT
+            )
         except SearchTimeoutError:
             if not size.shrink():
-                return False
+                raise
             log.warning("%s: timing out; asking for %d images a page", describe(shard), size.current)
             continue
         size.answered()
         check_items(shard, page)
-        if page.next_cursor is not None and repr(page.next_cursor) in used:
-            raise CursorLoopError(
-                f"the cursor looped: {page.next_cursor!r} was already followed in this walk"
-            )
-        committed = asyncio.get_running_loop().create_future() if plan.stop_when_known else None
-        await queue.put(Fetched(shard, cursor, page, committed))
-        if page.next_cursor is None or (committed is not None and (await committed).done):
-            return True
-        cursor = page.next_cursor
+        _check_loop(walk_, page)
+        walk_.depth = _depth_after(walk_, size.current)
+        walk_.deepest.append(page.ids)
+        walk_.capped = page.next_cursor is None and walk_.depth >= walker.walk_cap
+        if await _hand_on(shard, plan, walker, walk_, page) or page.next_cursor is None:
+            return
+        walk_.cursor = page.next_cursor
 
 
-async def _walk_children(shard: Shard, client: CivitaiApi, queue: asyncio.Queue[Any]) -> None:
+def _check_loop(walk_: _Walk, page: Page) -> None:
+    if page.next_cursor is not None and repr(page.next_cursor) in walk_.used:
+        raise CursorLoopError(f"the cursor looped: {page.next_cursor!r} was already followed in this walk")
+
+
+def _depth_after(walk_: _Walk, limit: int) -> int:
+    """Positions walked after this page: the feed's cursors say where they point; for other
+    cursors, count the positions asked for."""
+    start = 0 if walk_.cursor is None else IMAGES.cursor_offset(walk_.cursor)
+    return (walk_.depth if start is None else start) + limit
+
+
+async def _hand_on(shard: Shard, plan: WalkPlan, walker: Walker, walk_: _Walk, page: Page) -> bool:
+    """Queue the page for its commit; True when the commit ended the walk early."""
+    stop = plan.stop_when_known and walk_.depth > plan.known_from
+    wait = stop or plan.other_end is not None
+    committed: asyncio.Future[PageResult] | None = (
+        asyncio.get_running_loop().create_future() if wait else None
+    )
+    await walker.queue.put(
+        Fetched(shard, walk_.cursor, page, walk_.depth, walk_.capped, stop, plan.other_end, committed)
+    )
+    if committed is None:
+        return False
+    result = await committed
+    walk_.met = result.met
+    return result.done
+
+
+async def _beyond_the_cap(shard: Shard, plan: WalkPlan, walker: Walker, walk_: _Walk) -> None:
+    """A walk that stopped at the cap: split it, or walk it from its other end."""
+    if split(shard):
+        await _walk_children(shard, walker, f"capped {walk_.depth} images deep")
+        return
+    if plan.other_end is not None:
+        log.warning("%s: capped from both ends; the images between cannot be reached", describe(shard))
+        return
+    ends = [make_shard(shard.query, params) for params in IMAGES.from_ends(shard.params)]
+    if shard in ends:  # it is one end itself: walk the other one, until it meets this one
+        other = next(e for e in ends if e != shard)
+        log.warning("%s: capped %d images deep; walking it from the other end", describe(shard), walk_.depth)
+        await walker.queue.put(Ends(shard, other, [i for ids in walk_.deepest for i in ids]))
+        await walk(other, WalkPlan(None, False, other_end=shard.key), walker)
+        return
+    log.warning("%s: capped %d images deep; walking it from both ends", describe(shard), walk_.depth)
+    await walker.queue.put(Split(shard, ends, ends=True))
+    first, last = ends
+    async with asyncio.TaskGroup() as group:
+        group.create_task(walk(first, WalkPlan(None, False, other_end=last.key), walker))
+        group.create_task(walk(last, WalkPlan(None, False, other_end=first.key), walker))
+
+
+async def _walk_children(shard: Shard, walker: Walker, why: str) -> None:
     children = split(shard)
     if not children:
         raise SearchTimeoutError("requests keep timing out even at the smallest page size")
-    log.warning("%s: timing out; splitting it into %d shards", describe(shard), len(children))
-    await queue.put(Split(shard, children))  # recorded before any child page is committed
+    log.warning("%s: %s; splitting it into %d shards", describe(shard), why, len(children))
+    await walker.queue.put(Split(shard, children))  # recorded before any child page is committed
+    await walk_all(children, [WalkPlan(None, False)] * len(children), walker)
+
+
+async def walk_all(shards: Sequence[Shard], plans: Sequence[WalkPlan], walker: Walker) -> None:
     async with asyncio.TaskGroup() as group:
-        for child in children:
-            group.create_task(walk(child, WalkPlan(None, False), client, queue))
+        for shard, plan in zip(shards, plans, strict=True):
+            group.create_task(walk(shard, plan, walker))
