@@ -287,7 +287,7 @@ class State:
 
     def shard(self, key: str) -> ShardRow:
         row = self._conn.execute(
-            f"SELECT {_SHARD_COLUMNS} FROM shards LEFT JOIN walks ON walks.shard = shards.key WHERE key=?",
+            f"SELECT {_SHARD_COLUMNS} FROM {_SHARDS} WHERE key=?",
             (key,),
         ).fetchone()
         if row is None:
@@ -295,9 +295,7 @@ class State:
         return _shard_row(row)
 
     def shards(self) -> list[ShardRow]:
-        rows = self._conn.execute(
-            f"SELECT {_SHARD_COLUMNS} FROM shards LEFT JOIN walks ON walks.shard = shards.key ORDER BY query, key"
-        ).fetchall()
+        rows = self._conn.execute(f"SELECT {_SHARD_COLUMNS} FROM {_SHARDS} ORDER BY query, key").fetchall()
         return [_shard_row(r) for r in rows]
 
     def mark_failed(self, key: str, error: str) -> None:
@@ -431,6 +429,7 @@ def _segment_row(row: tuple[str, int, int, int, str]) -> SegmentRow:
     return SegmentRow(name, size, items, bool(closed), file)
 
 
+_SHARDS = "shards LEFT JOIN walks ON walks.shard = shards.key"
 _SHARD_COLUMNS = (
     "key, query, pass, status, cursor, tail_cursor, items, pages, finished, error, "
     "COALESCE(depth, 0), COALESCE(ends, 0), COALESCE(met, 0)"
