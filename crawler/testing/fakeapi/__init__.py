@@ -5,6 +5,7 @@ async with serve(Dataset(default_spec())) as api:
 """
 
 from crawler.testing.fakeapi.background import ServerThread
+from crawler.testing.fakeapi.cursors import FeedCursors
 from crawler.testing.fakeapi.dataset import (
     Dataset,
     DatasetSpec,
@@ -12,29 +13,36 @@ from crawler.testing.fakeapi.dataset import (
     ModelSpec,
     VersionSpec,
     default_spec,
+    skewed_versions,
 )
 from crawler.testing.fakeapi.faults import HOSTILE as HOSTILE_KINDS
 from crawler.testing.fakeapi.faults import KINDS as FAULT_KINDS
+from crawler.testing.fakeapi.faults import KINDS_2026 as FAULT_KINDS_2026
 from crawler.testing.fakeapi.faults import FaultInjector, FaultSpec, RateLimit
 from crawler.testing.fakeapi.server import (
     FakeServer,
+    Latency,
     RequestLog,
     RequestRecord,
     ServerOptions,
     SlowSearch,
+    cursors_of,
     make_app,
     serve,
 )
 
 __all__ = [
     "FAULT_KINDS",
+    "FAULT_KINDS_2026",
     "HOSTILE_KINDS",
     "Dataset",
     "DatasetSpec",
     "FakeServer",
+    "FeedCursors",
     "FaultInjector",
     "FaultSpec",
     "ImageQuery",
+    "Latency",
     "ModelSpec",
     "RateLimit",
     "RequestLog",
@@ -43,7 +51,9 @@ __all__ = [
     "ServerThread",
     "SlowSearch",
     "VersionSpec",
+    "cursors_of",
     "default_spec",
     "make_app",
     "serve",
+    "skewed_versions",
 ]

@@ -1,7 +1,8 @@
 """python -m crawler.testing.fakeapi: serve the fake API until SIGTERM/SIGINT.
 
 Prints exactly one line, `listening on http://127.0.0.1:PORT/api/v1`, once bound,
-so a script can start it on port 0 and read where it went.
+so a script can start it on port 0 and read where it went. SIGUSR1 expires every feed:
+cursor issued so far (FakeServer.cursors.expire_all()), for scripts that kill and resume a run.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 
 from crawler.testing.fakeapi.dataset import Dataset, DatasetSpec, default_spec
 from crawler.testing.fakeapi.faults import FaultSpec, RateLimit
-from crawler.testing.fakeapi.server import ServerOptions, serve
+from crawler.testing.fakeapi.server import Latency, ServerOptions, serve
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -31,12 +32,64 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--burst", type=int, default=1, help="token bucket burst for --rate-limit (default 1)")
     p.add_argument(
         "--rate-limit-mode",
-        choices=("429", "503"),
+        choices=("429", "503", "503_overloaded"),
         default="429",
-        help="429 without Retry-After (Cloudflare) or 503 with Retry-After: 2",
+        help="429 without Retry-After (Cloudflare), or 503 with Retry-After: 2 "
+        "(503_overloaded: with the search backend's overload body)",
     )
     p.add_argument("--api-key", help="reject Authorization: Bearer headers carrying any other key")
+    new = p.add_argument_group("2025-2026 behaviour (all off by default)")
+    new.add_argument(
+        "--walk-cap", type=int, metavar="N", help="no nextCursor once a feed walk is N positions deep"
+    )
+    new.add_argument("--feed-cursors", action="store_true", help='opaque "feed:" cursors that can expire')
+    new.add_argument(
+        "--cursor-ttl",
+        type=float,
+        metavar="SECONDS",
+        help="feed: cursors expire after this (implies --feed-cursors)",
+    )
+    new.add_argument(
+        "--cursor-epoch",
+        type=int,
+        default=0,
+        metavar="N",
+        help="feed: cursors issued by a server with a lower epoch are expired (default 0)",
+    )
+    new.add_argument(
+        "--sfw-only", action="store_true", help="serve only PG and PG-13 items, whatever is asked"
+    )
+    new.add_argument(
+        "--new-error-bodies", action="store_true", help='non-zod 4xx bodies are {"message": ...}'
+    )
+    new.add_argument(
+        "--latency-median", type=float, metavar="SECONDS", help="lognormal delay before each answer"
+    )
+    new.add_argument(
+        "--latency-p95", type=float, metavar="SECONDS", help="its 95th percentile (default: the median)"
+    )
+    new.add_argument("--latency-seed", type=int, default=0, help="seed of the latency draws (default 0)")
     return p
+
+
+def _options(args: argparse.Namespace) -> ServerOptions:
+    limit = RateLimit(args.rate_limit, args.burst, args.rate_limit_mode) if args.rate_limit else None
+    latency = None
+    if args.latency_median is not None:
+        p95 = args.latency_p95 if args.latency_p95 is not None else args.latency_median
+        latency = Latency(args.latency_median, p95, args.latency_seed)
+    elif args.latency_p95 is not None:
+        raise ValueError("--latency-p95 needs --latency-median")
+    return ServerOptions(
+        rate_limit=limit,
+        walk_cap=args.walk_cap,
+        feed_cursors=args.feed_cursors or args.cursor_ttl is not None,
+        cursor_ttl=args.cursor_ttl,
+        cursor_epoch=args.cursor_epoch,
+        sfw_only=args.sfw_only,
+        new_error_bodies=args.new_error_bodies,
+        latency=latency,
+    )
 
 
 def _load(path: Path) -> dict[str, Any]:
@@ -47,7 +100,7 @@ def _load(path: Path) -> dict[str, Any]:
 async def _run(args: argparse.Namespace) -> None:
     dataset = Dataset(DatasetSpec.from_dict(_load(args.spec)) if args.spec else default_spec())
     faults = FaultSpec.from_dict(_load(args.faults)) if args.faults else None
-    limit = RateLimit(args.rate_limit, args.burst, args.rate_limit_mode) if args.rate_limit else None
+    options = _options(args)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -58,8 +111,9 @@ async def _run(args: argparse.Namespace) -> None:
         host=args.host,
         port=args.port,
         api_key=args.api_key,
-        options=ServerOptions(rate_limit=limit),
+        options=options,
     ) as api:
+        loop.add_signal_handler(signal.SIGUSR1, api.cursors.expire_all)
         print(f"listening on {api.base_url}", flush=True)
         await stop.wait()
 

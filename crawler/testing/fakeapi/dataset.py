@@ -71,6 +71,15 @@ class ModelSpec:
 
     @classmethod
     def from_obj(cls, model_id: int, obj: Any) -> ModelSpec:
+        if isinstance(obj, Mapping) and "skewed" in obj:  # {"skewed": {"total": 60000, "n": 12, ...}}
+            sk = obj["skewed"]
+            skewed = skewed_versions(
+                int(sk["total"]),
+                int(sk["n"]),
+                float(sk.get("share_of_first", 1 / 3)),
+                first_id=int(sk.get("first_id", 1)),
+            )
+            return cls(int(model_id), skewed, str(obj.get("name", "")), str(obj.get("type", "Checkpoint")))
         if isinstance(obj, Mapping):
             versions, name, mtype = (
                 obj["versions"],
@@ -80,6 +89,36 @@ class ModelSpec:
         else:  # a bare list of versions
             versions, name, mtype = obj, "", "Checkpoint"
         return cls(int(model_id), tuple(VersionSpec.from_obj(v) for v in versions), name, mtype)
+
+
+def skewed_versions(
+    total: int, n: int, share_of_first: float = 1 / 3, *, first_id: int = 1
+) -> tuple[VersionSpec, ...]:
+    """n versions (ids first_id, first_id+1, ...) holding `total` images between them, very unevenly.
+
+    The first holds `share_of_first` of them; the rest share what is left by Zipf's law (the
+    k-th of them in proportion to 1/k), so one version dwarfs the next and the last hold a
+    handful: what a popular model looks like, for benchmarks that must balance shards. Every
+    version holds at least one image when total >= n. In a JSON spec, a model may say
+    {"skewed": {"total": 60000, "n": 12, "share_of_first": 0.33, "first_id": 1}} instead of
+    listing its versions.
+    """
+    if n < 1 or total < 0 or not 0 < share_of_first <= 1:
+        raise ValueError("skewed_versions needs n >= 1, total >= 0 and 0 < share_of_first <= 1")
+    if n == 1:
+        counts = [total]
+    else:
+        floor = 1 if total >= n else 0
+        first = max(min(round(total * share_of_first), total - floor * (n - 1)), floor)
+        weights = [1 / k for k in range(1, n)]
+        rest = total - first - floor * (n - 1)
+        exact = [rest * w / sum(weights) for w in weights]
+        shares = [int(x) for x in exact]
+        by_remainder = sorted(range(n - 1), key=lambda k: exact[k] - shares[k], reverse=True)
+        for k in by_remainder[: rest - sum(shares)]:  # largest remainders: the sum is exact
+            shares[k] += 1
+        counts = [first, *(floor + s for s in shares)]
+    return tuple(VersionSpec(id=first_id + k, images=c, name=f"v{k + 1}") for k, c in enumerate(counts))
 
 
 @dataclass(frozen=True)
@@ -162,6 +201,7 @@ class ImageQuery:
     tags: frozenset[int] = frozenset()
     type: str | None = None
     base_models: frozenset[str] = frozenset()
+    ids: frozenset[int] = frozenset()  # ids=1,2,3: only these images (the legacy database path)
 
 
 @dataclass(frozen=True)
@@ -389,6 +429,29 @@ class Dataset:
         self._changed()
         return count
 
+    def hide_images(self, ids: Iterable[int]) -> int:
+        """Hide images (moderation): gaps in feed pages, absent from ids= lookups; returns how many."""
+        count = 0
+        for image_id in ids:
+            i = self.index_of(image_id)
+            if i is not None and not self.cols.flags[i] & _HIDDEN:
+                self.cols.flags[i] |= _HIDDEN
+                count += 1
+        self._changed()
+        return count
+
+    def set_browsing_level(self, ids: Iterable[int], level: int) -> int:
+        """Re-rate images (browsingLevel 1, 2, 4, 8 or 16), as moderators do; returns how many."""
+        index = LEVELS.index(level)
+        count = 0
+        for image_id in ids:
+            i = self.index_of(image_id)
+            if i is not None and self.cols.level[i] != index:
+                self.cols.level[i] = index
+                count += 1
+        self._changed()
+        return count
+
     def _changed(self) -> None:
         self.generation += 1
         self._selections.clear()
@@ -468,6 +531,12 @@ class Dataset:
             if not c.flags[i] & skip and LEVELS[c.level[i]] & levels
         ]
 
+    def walk_ids(self, q: ImageQuery, *, walk_cap: int | None = None) -> list[int]:
+        """Ids a complete feed walk of q yields, in order: visible rows of the first `walk_cap`
+        positions (ServerOptions.walk_cap), all of them when None. For tests."""
+        rows = self.select(q)
+        return [self.cols.ids[i] for i in rows[:walk_cap] if not self.is_hidden(i)]
+
     def version_ids(self, model_id: int) -> list[int]:
         return [v.id for v, m in zip(self._versions, self._version_model, strict=True) if m == model_id]
 
@@ -486,6 +555,8 @@ class Dataset:
 
     def _base(self, q: ImageQuery) -> Iterable[int]:
         """The smallest index to scan for q."""
+        if q.ids:
+            return sorted(i for i in map(self.index_of, q.ids) if i is not None)
         if q.image_id is not None:
             i = self.index_of(q.image_id)
             return () if i is None else (i,)
@@ -519,6 +590,10 @@ class Dataset:
     def _matches(self, i: int, q: ImageQuery) -> bool:
         c = self.cols
         if c.flags[i] & _DELETED or not LEVELS[c.level[i]] & q.levels:
+            return False
+        if q.ids and c.ids[i] not in q.ids:
+            return False
+        if q.image_id is not None and c.ids[i] != q.image_id:
             return False
         if q.type is not None and TYPES[c.type[i]] != q.type:
             return False

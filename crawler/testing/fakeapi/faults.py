@@ -52,6 +52,13 @@ HOSTILE = (
     "surrogate_cursor",  # the genuine page with a nextCursor holding a lone surrogate
 )
 
+# Kinds the real server took up later (api-facts "What changed in 2025-2026"): asked for by name
+# or rate, never part of "every kind" (KINDS), so the sweeps over KINDS are unchanged.
+KINDS_2026 = (
+    "503_overloaded",  # the search backend's 503: {"error": OVERLOADED} with Retry-After
+)
+OVERLOADED = "Image search is temporarily overloaded — please retry."
+
 _CHALLENGE = (
     b'<!DOCTYPE html><html lang="en-US"><head><title>Just a moment...</title></head><body>'
     b"<noscript>Enable JavaScript and cookies to continue</noscript>"
@@ -80,15 +87,16 @@ class FaultSpec:
     endless_mb: int = 4096  # where an endless body gives up, if the client never does
 
     def __post_init__(self) -> None:
-        unknown = [k for k, _ in self.rates if k not in KINDS + HOSTILE]
+        known = KINDS + HOSTILE + KINDS_2026
+        unknown = [k for k, _ in self.rates if k not in known]
         if unknown:
-            raise ValueError(f"unknown fault kinds {unknown}; known: {', '.join(KINDS + HOSTILE)}")
+            raise ValueError(f"unknown fault kinds {unknown}; known: {', '.join(known)}")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> FaultSpec:
         """{"seed": 1, "rates": {"503": 0.05}, ...}; kinds may also sit at the top level."""
         rates = dict(d.get("rates", {}))
-        rates.update({k: v for k, v in d.items() if k in KINDS})
+        rates.update({k: v for k, v in d.items() if k in KINDS + KINDS_2026})
         options = {
             k: d[k]
             for k in ("seed", "retry_after", "retry_after_http_date", "slow_seconds", "bomb_mb", "endless_mb")
@@ -119,7 +127,7 @@ class FaultInjector:
     def queue(self, *kinds: str) -> None:
         """Fail the next requests with these kinds, in order, before any random draw."""
         for kind in kinds:
-            if kind not in KINDS + HOSTILE:
+            if kind not in KINDS + HOSTILE + KINDS_2026:
                 raise ValueError(f"unknown fault kind {kind!r}")
         self._script.extend(kinds)
 
@@ -155,6 +163,8 @@ class FaultInjector:
 
     def _canned(self, kind: str) -> web.Response:
         json_type = "application/json"
+        if kind == "503_overloaded":
+            return _overloaded(self.retry_after())
         if kind == "503":
             return web.Response(
                 status=503,
@@ -192,6 +202,15 @@ class FaultInjector:
         )
 
 
+def _overloaded(retry_after: str) -> web.Response:
+    return web.Response(
+        status=503,
+        body=orjson.dumps({"error": OVERLOADED}),
+        content_type="application/json",
+        headers={"Retry-After": retry_after},
+    )
+
+
 async def _cut_short(request: web.Request, resp: web.StreamResponse, *, reset: bool) -> web.StreamResponse:
     """Send the headers and part of the body, then drop the connection.
 
@@ -224,12 +243,14 @@ class RateLimit:
 
     rate: float
     burst: int = 1
-    mode: str = "429"  # "429": no Retry-After (Cloudflare); "503": Retry-After: retry_after
+    # "429": no Retry-After (Cloudflare); "503": Retry-After: retry_after; "503_overloaded": the
+    # same with today's body, {"error": "Image search is temporarily overloaded — please retry."}
+    mode: str = "429"
     retry_after: int = 2
 
     def __post_init__(self) -> None:
-        if self.mode not in ("429", "503"):
-            raise ValueError("RateLimit.mode is '429' or '503'")
+        if self.mode not in ("429", "503", "503_overloaded"):
+            raise ValueError("RateLimit.mode is '429', '503' or '503_overloaded'")
 
 
 class TokenBucket:
@@ -249,6 +270,8 @@ class TokenBucket:
         return False
 
     def rejection(self) -> web.Response:
+        if self.limit.mode == "503_overloaded":
+            return _overloaded(str(self.limit.retry_after))
         if self.limit.mode == "503":
             return web.Response(
                 status=503,

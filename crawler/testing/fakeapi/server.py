@@ -4,6 +4,11 @@ It reproduces what the real server does, warts included (as described in
 the project's api-facts reference): offset cursors over a search feed with rows filtered
 after slicing, the legacy modelId path that loses a row per page and goes
 silent on big models, the page cap answered as 429, zod-style 400s.
+
+What changed in 2025-2026 is there too, each behind a ServerOptions switch that is off by
+default: the walk cap, opaque feed: cursors that expire, the SFW-only host, the new
+{"message": ...} error bodies, ids= lookups (always served: unknown parameters used to be
+dropped, so nobody relied on ids= being ignored) and a latency model for benchmarks.
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ import asyncio
 import bisect
 import ipaddress
 import math
+import random
+import statistics
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager
@@ -21,6 +28,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from crawler.testing.fakeapi.cursors import MISFIT, CursorRefused, FeedCursors, filters_hash
+from crawler.testing.fakeapi.cursors import PREFIX as FEED_PREFIX
 from crawler.testing.fakeapi.dataset import PERIODS, SORTS, TYPES, Dataset, ImageQuery
 from crawler.testing.fakeapi.faults import FaultInjector, FaultSpec, RateLimit, TokenBucket
 
@@ -28,7 +37,10 @@ _HEADERS = {"Cache-Control": "public, s-maxage=300"}
 _BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 _NSFW = {"None": 1, "Soft": 3, "Mature": 7, "X": 31}
 _NSFW_TRUE = 4 | 8 | 16  # nsfw=true means R and up, without PG: a real trap
-_PAGE_CAP = {"error": "You've requested too many pages, please use cursors instead"}
+_PAGE_CAP = "You've requested too many pages, please use cursors instead"
+_INT32_MAX = 2**31 - 1  # numeric cursors beyond this answer 400
+_MAX_IDS = 100  # ids= takes at most this many
+_SFW = 1 | 2  # what the SFW host serves: PG and PG-13
 _SILENT: dict[str, Any] = {"items": [], "metadata": {}}  # the legacy path's 20 s timeout, as served
 
 
@@ -50,6 +62,69 @@ class ServerOptions:
     version_ids_as_strings: bool = False  # /models/{id} lists version ids as "11", not 11
     # (param, value): every page serves the first page's images again, with ever new cursors
     stale_pages: frozenset[tuple[str, str]] = frozenset()
+
+    # ---- what changed in 2025-2026 (api-facts); every switch is off by default
+    # The feed stops handing out nextCursor once a walk is this many positions deep: the page
+    # with offset + limit >= walk_cap is served (cut at the cap), then the walk looks finished.
+    # Positions from walk_cap on are never served, not even to a forged cursor. The real server
+    # does it at about 50,000; a test uses e.g. 1_200. Feed path only (not modelId, not ids=).
+    walk_cap: int | None = None
+    # nextCursor on the feed path is an opaque "feed:<base64>" string (cursors.py) instead of
+    # "<offset>|<ms>". It answers 400 {"message": "This cursor can no longer be continued; start
+    # again without it"} once expired, and 400 {"message": "This cursor cannot be continued with
+    # these filters"} when sent with other filters (or on the modelId path). Old "<offset>|<ms>"
+    # cursors are still read, as during the rollout. A feed: cursor is read whatever this says.
+    feed_cursors: bool = False
+    # Seconds a feed: cursor lives; None: until FakeServer.cursors.expire_all(). Tests cross it
+    # with FakeServer.cursors.advance(seconds), not by sleeping.
+    cursor_ttl: float | None = None
+    # The cursor epoch a server starts in: feed: cursors issued in an earlier epoch are expired,
+    # so a test that restarts the server (or a subprocess fake) can kill the cursors a run stored.
+    cursor_epoch: int = 0
+    # The SFW host (civitai.com since 2026-04-16): /images answers only PG and PG-13 items
+    # (browsingLevel & 3) whatever browsingLevel or nsfw ask, silently.
+    sfw_only: bool = False
+    # Non-zod 4xx bodies are {"message": "..."}: the missing model's 404, the page-cap 429, the
+    # out-of-range cursor's 400. Off: the older {"error": "..."} (with "code" where it had one).
+    new_error_bodies: bool = False
+    # Seeded lognormal time taken before answering each /images and /models request (not the
+    # edge's rate-limit or injected-fault answers); cancelled when the client goes away.
+    latency: Latency | None = None
+
+    def __post_init__(self) -> None:
+        if self.walk_cap is not None and self.walk_cap < 1:
+            raise ValueError("walk_cap must be at least 1 (or None: no cap)")
+        if self.cursor_ttl is not None and self.cursor_ttl <= 0:
+            raise ValueError("cursor_ttl must be positive (or None: no ttl)")
+
+
+_Z95 = statistics.NormalDist().inv_cdf(0.95)
+
+
+@dataclass(frozen=True)
+class Latency:
+    """Response time, lognormal: half the answers take less than `median` seconds, 95% less
+    than `p95`. The server draws from random.Random(seed); p95 == median is a fixed delay."""
+
+    median: float
+    p95: float
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.median <= self.p95:
+            raise ValueError("Latency needs 0 < median <= p95")
+
+    @property
+    def mu(self) -> float:
+        return math.log(self.median)
+
+    @property
+    def sigma(self) -> float:
+        return math.log(self.p95 / self.median) / _Z95
+
+    def sample(self, rng: random.Random) -> float:
+        """One delay in seconds, drawn from rng."""
+        return rng.lognormvariate(self.mu, self.sigma)
 
 
 @dataclass(frozen=True)
@@ -116,7 +191,10 @@ class _State:
     api_key: str | None
     log: RequestLog = field(default_factory=RequestLog)
     bucket: TokenBucket | None = None
-    bodies: dict[tuple[int, str], bytes] = field(default_factory=dict)
+    # (dataset generation, cursors version, url) -> (cursor clock when rendered, body)
+    bodies: dict[tuple[int, int, str], tuple[float, bytes]] = field(default_factory=dict)
+    cursors: FeedCursors = field(default_factory=FeedCursors)
+    latency_rng: random.Random = field(default_factory=random.Random)
 
 
 _STATE = web.AppKey("fakeapi_state", _State)
@@ -228,12 +306,23 @@ class _Params:
         self._issue("nsfw", "Invalid input", code="invalid_union")
         return None
 
-    def int_list(self, name: str) -> frozenset[int]:
+    def int_list(self, name: str, *, max_items: int | None = None) -> frozenset[int]:
         raw = self.raw(name)
         parts = [p.strip() for p in raw.split(",")] if raw else []
-        if not all(p.lstrip("-").isdigit() for p in parts):
+        if not all(p.lstrip("-").isascii() and p.lstrip("-").isdigit() for p in parts):
             self._issue(
                 name, "Expected number, received nan", code="invalid_type", expected="number", received="nan"
+            )
+            return frozenset()
+        if max_items is not None and len(parts) > max_items:
+            self._issue(
+                name,
+                f"Array must contain at most {max_items} element(s)",
+                code="too_big",
+                maximum=max_items,
+                type="array",
+                inclusive=True,
+                exact=False,
             )
             return frozenset()
         return frozenset(int(p) for p in parts)
@@ -242,13 +331,16 @@ class _Params:
         raw = self.raw(name)
         return frozenset(p.strip() for p in raw.split(",") if p.strip()) if raw else frozenset()
 
-    def cursor(self) -> int | None:
-        """Only the offset (or image id) before '|' is ever read back."""
+    def cursor(self) -> int | str | None:
+        """Only the offset (or image id) before '|' is ever read back; a feed: cursor is
+        returned whole, for the server to read (it knows the cursors it issued)."""
         raw = self.raw("cursor")
         if raw is None:
             return None
+        if raw.startswith(FEED_PREFIX):
+            return raw
         head = raw.split("|", 1)[0].strip()
-        if not head.isdigit():
+        if not (head.isascii() and head.isdigit()):
             self._issue("cursor", "Invalid cursor", code="custom")
             return None
         return int(head)
@@ -257,7 +349,8 @@ class _Params:
 @dataclass(frozen=True)
 class _Paging:
     limit: int
-    cursor: int | None
+    cursor: int | None  # the offset (feed) or image id (legacy) to continue from
+    feed_cursor: str | None  # a feed: cursor as sent, until read into `cursor`
     page: int | None
     with_meta: bool
     with_tags: bool
@@ -287,11 +380,14 @@ def _parse_images(
         tags=p.int_list("tags"),
         type=p.enum("type", TYPES),
         base_models=p.str_list("baseModels"),
+        ids=p.int_list("ids", max_items=_MAX_IDS),
     )
     limit = p.integer("limit", lo=0, hi=200)
+    cursor = p.cursor()
     paging = _Paging(
         limit=limit or 100,
-        cursor=p.cursor(),
+        cursor=cursor if isinstance(cursor, int) else None,
+        feed_cursor=cursor if isinstance(cursor, str) else None,
         page=p.integer("page", lo=1),  # JS: 0 is falsy -> 100
         with_meta=p.boolean("withMeta"),
         with_tags=p.boolean("withTags"),
@@ -306,6 +402,13 @@ def _json(obj: Any, status: int = 200) -> web.Response:
     return web.Response(
         body=orjson.dumps(obj), status=status, content_type="application/json", headers=_HEADERS
     )
+
+
+def _refusal(options: ServerOptions, status: int, message: str, code: str | None = None) -> web.Response:
+    """A non-zod 4xx: {"message": ...} on today's server, {"error": ..., "code": ...} on the older."""
+    if options.new_error_bodies:
+        return _json({"message": message}, status)
+    return _json({"error": message, **({"code": code} if code else {})}, status)
 
 
 def _zod(issues: list[dict[str, Any]]) -> web.Response:
@@ -324,30 +427,53 @@ def _end(options: ServerOptions) -> dict[str, Any]:
     return {"nextCursor": None} if options.null_end_cursor else {}
 
 
-def _feed_page(st: _State, request: web.Request, q: ImageQuery, paging: _Paging) -> dict[str, Any]:
-    """Offset paging over the sorted selection; hidden rows drop out after slicing."""
-    ds = st.dataset
+def _feed_page(
+    st: _State, request: web.Request, q: ImageQuery, paging: _Paging, filters: int
+) -> dict[str, Any]:
+    """Offset paging over the sorted selection; hidden rows drop out after slicing.
+
+    `filters`: the hash of the filters as sent, which a feed: cursor is bound to.
+    """
+    ds, options = st.dataset, st.options
     rows = ds.select(q)
     offset = paging.cursor or 0
-    stale = any(request.query.get(name) == value for name, value in st.options.stale_pages)
-    chunk = rows[0 if stale else offset : (0 if stale else offset) + paging.limit]
+    stale = any(request.query.get(name) == value for name, value in options.stale_pages)
+    start = 0 if stale else offset
+    stop = start + paging.limit if options.walk_cap is None else min(start + paging.limit, options.walk_cap)
+    chunk = rows[start:stop] if stop > start else rows[:0]
     items = [
         ds.item(i, with_meta=paging.with_meta, with_tags=paging.with_tags)
         for i in chunk
         if not ds.is_hidden(i)
     ]
     nxt: int | None = offset + paging.limit if offset + paging.limit < len(rows) or stale else None
-    if _loops(st.options, request.query):
+    if _loops(options, request.query):
         nxt = paging.limit if offset >= 2 * paging.limit else offset + paging.limit
+    if options.walk_cap is not None and offset + paging.limit >= options.walk_cap:
+        nxt = None  # the walk looks finished, and is not
     if nxt is None:
-        return {"items": items, "metadata": _end(st.options)}
-    anchor = rows[min(nxt, len(rows)) - 1] if len(rows) else None
-    cursor = f"{nxt}|{ds.created_ms(ds.cols.ids[anchor]) if anchor is not None else 0}"
+        return {"items": items, "metadata": _end(options)}
+    if options.feed_cursors:
+        cursor = st.cursors.issue(nxt, filters)
+    else:
+        anchor = rows[min(nxt, len(rows)) - 1] if len(rows) else None
+        cursor = f"{nxt}|{ds.created_ms(ds.cols.ids[anchor]) if anchor is not None else 0}"
     return {"items": items, "metadata": {"nextCursor": cursor, "nextPage": _next_page(request, cursor)}}
 
 
 def _loops(options: ServerOptions, query: Mapping[str, str]) -> bool:
     return any(query.get(name) == value for name, value in options.cursor_loops)
+
+
+def _ids_page(st: _State, q: ImageQuery, paging: _Paging) -> dict[str, Any]:
+    """ids=: the current state of those images that are still shown, in `sort` order, one
+    batch: at most `limit` of them and never a cursor (the legacy database path)."""
+    ds = st.dataset
+    rows = [i for i in ds.select(q) if not ds.is_hidden(i)][: paging.limit]
+    items = [
+        ds.item(i, with_meta=paging.with_meta, with_tags=paging.with_tags, nested_meta=True) for i in rows
+    ]
+    return {"items": items, "metadata": _end(st.options)}
 
 
 def _legacy_page(st: _State, request: web.Request, q: ImageQuery, paging: _Paging) -> dict[str, Any]:
@@ -380,28 +506,63 @@ def _legacy_page(st: _State, request: web.Request, q: ImageQuery, paging: _Pagin
 
 
 async def _images(request: web.Request) -> web.Response:
-    st = request.app[_STATE]
-    key = (st.dataset.generation, str(request.url))
+    st, options = request.app[_STATE], request.app[_STATE].options
+    await _delay(st)
+    key = (st.dataset.generation, st.cursors.version, str(request.url))
     cached = st.bodies.get(key)
-    if cached is not None:
-        return web.Response(body=cached, content_type="application/json", headers=_HEADERS)
-    q, paging, issues = _parse_images(request.query, st.options)
+    if cached is not None and _fresh(st, cached[0]):
+        return web.Response(body=cached[1], content_type="application/json", headers=_HEADERS)
+    q, paging, issues = _parse_images(request.query, options)
     if issues:
         return _zod(issues)
-    if paging.page is not None and paging.cursor is None and paging.page * paging.limit > 1000:
-        return _json(_PAGE_CAP, 429)  # not a rate limit: retrying never helps
-    q = _fallback(q, st.options)
+    if paging.cursor is not None and paging.cursor > _INT32_MAX:
+        message = f"Cursor {paging.cursor} is out of range: it must fit a 32-bit integer"
+        return _refusal(options, 400, message, "BAD_REQUEST")
+    if paging.page is not None and paging.cursor is None and paging.feed_cursor is None:
+        if paging.page * paging.limit > 1000:
+            return _refusal(options, 429, _PAGE_CAP)  # not a rate limit: retrying never helps
+    filters = filters_hash(q)  # the filters as sent, before the server narrows them
+    q = _fallback(q, options)
+    if options.sfw_only:
+        q = replace(q, levels=q.levels & _SFW)
     legacy = q.model_id is not None and q.model_version_id is None and q.image_id is None
-    slow = st.options.slow_search
-    if slow and not legacy and paging.limit > slow.limit_over and len(st.dataset.select(q)) > slow.rows_over:
-        await asyncio.sleep(slow.seconds)
-    body = orjson.dumps((_legacy_page if legacy else _feed_page)(st, request, q, paging))
+    if paging.feed_cursor is not None and not q.ids:  # ids= reads no cursor
+        try:
+            if legacy:
+                raise CursorRefused(MISFIT)  # the legacy path issues no feed: cursors
+            paging = replace(paging, cursor=st.cursors.read(paging.feed_cursor, filters))
+        except CursorRefused as exc:
+            return _json({"message": str(exc)}, 400)
+        except ValueError:
+            return _zod([{"code": "custom", "path": ["cursor"], "message": "Invalid cursor"}])
+    slow = options.slow_search
+    if q.ids:
+        page = _ids_page(st, q, paging)
+    elif legacy:
+        page = _legacy_page(st, request, q, paging)
+    else:
+        if slow and paging.limit > slow.limit_over and len(st.dataset.select(q)) > slow.rows_over:
+            await asyncio.sleep(slow.seconds)
+        page = _feed_page(st, request, q, paging, filters)
+    body = orjson.dumps(page)
     if paging.cursor is None:
-        body = _splice(body, request.query, st.options.raw_items)
-    if len(st.bodies) >= st.options.body_cache:
+        body = _splice(body, request.query, options.raw_items)
+    if len(st.bodies) >= options.body_cache:
         del st.bodies[next(iter(st.bodies))]
-    st.bodies[key] = body
+    st.bodies[key] = (st.cursors.now(), body)
     return web.Response(body=body, content_type="application/json", headers=_HEADERS)
+
+
+def _fresh(st: _State, rendered: float) -> bool:
+    """A cached body is reused unless it may hand out a feed: cursor near the end of its life."""
+    ttl = st.options.cursor_ttl
+    return not (st.options.feed_cursors and ttl is not None and st.cursors.now() - rendered > ttl / 2)
+
+
+async def _delay(st: _State) -> None:
+    """The latency model; the sleep is cancelled with the handler when the client goes away."""
+    if st.options.latency is not None:
+        await asyncio.sleep(st.options.latency.sample(st.latency_rng))
 
 
 def _splice(body: bytes, query: Mapping[str, str], raw_items: tuple[tuple[str, str, bytes], ...]) -> bytes:
@@ -427,13 +588,14 @@ def _fallback(q: ImageQuery, options: ServerOptions) -> ImageQuery:
 
 async def _model(request: web.Request) -> web.Response:
     st = request.app[_STATE]
+    await _delay(st)
     p = _Params({"id": request.match_info["id"]})
     model_id = p.integer("id")
     if p.issues or model_id is None:
         return _zod(p.issues)
     model = st.dataset.model(model_id)
     if model is None:
-        return _json({"error": f"No model with id {model_id}"}, 404)
+        return _refusal(st.options, 404, f"No model with id {model_id}")
     if st.options.version_ids_as_strings:
         versions = [{**v, "id": str(v["id"])} for v in model["modelVersions"]]
         model = {**model, "modelVersions": versions}
@@ -503,12 +665,19 @@ def make_app(
         options,
         api_key,
         bucket=TokenBucket(options.rate_limit) if options.rate_limit else None,
+        cursors=FeedCursors(options.cursor_ttl, options.cursor_epoch),
+        latency_rng=random.Random(options.latency.seed if options.latency else 0),
     )
     app = web.Application(middlewares=[_edge])
     app[_STATE] = state
     app.router.add_get("/api/v1/images", _images)
     app.router.add_get("/api/v1/models/{id}", _model)
     return app
+
+
+def cursors_of(app: web.Application) -> FeedCursors:
+    """The feed: cursor hooks of an app built by make_app (FakeServer.cursors for serve())."""
+    return app[_STATE].cursors
 
 
 @dataclass(frozen=True)
@@ -519,6 +688,8 @@ class FakeServer:
     log: RequestLog
     faults: FaultInjector  # queue() scripted faults at runtime
     app: web.Application
+    # feed: cursors at runtime: expire_all() kills every cursor issued so far, advance(s) ages them
+    cursors: FeedCursors
 
 
 def _check_loopback(host: str) -> None:
@@ -547,8 +718,9 @@ async def serve(
         await site.start()
         bound = runner.addresses[0][1]
         url_host = f"[{host}]" if ":" in host else host
+        state = app[_STATE]
         yield FakeServer(
-            f"http://{url_host}:{bound}/api/v1", bound, dataset, app[_STATE].log, app[_STATE].injector, app
+            f"http://{url_host}:{bound}/api/v1", bound, dataset, state.log, state.injector, app, state.cursors
         )
     finally:
         await runner.cleanup()
