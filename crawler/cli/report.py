@@ -10,7 +10,7 @@ from typing import Any, TextIO
 
 import orjson
 
-from crawler.archive.state import State
+from crawler.archive.state import ShardStatus, State
 from crawler.config import Config
 from crawler.crawl.pipeline import RunSummary
 from crawler.errors import ExitCode, OutputError
@@ -33,8 +33,15 @@ def summary_dict(summary: RunSummary, exit_code: int) -> dict[str, Any]:
         "shards": summary.shards,
         "shards_done": summary.shards_done,
         "failures": summary.failures,
+        "capped": summary.capped,
+        "warnings": summary.warnings,
+        "levels_served": {key: _levels(counts) for key, counts in summary.levels.items()},
         "elapsed_seconds": round(summary.elapsed, 3),
     }
+
+
+def _levels(counts: dict[int, int]) -> dict[str, int]:
+    return {str(level): counts[level] for level in sorted(counts)}
 
 
 def write_summary(out_dir: Path, summary: RunSummary, exit_code: int) -> None:
@@ -61,20 +68,31 @@ def print_summary(summary: RunSummary, config: Config, out: TextIO | None = None
     )
     for failure in summary.failures:
         print(f"harvest: failed: {failure}", file=out)
+    for capped in summary.capped:
+        print(f"harvest: {capped}", file=out)
     if summary.failures:
         print(f"harvest: rerun `harvest run {config.path}` to resume", file=out)
 
 
+def _shown(levels: dict[int, int]) -> str:
+    """`1:120 2:30 4:0`, by browsing level (1 PG, 2 PG-13, 4 R, 8 X, 16 XXX); `-` before any."""
+    return " ".join(f"{level}:{levels[level]}" for level in sorted(levels)) or "-"
+
+
 def print_status(state: State, config: Config, out: TextIO = sys.stdout) -> None:
     shards = state.shards()
-    rows = [("STATUS", "IMAGES", "PAGES", "QUERY", "SHARD")]
-    rows += [(s.status, str(s.items), str(s.pages), s.query, s.key) for s in shards]
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    rows = [("STATUS", "IMAGES", "PAGES", "LEVELS SERVED", "QUERY", "SHARD")]
+    rows += [
+        (s.status, str(s.items), str(s.pages), _shown(state.levels(s.key)), s.query, s.key) for s in shards
+    ]
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
     for row in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) + "  " + row[4], file=out)
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) + "  " + row[5], file=out)
     for shard in shards:
         if shard.error:
             print(f"{shard.query} [{shard.key}]: {shard.error}", file=out)
+        if shard.status == ShardStatus.CAPPED:
+            print(f"{shard.query} [{shard.key}]: capped: holds {shard.items} images; more exist", file=out)
     segments = state.segments()
     pass_no = state.get_meta("pass") or "0"
     open_ = "in progress" if state.get_meta("pass_open") == "1" else "complete"

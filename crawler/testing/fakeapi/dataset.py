@@ -132,6 +132,8 @@ class DatasetSpec:
     legacy_timeout_rows: int = 20_000  # legacy modelId queries over this go silently empty
     first_image_id: int = 10_000_000
     first_post_id: int = 100_000
+    level_weights: tuple[float, ...] = (50, 20, 15, 10, 5)  # how images spread over PG ... XXX
+    type_weights: tuple[float, ...] = (85, 13, 2)  # ... and over image, video, audio
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> DatasetSpec:
@@ -142,7 +144,8 @@ class DatasetSpec:
         else:
             models = tuple(ModelSpec.from_obj(int(m["id"]), m) for m in raw)
         known = {f for f in cls.__dataclass_fields__ if f not in ("models",)}
-        return cls(models=models, **{k: v for k, v in d.items() if k in known})
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in known}
+        return cls(models=models, **values)
 
     @property
     def total_images(self) -> int:
@@ -368,8 +371,8 @@ class Dataset:
         c.version = array("i", owner)
         c.extra = array("i", itertools.repeat(-1, n))
         c.post = array("i", rng.choices(range(max(self.spec.posts, 1)), k=n))
-        c.level = array("b", rng.choices(range(5), weights=(50, 20, 15, 10, 5), k=n))
-        c.type = array("b", rng.choices(range(3), weights=(85, 13, 2), k=n))
+        c.level = array("b", rng.choices(range(5), weights=self.spec.level_weights, k=n))
+        c.type = array("b", rng.choices(range(3), weights=self.spec.type_weights, k=n))
         c.flags = bytearray(n)
         self._add_overlap(n)
         for i in range(n):
