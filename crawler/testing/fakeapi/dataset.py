@@ -144,7 +144,9 @@ class DatasetSpec:
         else:
             models = tuple(ModelSpec.from_obj(int(m["id"]), m) for m in raw)
         known = {f for f in cls.__dataclass_fields__ if f not in ("models",)}
-        values: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in known}
+        values: dict[str, Any] = {
+            k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in known
+        }
         return cls(models=models, **values)
 
     @property
