@@ -9,7 +9,9 @@ fake API (no warm caches carried between runs), medians over the repetitions:
 3. memory: peak RSS of harvest at 1M and at 100k images;
 4. latency hiding: 200 ms added to every response, harvest at concurrency 1, 4 and 16;
 5. soak (bench/soak.py; --only soak): 100k images, ~10% faults, SIGKILLed 3-5 times and
-   resumed, the exact id set at the end (run once, whatever --reps).
+   resumed, the exact id set at the end (run once, whatever --reps);
+6. capped (--only capped): one version 7x deeper than the server's walk cap, covered by
+   partitions walked from both ends: requests per unique image against an uncapped walk.
 
 Prints a table with PASS/MISS per target and writes bench/results.json.
 """
@@ -60,6 +62,7 @@ class Sizes:
     s3_small: int
     s4_per_version: int  # scenario 4: images per version, 16 versions
     s5_images: int  # scenario 5: images in all, 6 versions, faults and SIGKILLs
+    s6_images: int  # scenario 6: one version walked past the walk cap (7x deeper)
 
 
 FULL = Sizes(
@@ -70,6 +73,7 @@ FULL = Sizes(
     s3_small=100_000,
     s4_per_version=2_000,
     s5_images=100_000,
+    s6_images=70_000,
 )
 QUICK = Sizes(
     s1_images=20_000,
@@ -79,6 +83,7 @@ QUICK = Sizes(
     s3_small=20_000,
     s4_per_version=500,
     s5_images=10_000,
+    s6_images=14_000,
 )
 
 S1_VERSIONS = 6
@@ -441,6 +446,51 @@ def scenario_latency(sizes: Sizes, reps: int, keep: bool) -> dict[str, Any]:
     return {"figures": figures, "runs": runs, "targets": targets}
 
 
+S6_LIMIT = 200
+
+
+def scenario_capped(sizes: Sizes, reps: int, keep: bool) -> dict[str, Any]:
+    """The request cost of covering a shard 7x deeper than the walk cap (split by level and
+    type, leaves walked from both ends until they meet) against one uncapped walk of it."""
+    spec = {
+        **dataset_spec([(MODEL_ID * 10 + 1, sizes.s6_images)]),
+        "level_weights": [1, 1, 1, 1, 1],  # each level's leaf needs both ends, none is out of reach
+        "type_weights": [1, 0, 0],
+    }
+    cap = sizes.s6_images // 7 // S6_LIMIT * S6_LIMIT
+    runs: dict[str, list[dict[str, Any]]] = {"uncapped": [], "capped": []}
+    for rep in range(reps):
+        for kind in runs:
+            with WorkDir(keep) as wd:
+                args = ["--walk-cap", str(cap)] if kind == "capped" else []
+                with Server(spec, wd, args=args) as server:
+                    rec = harvest_run(wd, server, concurrency=4, walk_cap=cap if kind == "capped" else 10**9)
+            rec["requests_per_image"] = round(rec["requests"] / rec["items"], 5) if rec["items"] else None
+            runs[kind].append(rec)
+            log(f"  [6] rep {rep + 1}/{reps} {kind}: {rec['items']} images, {rec['requests']} requests")
+    plain = median([r["requests"] / r["items"] for r in runs["uncapped"]])
+    covered = median([r["requests"] / r["items"] for r in runs["capped"]])
+    complete = all(r["items"] == runs["uncapped"][0]["items"] for r in runs["capped"])
+    figures = {
+        "images": runs["uncapped"][0]["items"],
+        "walk_cap": cap,
+        "uncapped_requests_per_image": round(plain, 5),
+        "capped_requests_per_image": round(covered, 5),
+        "cost_ratio": round(covered / plain, 3),
+        "complete": complete,
+    }
+    targets = [
+        target("6", "capped shard complete (same images as uncapped)", str(complete), complete),
+        target(
+            "6",
+            "requests to cover it <= 1.3x an uncapped walk",
+            f"{covered / plain:.2f}x",
+            covered / plain <= 1.3,
+        ),
+    ]
+    return {"figures": figures, "runs": runs, "targets": targets}
+
+
 # ---------------------------------------------------------------- report
 
 
@@ -562,6 +612,14 @@ SHOWN = {
         ("rate-limited (harvest, last-run.json)", "rate_limited"),
         ("cooldown s (harvest, last-run.json)", "cooldown_s"),
     ],
+    "6": [
+        ("images", "images"),
+        ("walk cap", "walk_cap"),
+        ("requests/image, uncapped walk", "uncapped_requests_per_image"),
+        ("requests/image, capped and covered", "capped_requests_per_image"),
+        ("cost ratio", "cost_ratio"),
+        ("complete", "complete"),
+    ],
 }
 TITLES = {
     "1": "throughput (unlimited server)",
@@ -569,6 +627,7 @@ TITLES = {
     "3": "memory",
     "4": "latency hiding (+200 ms/response)",
     "5": "soak (~10% faults, SIGKILLs, resume)",
+    "6": "capped shard covered (walk cap, both ends)",
 }
 
 
@@ -603,8 +662,9 @@ SCENARIOS: dict[str, Callable[[Sizes, int, bool], dict[str, Any]]] = {
     "3": scenario_memory,
     "4": scenario_latency,
     "5": lambda sizes, reps, keep: soak.scenario_soak(sizes.s5_images, keep),
+    "6": scenario_capped,
 }
-ALIASES = {"soak": "5"}
+ALIASES = {"soak": "5", "capped": "6"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -615,7 +675,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument("--quick", action="store_true", help="1 repetition and smaller sizes")
     p.add_argument("--reps", type=int, help="repetitions per figure (default 3; 1 with --quick)")
-    p.add_argument("--only", default="1,2,3,4,5", help="scenarios to run, e.g. 1,3 (soak: 5)")
+    p.add_argument("--only", default="1,2,3,4,5,6", help="scenarios to run, e.g. 1,3 (soak: 5, capped: 6)")
     p.add_argument("--json", type=Path, default=RESULTS, help=f"where to write results (default {RESULTS})")
     p.add_argument("--keep", action="store_true", help="keep the scratch dirs (under the temp dir)")
     p.add_argument(
