@@ -39,6 +39,7 @@ from crawler.http.backoff import backoff_delay
 from crawler.http.clock import Clock
 from crawler.http.gate import Counters, RateGate
 from crawler.http.outcomes import Kind, Outcome, classify, classify_exception, malformed, not_json
+from crawler.http.servertext import ServerText
 from crawler.http.transport import Params, Transport
 
 log = logging.getLogger("harvest")
@@ -77,6 +78,8 @@ class HttpClient:
         self._headers = dict(headers or {})
         # A 401/403 means "credentials rejected" only when some were sent.
         self._has_key = any(name.lower() == "authorization" for name in self._headers)
+        # Whatever the server says is cleaned, and what we sent it (the key) redacted, as it comes in.
+        self._text = ServerText.hiding(self._headers)
         self._clock = clock or gate.clock
         self._rng = rng
         self._host = _host_of(settings.base_url)
@@ -150,7 +153,7 @@ class HttpClient:
         async with self._gate.turn() as turn:
             outcome = await self._send(path, query)
             if outcome.kind is Kind.OK:
-                outcome = _parsed(outcome, parse)
+                outcome = _parsed(outcome, parse, self._text)
             turn.observe(outcome)
             return outcome
 
@@ -159,19 +162,20 @@ class HttpClient:
         try:
             resp = await self._transport.get(url, query, self._headers, self._settings.timeout)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            return classify_exception(exc)
-        return classify(resp.status, resp.headers, resp.body, has_key=self._has_key)
+            return classify_exception(exc, self._text)
+        return classify(resp.status, resp.headers, resp.body, has_key=self._has_key, text=self._text)
 
 
-def _parsed(outcome: Outcome, parse: Callable[[bytes], Any]) -> Outcome:
-    """OK with what `parse` made of the body, or RETRY when it could not use it."""
+def _parsed(outcome: Outcome, parse: Callable[[bytes], Any], text: ServerText = ServerText()) -> Outcome:
+    """OK with what `parse` made of the body, or RETRY when it could not use it (its reason
+    may quote the body: `text` cleans it)."""
     status = outcome.status or 200
     try:
         parsed = parse(outcome.body)
     except exactjson.NotJson:
         return not_json(status, outcome.body)
     except ValueError as exc:
-        return malformed(status, str(exc))
+        return malformed(status, str(exc), text)
     if parsed is None:
         return malformed(status, None)
     return Outcome(Kind.OK, "ok", body=parsed, status=outcome.status)

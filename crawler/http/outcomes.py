@@ -24,6 +24,12 @@ HTTP-date `Retry-After` is read against `now`, the wall clock unless given).
 A RETRY that carries a `Retry-After` (e.g. a 502 with one) keeps it: the client
 honours it like any other, without calling it a rate limit.
 
+Every piece of server text in a reason (an error body's message, a zod issue,
+an exception quoting the wire) passes through one `ServerText` first: lone
+surrogates replaced, terminal escapes and control characters stripped, the
+header values the client sent redacted, cut to one line. Nothing downstream
+(state, summary, logs, terminal) sees the server's own characters.
+
 A transport failure that got no answer at all says why in `unreachable`
 ("connection refused", "DNS", "timed out", ...), so a run that cannot reach the
 host can say so on every retry instead of staying silent until it gives up.
@@ -46,6 +52,7 @@ from typing import Any
 import aiohttp
 
 from crawler import exactjson
+from crawler.http.servertext import ServerText
 
 
 class Kind(enum.Enum):
@@ -85,15 +92,21 @@ _SECONDS = re.compile(r"[0-9]+(?:\.[0-9]+)?")
 
 
 def classify(
-    status: int, headers: Mapping[str, str], raw: bytes, *, has_key: bool, now: float | None = None
+    status: int,
+    headers: Mapping[str, str],
+    raw: bytes,
+    *,
+    has_key: bool,
+    now: float | None = None,
+    text: ServerText = ServerText(),
 ) -> Outcome:
-    """What one complete HTTP response means for the harvest."""
+    """What one complete HTTP response means for the harvest; `text` cleans what the body says."""
     lowered = _lower(headers)
     if 200 <= status < 300:
         # The caller's parse judges the body; the label may lie either way.
         return Outcome(Kind.OK, "ok", body=raw, status=status)
     body, is_json = _parse(raw)
-    message = _error_text(body) if is_json else _non_json(raw)
+    message = text(_error_text(body)) if is_json else _non_json(raw)
     retry_after = parse_retry_after(lowered.get("retry-after"), now)
     if status == 429:
         if is_json and _PAGE_CAP in message.casefold():
@@ -142,15 +155,16 @@ def _client_error(status: int, message: str, is_json: bool, *, has_key: bool) ->
     return Outcome(Kind.SHARD_FATAL, f"HTTP {status}: {message}", status=status)
 
 
-def classify_exception(exc: BaseException) -> Outcome:
-    """Timeouts, resets, refusals and cut bodies are all transient."""
+def classify_exception(exc: BaseException, text: ServerText = ServerText()) -> Outcome:
+    """Timeouts, resets, refusals and cut bodies are all transient; `text` cleans what
+    the exception quotes (a bad status line or header is the server's text)."""
     name = type(exc).__name__
     if isinstance(exc, TimeoutError):
         # Our timeout covers the whole request, so a slow answer and an unreachable
         # host look alike here; either way nothing came back in time.
         return Outcome(Kind.RETRY, "request timed out", tag="timeout", unreachable="timed out")
-    text = str(exc)
-    detail = text.splitlines()[0] if text else name
+    said = str(exc)
+    detail = text(said.splitlines()[0]) if said.strip() else name
     return Outcome(
         Kind.RETRY, f"connection failed ({name}: {detail})", tag=name, unreachable=_unreachable(exc)
     )
@@ -225,9 +239,9 @@ def not_json(status: int, raw: bytes) -> Outcome:
     return Outcome(Kind.RETRY, f"HTTP {status} with {what} where JSON was due", status=status, tag=tag)
 
 
-def malformed(status: int, why: str | None) -> Outcome:
-    """A 2xx whose JSON is not the shape the caller expects."""
-    detail = f" ({why})" if why else ""
+def malformed(status: int, why: str | None, text: ServerText = ServerText()) -> Outcome:
+    """A 2xx whose JSON is not the shape the caller expects; `why` may quote the body."""
+    detail = f" ({text(why)})" if why else ""
     return Outcome(
         Kind.RETRY, f"HTTP {status}: malformed JSON response{detail}", status=status, tag="malformed"
     )
@@ -241,13 +255,12 @@ def _non_json(raw: bytes) -> str:
 
 
 def _error_text(body: Any) -> str:
-    """The one-line reason from `{"error": ...}` bodies, zod issues spelt out."""
+    """The reason from `{"error": ...}` or `{"message": ...}` bodies, zod issues spelt out;
+    raw server text, for `ServerText` to clean and cut."""
     error = body.get("error", body) if isinstance(body, dict) else body
     if isinstance(error, dict):
-        text = _zod_text(error) or str(error.get("message") or error)
-    else:
-        text = str(error) if error is not None else "no detail"
-    return " ".join(text.split())[:500]
+        return _zod_text(error) or str(error.get("message") or error)
+    return str(error) if error is not None else "no detail"
 
 
 def _zod_text(error: dict[str, Any]) -> str | None:
