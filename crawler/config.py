@@ -64,6 +64,22 @@ class Config:
     queries: tuple[Query, ...]
 
 
+def api_key(environ: Mapping[str, str]) -> str | None:
+    """The API key from `CIVITAI_API_KEY`, or None when it is unset or blank.
+
+    Surrounding whitespace goes (`$(cat keyfile)`, a secrets file, a pasted line
+    end); any other control character, or anything outside printable ASCII, cannot
+    be sent in a header and is refused by the variable's name, never its value.
+    """
+    key = environ.get(API_KEY_ENV, "").strip()
+    if not all(" " <= char <= "~" for char in key):
+        raise ConfigError(
+            f"the environment variable {API_KEY_ENV} holds a control character or a character that "
+            "cannot be sent in an HTTP header; set it to the key alone"
+        )
+    return key or None
+
+
 def _base_url(value: Any) -> str:
     try:
         parts = urlsplit(checks.text(value).strip())

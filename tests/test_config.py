@@ -13,11 +13,13 @@ from hypothesis import strategies as st
 
 from crawler.civitai.images import LIST_KEYS, NSFW_LEVELS, PERIODS, SORTS, TYPES
 from crawler.config import (
+    API_KEY_ENV,
     QUERY_KEYS,
     ApiConfig,
     Config,
     OutputConfig,
     Query,
+    api_key,
     load_config,
     parse_config,
 )
@@ -402,3 +404,22 @@ def test_any_valid_query_loads_wire_ready(query: dict[str, Any]) -> None:
 def test_any_out_of_range_limit_is_refused(query: dict[str, Any], limit: int) -> None:
     with pytest.raises(ConfigError, match=r"queries\[1\]\.limit: expected an integer from 1 to 200"):
         load_one({**query, "limit": limit})
+
+
+# ---------------------------------------------------------------- the API key from the environment
+
+
+@pytest.mark.parametrize(
+    ("value", "key"),
+    [("sk-abc\n", "sk-abc"), ("  sk-abc \r\n", "sk-abc"), ("", None), (" \n", None), (None, None)],
+)
+def test_api_key_loses_surrounding_whitespace(value: str | None, key: str | None) -> None:
+    assert api_key({} if value is None else {API_KEY_ENV: value}) == key
+
+
+@pytest.mark.parametrize("value", ["abc\x01def", "abc\ndef", "abc\x1b[0mdef", "abc\x85def", "abcdéf"])
+def test_api_key_with_control_characters_is_refused_by_name_only(value: str) -> None:
+    with pytest.raises(ConfigError) as refused_key:
+        api_key({API_KEY_ENV: value})
+    message = str(refused_key.value)
+    assert API_KEY_ENV in message and "abc" not in message and "\n" not in message
