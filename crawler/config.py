@@ -11,6 +11,7 @@ this module adds the query's `name` and keeps API keys out of the file.
 from __future__ import annotations
 
 import functools
+import re
 import tomllib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -80,7 +81,19 @@ def api_key(environ: Mapping[str, str]) -> str | None:
     return key or None
 
 
+def _has_credentials(url: str) -> bool:
+    """`user:password@` in the authority, found without parsing (a broken URL may hold one too)."""
+    authority = url.strip().split("://", 1)[-1]
+    return "@" in re.split(r"[/?#]", authority, maxsplit=1)[0]
+
+
 def _base_url(value: Any) -> str:
+    if isinstance(value, str) and _has_credentials(value):
+        # Never echoed: the value holds a password. The key has its own place.
+        raise checks.Invalid(
+            "credentials (user:password) don't belong in the URL; the API key goes in the "
+            f"environment variable {API_KEY_ENV}"
+        )
     try:
         parts = urlsplit(checks.text(value).strip())
         parts.port  # noqa: B018 - urlsplit checks the port only when asked
@@ -92,11 +105,14 @@ def _base_url(value: Any) -> str:
     return parts.geturl().rstrip("/")
 
 
+# Slower than one request in 1000 s is a mistake, and a pace near 0 never sends (or divides by 0).
+MIN_REQUESTS_PER_SECOND = 0.001
+
 QUERY_KEYS: frozenset[str] = frozenset(IMAGES.params) | {"name"}  # what a [[queries]] table may hold
 
 _API_CHECKS: dict[str, Callable[[Any], Any]] = {
     "base_url": _base_url,
-    "requests_per_second": checks.positive_number,
+    "requests_per_second": functools.partial(checks.at_least, low=MIN_REQUESTS_PER_SECOND),
     "concurrency": functools.partial(checks.integer, low=1),
     "timeout": checks.positive_number,
     "max_retries": functools.partial(checks.integer, low=0),

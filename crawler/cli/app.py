@@ -41,8 +41,10 @@ trailing newline, is ignored; any other control character is refused) and is nev
 
 
 _API_HELP = {
-    "base_url": "the API (any mirror, or the bundled fake)",
-    "requests_per_second": "one budget shared by all workers; lowered for a while after repeated 429/503",
+    "base_url": "the API (any mirror, or the bundled fake); no user:password@ in it "
+    "(the key goes in CIVITAI_API_KEY)",
+    "requests_per_second": "one budget shared by all workers, at least 0.001; "
+    "lowered for a while after repeated 429/503",
     "concurrency": "requests in flight at most",
     "timeout": "seconds for one whole request",
     "max_retries": "retries of one request after its first attempt; then the shard stops, the run exits 3",
