@@ -35,6 +35,7 @@ class ApiConfig:
     timeout: float = 30.0
     max_retries: int = 8
     max_backoff: float = 30.0
+    max_page_mb: float = 64.0  # MiB: a larger answer (decompressed) is a failed attempt
 
 
 COMPRESSIONS: tuple[str, ...] = ("none", "zstd", "gzip")
@@ -117,6 +118,7 @@ _API_CHECKS: dict[str, Callable[[Any], Any]] = {
     "timeout": checks.positive_number,
     "max_retries": functools.partial(checks.integer, low=0),
     "max_backoff": checks.positive_number,
+    "max_page_mb": checks.positive_number,
 }
 
 

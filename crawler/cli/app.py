@@ -49,6 +49,7 @@ _API_HELP = {
     "timeout": "seconds for one whole request",
     "max_retries": "retries of one request after its first attempt; then the shard stops, the run exits 3",
     "max_backoff": "seconds: cap of the exponential backoff when no Retry-After is given",
+    "max_page_mb": "MiB: an answer larger than this (decompressed) is a failed attempt, read no further",
 }
 _OUTPUT_HELP = {
     "segment_items": "close a segment after this many images (0: no limit)",

@@ -38,7 +38,15 @@ from crawler.errors import (
 from crawler.http.backoff import backoff_delay
 from crawler.http.clock import Clock
 from crawler.http.gate import Counters, RateGate
-from crawler.http.outcomes import Kind, Outcome, classify, classify_exception, malformed, not_json
+from crawler.http.outcomes import (
+    TOO_LARGE,
+    Kind,
+    Outcome,
+    classify,
+    classify_exception,
+    malformed,
+    not_json,
+)
 from crawler.http.servertext import ServerText
 from crawler.http.transport import Params, Transport
 
@@ -57,6 +65,11 @@ class HttpSettings:
     max_backoff: float  # seconds: cap of every exponential backoff
     requests_per_second: float  # one pace shared by every request (AIMD may lower it)
     concurrency: int  # requests in flight at most
+    max_page_mb: float = 64.0  # MiB: a larger answer (decompressed) is a failed attempt, read no further
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_page_mb * 2**20)
 
 
 class HttpClient:
@@ -145,6 +158,11 @@ class HttpClient:
                 retries,
                 _seconds(wait),
             )
+        elif outcome.tag == TOO_LARGE and attempt < retries:
+            # Not DEBUG: the cure may be the user's (a larger max_page_mb), and memory was at stake.
+            log.warning(
+                "%s: %s: retry %d/%d in %s s", path, outcome.reason, attempt + 1, retries, _seconds(wait)
+            )
         else:
             log.debug("%s: %s (attempt %d of %d)", path, outcome.reason, attempt + 1, retries + 1)
 
@@ -160,7 +178,9 @@ class HttpClient:
     async def _send(self, path: str, query: Params) -> Outcome:
         url = self._settings.base_url + path
         try:
-            resp = await self._transport.get(url, query, self._headers, self._settings.timeout)
+            resp = await self._transport.get(
+                url, query, self._headers, self._settings.timeout, self._settings.max_body_bytes
+            )
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             return classify_exception(exc, self._text)
         return classify(resp.status, resp.headers, resp.body, has_key=self._has_key, text=self._text)

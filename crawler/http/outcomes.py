@@ -20,6 +20,7 @@ HTTP-date `Retry-After` is read against `now`, the wall clock unless given).
 | 400 (zod issues spelt out: parameter and reason)     | SHARD_FATAL                   |
 | 404 and every other status                           | SHARD_FATAL                   |
 | timeout, reset, refused, cut body                    | RETRY                         |
+| a body larger than max_page_mb (decompressed)        | RETRY: `too-large`            |
 
 A RETRY that carries a `Retry-After` (e.g. a 502 with one) keeps it: the client
 honours it like any other, without calling it a rate limit.
@@ -53,6 +54,7 @@ import aiohttp
 
 from crawler import exactjson
 from crawler.http.servertext import ServerText
+from crawler.http.transport import BodyTooLarge
 
 
 class Kind(enum.Enum):
@@ -159,6 +161,8 @@ def classify_exception(exc: BaseException, text: ServerText = ServerText()) -> O
     """Timeouts, resets, refusals and cut bodies are all transient; `text` cleans what
     the exception quotes (a bad status line or header is the server's text)."""
     name = type(exc).__name__
+    if isinstance(exc, BodyTooLarge):
+        return too_large(exc.status, exc.limit)
     if isinstance(exc, TimeoutError):
         # Our timeout covers the whole request, so a slow answer and an unreachable
         # host look alike here; either way nothing came back in time.
@@ -192,6 +196,20 @@ def _unreachable(exc: BaseException) -> str | None:
     if connector:  # TLS and the like: still never connected
         return (cause.strerror or str(cause) or type(cause).__name__).splitlines()[0][:120]
     return None
+
+
+TOO_LARGE = "too-large"
+
+
+def too_large(status: int, limit: int) -> Outcome:
+    """An answer cut off at the body cap: a failed attempt (a server can serve a sane page next)."""
+    return Outcome(
+        Kind.RETRY,
+        f"HTTP {status}: the answer is larger than max_page_mb ({limit / 2**20:g} MiB); "
+        "the rest was not read",
+        status=status,
+        tag=TOO_LARGE,
+    )
 
 
 def _rate_limited(status: int, delay: float | None, what: str) -> Outcome:
