@@ -36,6 +36,7 @@ class ApiConfig:
     max_retries: int = 8
     max_backoff: float = 30.0
     max_page_mb: float = 64.0  # MiB: a larger answer (decompressed) is a failed attempt
+    max_wait: float = 900.0  # seconds: a longer pause demanded by the server stops the shard
 
 
 COMPRESSIONS: tuple[str, ...] = ("none", "zstd", "gzip")
@@ -119,6 +120,7 @@ _API_CHECKS: dict[str, Callable[[Any], Any]] = {
     "max_retries": functools.partial(checks.integer, low=0),
     "max_backoff": checks.positive_number,
     "max_page_mb": checks.positive_number,
+    "max_wait": checks.non_negative,
 }
 
 

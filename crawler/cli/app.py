@@ -50,6 +50,8 @@ _API_HELP = {
     "max_retries": "retries of one request after its first attempt; then the shard stops, the run exits 3",
     "max_backoff": "seconds: cap of the exponential backoff when no Retry-After is given",
     "max_page_mb": "MiB: an answer larger than this (decompressed) is a failed attempt, read no further",
+    "max_wait": "seconds: the longest pause (Retry-After) the server may demand; a longer one stops "
+    "the shard (exit 3) with the time to rerun after",
 }
 _OUTPUT_HELP = {
     "segment_items": "close a segment after this many images (0: no limit)",

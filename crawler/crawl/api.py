@@ -57,6 +57,7 @@ def http_settings(api: ApiConfig) -> HttpSettings:
         requests_per_second=api.requests_per_second,
         concurrency=api.concurrency,
         max_page_mb=api.max_page_mb,
+        max_wait=api.max_wait,
     )
 
 

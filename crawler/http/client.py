@@ -12,6 +12,11 @@ jitter only ever lengthens), then the gate's shared cooldown and its AIMD rate.
 Every retry, of any kind, spends the request's budget (`max_retries`); when it is
 spent the caller gets `RetriesExhaustedError`. Time comes from the gate's
 injectable `Clock`, so all of this is testable without sleeping.
+
+A pause the server demands (`Retry-After`) longer than `max_wait` is not waited
+for: the request fails at once (a `ShardError` saying when a rerun may go), and
+nobody else is held back by it, so a server that asks for a day cannot stall
+every worker in silence.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from crawler.errors import (
     ShardError,
 )
 from crawler.http.backoff import backoff_delay
-from crawler.http.clock import Clock
+from crawler.http.clock import Clock, seconds_text
 from crawler.http.gate import Counters, RateGate
 from crawler.http.outcomes import (
     TOO_LARGE,
@@ -46,6 +51,7 @@ from crawler.http.outcomes import (
     classify_exception,
     malformed,
     not_json,
+    refuse_long_pause,
 )
 from crawler.http.servertext import ServerText
 from crawler.http.transport import Params, Transport
@@ -66,6 +72,7 @@ class HttpSettings:
     requests_per_second: float  # one pace shared by every request (AIMD may lower it)
     concurrency: int  # requests in flight at most
     max_page_mb: float = 64.0  # MiB: a larger answer (decompressed) is a failed attempt, read no further
+    max_wait: float = 900.0  # seconds: a longer pause demanded by the server stops the request's caller
 
     @property
     def max_body_bytes(self) -> int:
@@ -156,12 +163,12 @@ class HttpClient:
                 outcome.unreachable,
                 attempt + 1,
                 retries,
-                _seconds(wait),
+                seconds_text(wait),
             )
         elif outcome.tag == TOO_LARGE and attempt < retries:
             # Not DEBUG: the cure may be the user's (a larger max_page_mb), and memory was at stake.
             log.warning(
-                "%s: %s: retry %d/%d in %s s", path, outcome.reason, attempt + 1, retries, _seconds(wait)
+                "%s: %s: retry %d/%d in %s s", path, outcome.reason, attempt + 1, retries, seconds_text(wait)
             )
         else:
             log.debug("%s: %s (attempt %d of %d)", path, outcome.reason, attempt + 1, retries + 1)
@@ -183,7 +190,8 @@ class HttpClient:
             )
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             return classify_exception(exc, self._text)
-        return classify(resp.status, resp.headers, resp.body, has_key=self._has_key, text=self._text)
+        outcome = classify(resp.status, resp.headers, resp.body, has_key=self._has_key, text=self._text)
+        return refuse_long_pause(outcome, self._settings.max_wait)
 
 
 def _parsed(outcome: Outcome, parse: Callable[[bytes], Any], text: ServerText = ServerText()) -> Outcome:
@@ -226,8 +234,3 @@ def _host_of(base_url: str) -> str:
     host = parts.hostname or "?"
     host = f"[{host}]" if ":" in host else host
     return f"{host}:{port}" if port else host
-
-
-def _seconds(value: float) -> str:
-    """4 -> "4", 1.4995 -> "1.5", 0.05 -> "0.05", 16.3 -> "16": enough digits for a person."""
-    return f"{value:.0f}" if value >= 10 else f"{value:.2g}"

@@ -23,7 +23,9 @@ HTTP-date `Retry-After` is read against `now`, the wall clock unless given).
 | a body larger than max_page_mb (decompressed)        | RETRY: `too-large`            |
 
 A RETRY that carries a `Retry-After` (e.g. a 502 with one) keeps it: the client
-honours it like any other, without calling it a rate limit.
+honours it like any other, without calling it a rate limit. A `Retry-After`
+longer than the client's `max_wait` turns any of these into SHARD_FATAL
+(`refuse_long_pause`): the shard stops, saying when a rerun may go.
 
 Every piece of server text in a reason (an error body's message, a zod issue,
 an exception quoting the wire) passes through one `ServerText` first: lone
@@ -46,13 +48,14 @@ import socket
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC
+from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
 
 import aiohttp
 
 from crawler import exactjson
+from crawler.http.clock import seconds_text
 from crawler.http.servertext import ServerText
 from crawler.http.transport import BodyTooLarge
 
@@ -89,7 +92,9 @@ class Outcome:
 _PAGE_CAP = "too many pages"
 _TIMEOUT_STATUSES = frozenset({504, 524})
 _RETRY_STATUSES = frozenset({408, 500, 502, 503, 504, 520, 521, 522, 523, 524})
-MAX_RETRY_AFTER = 86_400.0  # a day; longer values are clamped (asyncio cannot sleep for ever)
+# About 300 years: longer values are clamped, so a demanded pause always has a time to rerun after
+# (a datetime ends at the year 9999; a float of 400 digits is inf). `max_wait` refuses far less.
+MAX_RETRY_AFTER = 1e10
 _SECONDS = re.compile(r"[0-9]+(?:\.[0-9]+)?")
 
 
@@ -212,8 +217,28 @@ def too_large(status: int, limit: int) -> Outcome:
     )
 
 
+def refuse_long_pause(outcome: Outcome, max_wait: float, now: float | None = None) -> Outcome:
+    """SHARD_FATAL instead of `outcome` when it demands a pause longer than `max_wait` seconds.
+
+    Waiting would hold every worker back for that long, without a word; the shard
+    stops instead, saying when (UTC, from the wall clock `now`) a rerun may go.
+    """
+    pause = outcome.retry_after
+    if pause is None or pause <= max_wait:
+        return outcome
+    wall = time.time() if now is None else now
+    until = datetime.fromtimestamp(wall + pause, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    return Outcome(
+        Kind.SHARD_FATAL,
+        f"the server asked for a pause of {seconds_text(pause)} s; rerun after {until} "
+        f"(HTTP {outcome.status}; longer than max_wait, {seconds_text(max_wait)} s)",
+        status=outcome.status,
+        tag="long-pause",
+    )
+
+
 def _rate_limited(status: int, delay: float | None, what: str) -> Outcome:
-    suffix = f", Retry-After {delay:g} s" if delay is not None else ", no Retry-After"
+    suffix = f", Retry-After {seconds_text(delay)} s" if delay is not None else ", no Retry-After"
     return Outcome(Kind.RATE_LIMITED, what + suffix, retry_after=delay, status=status)
 
 
