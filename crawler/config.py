@@ -37,6 +37,7 @@ class ApiConfig:
     max_backoff: float = 30.0
     max_page_mb: float = 64.0  # MiB: a larger answer (decompressed) is a failed attempt
     max_wait: float = 900.0  # seconds: a longer pause demanded by the server stops the shard
+    max_pages_without_new: int = 1000  # pages in a row with no image new to the walk stop the shard
 
 
 COMPRESSIONS: tuple[str, ...] = ("none", "zstd", "gzip")
@@ -121,6 +122,7 @@ _API_CHECKS: dict[str, Callable[[Any], Any]] = {
     "max_backoff": checks.positive_number,
     "max_page_mb": checks.positive_number,
     "max_wait": checks.non_negative,
+    "max_pages_without_new": functools.partial(checks.integer, low=1),
 }
 
 

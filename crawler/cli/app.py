@@ -52,6 +52,8 @@ _API_HELP = {
     "max_page_mb": "MiB: an answer larger than this (decompressed) is a failed attempt, read no further",
     "max_wait": "seconds: the longest pause (Retry-After) the server may demand; a longer one stops "
     "the shard (exit 3) with the time to rerun after",
+    "max_pages_without_new": "pages in a row that bring no image new to the walk (fresh cursors, the same "
+    "images) before the shard stops (exit 3)",
 }
 _OUTPUT_HELP = {
     "segment_items": "close a segment after this many images (0: no limit)",

@@ -117,7 +117,7 @@ async def _walk_all(
     committer = _Committer(sink, state, summary, progress, shards)
     try:
         async with asyncio.TaskGroup() as group:
-            group.create_task(_produce(todo, rows, client, queue))
+            group.create_task(_produce(todo, rows, client, queue, config.api.max_pages_without_new))
             group.create_task(committer.consume(queue))
     except BaseExceptionGroup as group_error:
         raise _first_harvest_error(group_error) from None
@@ -145,11 +145,16 @@ def _errors(error: BaseException) -> Iterator[BaseException]:
 
 
 async def _produce(
-    shards: Sequence[Shard], rows: dict[str, Any], client: CivitaiApi, queue: asyncio.Queue[Any]
+    shards: Sequence[Shard],
+    rows: dict[str, Any],
+    client: CivitaiApi,
+    queue: asyncio.Queue[Any],
+    max_pages_without_new: int,
 ) -> None:
     async with asyncio.TaskGroup() as walkers:
         for shard in shards:
-            walkers.create_task(walk(shard, plan_walk(shard, rows[shard.key]), client, queue))
+            plan = plan_walk(shard, rows[shard.key])
+            walkers.create_task(walk(shard, plan, client, queue, max_pages_without_new))
     await queue.put(_STOP)
 
 

@@ -4,6 +4,10 @@ A walk ends only when `nextCursor` is absent or null, never on a short or empty
 page. When a shard's requests keep timing out, the walk first asks for smaller
 pages, then splits the shard into children that partition it exactly and walks
 those instead: slow is not a reason to give up on a shard.
+
+Two guards stop a walk that would never end: a cursor it has followed before
+("the cursor looped"), and `max_pages_without_new` pages in a row that bring no
+image the walk has not seen (`stall.StallGuard`: fresh cursors, same images).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from crawler.civitai.endpoint import Page
 from crawler.crawl.api import CivitaiApi
 from crawler.crawl.plan import PageSize, WalkPlan
 from crawler.crawl.shards import Shard, check_items, describe, split, with_limit
+from crawler.crawl.stall import StallGuard
 from crawler.errors import CursorLoopError, SearchTimeoutError, ShardError
 
 log = logging.getLogger("harvest")
@@ -48,16 +53,20 @@ class Split:
     children: list[Shard]
 
 
-async def walk(shard: Shard, plan: WalkPlan, client: CivitaiApi, queue: asyncio.Queue[Any]) -> None:
+async def walk(
+    shard: Shard, plan: WalkPlan, client: CivitaiApi, queue: asyncio.Queue[Any], max_pages_without_new: int
+) -> None:
     """Walk `shard` from `plan.start`; failures go on the queue, never up."""
     try:
-        if not await _follow(shard, plan, client, queue):
-            await _walk_children(shard, client, queue)
+        if not await _follow(shard, plan, client, queue, StallGuard(max_pages_without_new)):
+            await _walk_children(shard, client, queue, max_pages_without_new)
     except ShardError as exc:
         await queue.put(Failed(shard, str(exc)))
 
 
-async def _follow(shard: Shard, plan: WalkPlan, client: CivitaiApi, queue: asyncio.Queue[Any]) -> bool:
+async def _follow(
+    shard: Shard, plan: WalkPlan, client: CivitaiApi, queue: asyncio.Queue[Any], stall: StallGuard
+) -> bool:
     """Follow the cursors to the end: True, or False when the shard must be split."""
     cursor = plan.start
     used: set[str] = set()
@@ -77,6 +86,8 @@ async def _follow(shard: Shard, plan: WalkPlan, client: CivitaiApi, queue: async
             raise CursorLoopError(
                 f"the cursor looped: {page.next_cursor!r} was already followed in this walk"
             )
+        if page.next_cursor is not None:  # the last page ends the walk whatever it holds
+            stall.page(page.ids)
         committed = asyncio.get_running_loop().create_future() if plan.stop_when_known else None
         await queue.put(Fetched(shard, cursor, page, committed))
         if page.next_cursor is None or (committed is not None and (await committed).done):
@@ -84,7 +95,9 @@ async def _follow(shard: Shard, plan: WalkPlan, client: CivitaiApi, queue: async
         cursor = page.next_cursor
 
 
-async def _walk_children(shard: Shard, client: CivitaiApi, queue: asyncio.Queue[Any]) -> None:
+async def _walk_children(
+    shard: Shard, client: CivitaiApi, queue: asyncio.Queue[Any], max_pages_without_new: int
+) -> None:
     children = split(shard)
     if not children:
         raise SearchTimeoutError("requests keep timing out even at the smallest page size")
@@ -92,4 +105,4 @@ async def _walk_children(shard: Shard, client: CivitaiApi, queue: asyncio.Queue[
     await queue.put(Split(shard, children))  # recorded before any child page is committed
     async with asyncio.TaskGroup() as group:
         for child in children:
-            group.create_task(walk(child, WalkPlan(None, False), client, queue))
+            group.create_task(walk(child, WalkPlan(None, False), client, queue, max_pages_without_new))
