@@ -30,7 +30,7 @@ EPILOG = """\
 exit status:
   0    every shard finished
   1    the run cannot go on (API key rejected, region blocked, disk full, state broken)
-  2    bad config or usage: nothing was requested
+  2    bad config, usage or CIVITAI_API_KEY: nothing was requested
   3    some shards failed; the others finished. Rerun the same command to resume
   4    another harvest holds the output dir
   130  interrupted by SIGINT, 143 by SIGTERM; committed work is kept, rerun to resume
@@ -41,8 +41,7 @@ trailing newline, is ignored; any other control character is refused) and is nev
 
 
 _API_HELP = {
-    "base_url": "the API (any mirror, or the bundled fake); no user:password@ in it "
-    "(the key goes in CIVITAI_API_KEY)",
+    "base_url": "the API (any mirror, or the bundled fake); no user:password@ (the key: CIVITAI_API_KEY)",
     "requests_per_second": "one budget shared by all workers, at least 0.001; "
     "lowered for a while after repeated 429/503",
     "concurrency": "requests in flight at most",
@@ -50,10 +49,10 @@ _API_HELP = {
     "max_retries": "retries of one request after its first attempt; then the shard stops, the run exits 3",
     "max_backoff": "seconds: cap of the exponential backoff when no Retry-After is given",
     "max_page_mb": "MiB: an answer larger than this (decompressed) is a failed attempt, read no further",
-    "max_wait": "seconds: the longest pause (Retry-After) the server may demand; a longer one stops "
-    "the shard (exit 3) with the time to rerun after",
-    "max_pages_without_new": "pages in a row that bring no image new to the walk (fresh cursors, the same "
-    "images) before the shard stops (exit 3)",
+    "max_wait": "seconds: the longest Retry-After waited for; a longer one stops the shard, "
+    "saying when to rerun",
+    "max_pages_without_new": "pages in a row with no image new to the walk (fresh cursors, old images); "
+    "then the shard stops",
 }
 _OUTPUT_HELP = {
     "segment_items": "close a segment after this many images (0: no limit)",
