@@ -103,6 +103,13 @@ def positive_number(value: Any) -> float:
     raise Invalid(f"expected a number > 0, {got(value)}")
 
 
+def at_least(value: Any, low: float) -> float:
+    """A finite number >= `low`, as a float."""
+    if (is_int(value) or isinstance(value, float)) and low <= value < math.inf:
+        return float(value)
+    raise Invalid(f"expected a number >= {low:g}, {got(value)}")
+
+
 def non_negative(value: Any) -> float:
     """A finite number >= 0, as a float."""
     if (is_int(value) or isinstance(value, float)) and 0 <= value < math.inf:

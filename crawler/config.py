@@ -11,6 +11,7 @@ this module adds the query's `name` and keeps API keys out of the file.
 from __future__ import annotations
 
 import functools
+import re
 import tomllib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -35,6 +36,9 @@ class ApiConfig:
     max_retries: int = 8
     max_backoff: float = 30.0
     walk_cap: int = 50_000  # positions deep the server lets one walk go (see api-facts: walks are capped)
+    max_page_mb: float = 64.0  # MiB: a larger answer (decompressed) is a failed attempt
+    max_wait: float = 900.0  # seconds: a longer pause demanded by the server stops the shard
+    max_pages_without_new: int = 1000  # pages in a row with no image new to the walk stop the shard
 
 
 COMPRESSIONS: tuple[str, ...] = ("none", "zstd", "gzip")
@@ -65,7 +69,35 @@ class Config:
     queries: tuple[Query, ...]
 
 
+def api_key(environ: Mapping[str, str]) -> str | None:
+    """The API key from `CIVITAI_API_KEY`, or None when it is unset or blank.
+
+    Surrounding whitespace goes (`$(cat keyfile)`, a secrets file, a pasted line
+    end); any other control character, or anything outside printable ASCII, cannot
+    be sent in a header and is refused by the variable's name, never its value.
+    """
+    key = environ.get(API_KEY_ENV, "").strip()
+    if not all(" " <= char <= "~" for char in key):
+        raise ConfigError(
+            f"the environment variable {API_KEY_ENV} holds a control character or a character that "
+            "cannot be sent in an HTTP header; set it to the key alone"
+        )
+    return key or None
+
+
+def _has_credentials(url: str) -> bool:
+    """`user:password@` in the authority, found without parsing (a broken URL may hold one too)."""
+    authority = url.strip().split("://", 1)[-1]
+    return "@" in re.split(r"[/?#]", authority, maxsplit=1)[0]
+
+
 def _base_url(value: Any) -> str:
+    if isinstance(value, str) and _has_credentials(value):
+        # Never echoed: the value holds a password. The key has its own place.
+        raise checks.Invalid(
+            "credentials (user:password) don't belong in the URL; the API key goes in the "
+            f"environment variable {API_KEY_ENV}"
+        )
     try:
         parts = urlsplit(checks.text(value).strip())
         parts.port  # noqa: B018 - urlsplit checks the port only when asked
@@ -77,16 +109,22 @@ def _base_url(value: Any) -> str:
     return parts.geturl().rstrip("/")
 
 
+# Slower than one request in 1000 s is a mistake, and a pace near 0 never sends (or divides by 0).
+MIN_REQUESTS_PER_SECOND = 0.001
+
 QUERY_KEYS: frozenset[str] = frozenset(IMAGES.params) | {"name"}  # what a [[queries]] table may hold
 
 _API_CHECKS: dict[str, Callable[[Any], Any]] = {
     "base_url": _base_url,
-    "requests_per_second": checks.positive_number,
+    "requests_per_second": functools.partial(checks.at_least, low=MIN_REQUESTS_PER_SECOND),
     "concurrency": functools.partial(checks.integer, low=1),
     "timeout": checks.positive_number,
     "max_retries": functools.partial(checks.integer, low=0),
     "max_backoff": checks.positive_number,
     "walk_cap": functools.partial(checks.integer, low=1),
+    "max_page_mb": checks.positive_number,
+    "max_wait": checks.non_negative,
+    "max_pages_without_new": functools.partial(checks.integer, low=1),
 }
 
 

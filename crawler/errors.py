@@ -63,6 +63,10 @@ class CursorLoopError(ShardError):
     """The API served a cursor this walk had already followed."""
 
 
+class NoProgressError(ShardError):
+    """The API keeps serving cursors, but no image this walk has not seen already."""
+
+
 class ForeignItemsError(ShardError):
     """The API served items that do not match the shard's key."""
 

@@ -41,6 +41,7 @@ from crawler.http.outcomes import (
     classify,
     classify_exception,
     parse_retry_after,
+    refuse_long_pause,
 )
 from crawler.http.transport import Response
 from crawler.testing.fakeapi import Dataset, FakeServer, FaultInjector, FaultSpec, serve
@@ -476,6 +477,57 @@ def test_no_request_is_sent_before_a_retry_after_has_passed() -> None:
     assert second >= first + 7 and third >= second + 0.5
     assert second - first == pytest.approx(7.0) and third - second == pytest.approx(0.5)
     assert client.gate.cooldown_until == pytest.approx(second + 0.5)
+
+
+def test_a_pause_longer_than_max_wait_stops_the_request_and_holds_nobody_back() -> None:
+    clock = VirtualClock()
+    client, transport = scripted(
+        clock, reply(503, retry_after="1000000000"), reply(200, GOOD), reply(200, GOOD), concurrency=2
+    )
+
+    async def both() -> list[Any]:
+        return list(
+            await asyncio.gather(
+                client.get("/things", [], ids), client.get("/other", [], ids), return_exceptions=True
+            )
+        )
+
+    refused, other = run_virtual(clock, both)
+    assert isinstance(refused, ShardError) and not isinstance(refused, RetriesExhaustedError)
+    assert "/things: the server asked for a pause of 1000000000 s; rerun after 20" in str(refused)
+    assert other == [1, 2] and len(transport.sent) == 2  # no retry, and the other request went on
+    assert client.gate.cooldown_until == -math.inf and clock.slept == []
+    assert client.counters.by_reason == {"long-pause": 1} and client.counters.cooldown_seconds == 0
+
+
+def test_a_pause_up_to_max_wait_is_waited_for() -> None:
+    clock = VirtualClock()
+    client, transport = scripted(clock, reply(503, retry_after="60"), reply(200, GOOD), max_wait=60)
+    assert fetch(clock, client) == [1, 2]
+    first, second = send_times(transport)
+    assert second - first == pytest.approx(60.0)
+
+
+@pytest.mark.parametrize(
+    ("status", "kind"), [(503, Kind.RATE_LIMITED), (429, Kind.RATE_LIMITED), (502, Kind.RETRY)]
+)
+def test_refuse_long_pause_names_the_pause_and_when_to_rerun(status: int, kind: Kind) -> None:
+    asked = classify(status, {"Retry-After": "3600"}, b"{}", has_key=False)
+    assert asked.kind is kind and refuse_long_pause(asked, 3600, now=NOW) is asked
+    refused = refuse_long_pause(asked, 900, now=NOW)
+    assert refused.kind is Kind.SHARD_FATAL and refused.status == status and refused.key == "long-pause"
+    assert refused.reason.startswith(
+        "the server asked for a pause of 3600 s; rerun after 2023-11-14T23:13:20Z"
+    ), refused.reason
+    assert "max_wait" in refused.reason
+    bare = classify(status, {}, b"{}", has_key=False)
+    assert refuse_long_pause(bare, 0, now=NOW) is bare  # nothing demanded: nothing to refuse
+
+
+def test_a_http_date_far_away_is_refused_too() -> None:
+    when = formatdate(NOW + 2 * 86_400, usegmt=True)
+    asked = classify(503, {"Retry-After": when}, b"{}", has_key=False, now=NOW)
+    assert "pause of 172800 s" in refuse_long_pause(asked, 900, now=NOW).reason
 
 
 def test_a_body_parse_refuses_is_malformed_and_retried() -> None:

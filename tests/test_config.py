@@ -13,11 +13,13 @@ from hypothesis import strategies as st
 
 from crawler.civitai.images import LIST_KEYS, NSFW_LEVELS, PERIODS, SORTS, TYPES
 from crawler.config import (
+    API_KEY_ENV,
     QUERY_KEYS,
     ApiConfig,
     Config,
     OutputConfig,
     Query,
+    api_key,
     load_config,
     parse_config,
 )
@@ -264,7 +266,16 @@ ERRORS: list[tuple[str, list[str]]] = [
     ('[api]\nbase_url = "http://h:99999"\n' + MINIMAL, ["api.base_url"]),
     ('[api]\nbase_url = "http://h/?a=1"\n' + MINIMAL, ["api.base_url"]),
     ("[api]\nbase_url = 1\n" + MINIMAL, ["api.base_url", "(integer)"]),
-    ("[api]\nrequests_per_second = 0\n" + MINIMAL, ["api.requests_per_second: expected a number > 0, got 0"]),
+    (
+        '[api]\nbase_url = "https://user:pw@h.org/api/v1"\n' + MINIMAL,
+        ["api.base_url: credentials (user:password) don't belong in the URL", "CIVITAI_API_KEY"],
+    ),
+    (
+        "[api]\nrequests_per_second = 0\n" + MINIMAL,
+        ["api.requests_per_second: expected a number >= 0.001, got 0"],
+    ),
+    ("[api]\nrequests_per_second = 1e-300\n" + MINIMAL, ["api.requests_per_second", ">= 0.001", "1e-300"]),
+    ("[api]\nrequests_per_second = 5e-324\n" + MINIMAL, ["api.requests_per_second", ">= 0.001"]),
     ('[api]\nrequests_per_second = "2"\n' + MINIMAL, ["api.requests_per_second", "(string)"]),
     ("[api]\ntimeout = -1.5\n" + MINIMAL, ["api.timeout: expected a number > 0, got -1.5 (float)"]),
     ("[api]\ntimeout = inf\n" + MINIMAL, ["api.timeout", "got inf (float)"]),
@@ -282,6 +293,25 @@ def test_each_mistake_is_one_line_naming_the_culprit(tmp_path: Path, text: str, 
     message = refused(write(tmp_path, text))
     for needle in needles:
         assert needle in message
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://user:s3cret@h.org/api",
+        "http://:s3cret@h.org",
+        "user:s3cret@h.org/api",
+        "https://u:s3cret@[bad/",
+    ],
+)
+def test_a_password_in_base_url_is_refused_and_never_echoed(tmp_path: Path, url: str) -> None:
+    message = refused(write(tmp_path, f'[api]\nbase_url = "{url}"\n' + MINIMAL))
+    assert "api.base_url" in message and "user:password" in message and "s3cret" not in message
+
+
+def test_an_at_sign_after_the_host_is_not_a_credential(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, '[api]\nbase_url = "https://h.org/api/@v1"\n' + MINIMAL))
+    assert config.api.base_url == "https://h.org/api/@v1"
 
 
 def test_no_suggestion_when_nothing_is_close(tmp_path: Path) -> None:
@@ -402,3 +432,22 @@ def test_any_valid_query_loads_wire_ready(query: dict[str, Any]) -> None:
 def test_any_out_of_range_limit_is_refused(query: dict[str, Any], limit: int) -> None:
     with pytest.raises(ConfigError, match=r"queries\[1\]\.limit: expected an integer from 1 to 200"):
         load_one({**query, "limit": limit})
+
+
+# ---------------------------------------------------------------- the API key from the environment
+
+
+@pytest.mark.parametrize(
+    ("value", "key"),
+    [("sk-abc\n", "sk-abc"), ("  sk-abc \r\n", "sk-abc"), ("", None), (" \n", None), (None, None)],
+)
+def test_api_key_loses_surrounding_whitespace(value: str | None, key: str | None) -> None:
+    assert api_key({} if value is None else {API_KEY_ENV: value}) == key
+
+
+@pytest.mark.parametrize("value", ["abc\x01def", "abc\ndef", "abc\x1b[0mdef", "abc\x85def", "abcdéf"])
+def test_api_key_with_control_characters_is_refused_by_name_only(value: str) -> None:
+    with pytest.raises(ConfigError) as refused_key:
+        api_key({API_KEY_ENV: value})
+    message = str(refused_key.value)
+    assert API_KEY_ENV in message and "abc" not in message and "\n" not in message

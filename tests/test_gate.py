@@ -8,6 +8,7 @@ in virtual seconds and the whole file takes milliseconds.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 
 import pytest
@@ -132,6 +133,26 @@ def test_a_5xx_with_retry_after_pauses_everyone_without_counting_as_rate_limited
     assert second >= first + 2.0
     assert gate.counters.rate_limited == 0 and gate.counters.by_reason == {"502": 1}
     assert gate.effective_rps == 100.0
+
+
+def test_a_demanded_pause_is_said_once_when_it_begins_not_per_worker(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = VirtualClock()
+    gate = gate_on(clock, concurrency=4)
+
+    async def main() -> None:
+        # Four answers of one overload arrive together: one pause, one line.
+        await asyncio.gather(*(send(gate, limited(2.0, 503), hold=0.5) for _ in range(4)))
+        await send(gate, limited(3.0))  # after it: a new pause, a new line
+        await send(gate, BARE_429)  # our own backoff: the server asked for nothing
+
+    with caplog.at_level(logging.WARNING, logger="harvest"):
+        run_virtual(clock, main)
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("WARNING", "the server asked for a pause of 2 s (HTTP 503)"),
+        ("WARNING", "the server asked for a pause of 3 s (HTTP 429)"),
+    ]
 
 
 def test_a_bare_429_pauses_by_a_backoff_that_grows_while_it_goes_on() -> None:

@@ -387,7 +387,7 @@ def test_version_ids_given_as_strings_are_walked(tmp_path: Path) -> None:
     ],
 )
 def test_config_values_that_crashed_are_refused(tmp_path: Path, key: str, value: Any, words: str) -> None:
-    cfg = config(tmp_path, CLOSED_PORT_URL, **{key: value})
+    cfg = config(tmp_path, **{"base_url": CLOSED_PORT_URL, key: value})
     result = harvest("run", cfg, timeout=20)
     assert result.code == 2, result.stderr
     assert f"api.{key}" in result.stderr and words in result.stderr

@@ -170,6 +170,16 @@ def test_the_key_never_appears_in_either_format(cli_logging: io.StringIO, log_fo
         assert text.splitlines()[0].endswith("WARNING rejected [redacted]")
 
 
+def test_json_lines_survive_lone_surrogates(cli_logging: io.StringIO) -> None:
+    """A file name that is not UTF-8 (surrogate-escaped) is logged with U+FFFD, not a traceback."""
+    sys.stderr = cli_logging
+    args = cli.build_parser().parse_args(["run", "x.toml", "--log-format", "json"])
+    cli.setup_logging(cli.log_options(args), KEY)
+    logging.getLogger("harvest").warning("cannot read %s", "seg\udcff.ndjson", extra={"path": "\udcff"})
+    (record,) = json_records(cli_logging.getvalue())
+    assert record["msg"] == "cannot read seg\ufffd.ndjson" and record["path"] == "\ufffd"
+
+
 def test_the_watcher_follows_the_flags(cli_logging: io.StringIO) -> None:
     sys.stderr = cli_logging
 

@@ -20,34 +20,40 @@ from crawler.cli.logs import DEFAULT_PROGRESS_EVERY, LOG_FORMATS, LogOptions, St
 from crawler.cli.run import cmd_run
 from crawler.cli.status import cmd_status
 from crawler.cli.verify import cmd_verify
-from crawler.config import ApiConfig, OutputConfig, load_config
+from crawler.config import API_KEY_ENV, ApiConfig, OutputConfig, api_key, load_config
 from crawler.crawl.watch import Progress
 from crawler.errors import ExitCode, HarvestError
 
 log = logging.getLogger("harvest")
-KEY_ENV = "CIVITAI_API_KEY"
 
 EPILOG = """\
 exit status:
   0    every shard finished
   1    the run cannot go on (API key rejected, region blocked, disk full, state broken)
-  2    bad config or usage: nothing was requested
+  2    bad config, usage or CIVITAI_API_KEY: nothing was requested
   3    some shards failed; the others finished. Rerun the same command to resume
   4    another harvest holds the output dir
   130  interrupted by SIGINT, 143 by SIGTERM; committed work is kept, rerun to resume
 
-The API key is read from the environment variable CIVITAI_API_KEY and is never printed.
+The API key is read from the environment variable CIVITAI_API_KEY (surrounding whitespace, such as a
+trailing newline, is ignored; any other control character is refused) and is never printed.
 """
 
 
 _API_HELP = {
-    "base_url": "the API (any mirror, or the bundled fake)",
-    "requests_per_second": "one budget shared by all workers; lowered for a while after repeated 429/503",
+    "base_url": "the API (any mirror, or the bundled fake); no user:password@ (the key: CIVITAI_API_KEY)",
+    "requests_per_second": "one budget shared by all workers, at least 0.001; "
+    "lowered for a while after repeated 429/503",
     "concurrency": "requests in flight at most",
     "timeout": "seconds for one whole request",
     "max_retries": "retries of one request after its first attempt; then the shard stops, the run exits 3",
     "max_backoff": "seconds: cap of the exponential backoff when no Retry-After is given",
     "walk_cap": "positions deep the server lets one walk go; deeper shards are split, walked from both ends",
+    "max_page_mb": "MiB: an answer larger than this (decompressed) is a failed attempt, read no further",
+    "max_wait": "seconds: the longest Retry-After waited for; a longer one stops the shard, "
+    "saying when to rerun",
+    "max_pages_without_new": "pages in a row with no image new to the walk (fresh cursors, old images); "
+    "then the shard stops",
 }
 _OUTPUT_HELP = {
     "segment_items": "close a segment after this many images (0: no limit)",
@@ -166,10 +172,10 @@ def log_options(args: argparse.Namespace) -> LogOptions:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     options = log_options(args)
-    key = os.environ.get(KEY_ENV) or None
+    key = os.environ.get(API_KEY_ENV, "").strip() or None  # to redact, even one `api_key` refuses
     handler = setup_logging(options, key)
     try:
-        return _dispatch(args, key, lambda: logs.new_progress(options, handler))
+        return _dispatch(args, lambda: logs.new_progress(options, handler))
     except HarvestError as exc:
         print(f"harvest: error: {redact(str(exc), key)}", file=sys.stderr)
         return exc.exit_code
@@ -180,14 +186,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return ExitCode.ERROR
 
 
-def _dispatch(args: argparse.Namespace, key: str | None, watcher: Callable[[], Progress]) -> int:
+def _dispatch(args: argparse.Namespace, watcher: Callable[[], Progress]) -> int:
     if args.command == "demo":
         from crawler.cli.demo import run_demo  # the fake API is only loaded when asked for
 
         return run_demo(args.dir, lambda config, demo_key: cmd_run(config, demo_key, watcher()))
     config = load_config(args.config)
-    if args.command == "run":
-        return cmd_run(config, key, watcher())
+    if args.command == "run":  # only a run sends the key: a bad one stops nothing else
+        return cmd_run(config, api_key(os.environ), watcher())
     if args.command == "status":
         return cmd_status(config)
     return cmd_verify(config)

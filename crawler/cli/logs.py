@@ -99,8 +99,18 @@ class JsonFormatter(logging.Formatter):
             doc["exc"] = self.formatException(record.exc_info)
         if record.stack_info:
             doc["stack"] = self.formatStack(record.stack_info)
-        line = orjson.dumps(_scrub(doc, self.redact), default=str, option=orjson.OPT_NON_STR_KEYS)
+        try:
+            line = orjson.dumps(_scrub(doc, self.redact), default=str, option=orjson.OPT_NON_STR_KEYS)
+        except TypeError:  # a lone surrogate (a file name that is not UTF-8): U+FFFD, not a traceback
+            scrubbed = _scrub(doc, lambda text: _encodable(self.redact(text)))
+            line = orjson.dumps(
+                scrubbed, default=lambda v: _encodable(str(v)), option=orjson.OPT_NON_STR_KEYS
+            )
         return self.redact(line.decode())
+
+
+def _encodable(text: str) -> str:
+    return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
 
 
 def _scrub(value: Any, redact: Redact) -> Any:

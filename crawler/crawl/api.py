@@ -62,6 +62,8 @@ def http_settings(api: ApiConfig) -> HttpSettings:
         max_backoff=api.max_backoff,
         requests_per_second=api.requests_per_second,
         concurrency=api.concurrency,
+        max_page_mb=api.max_page_mb,
+        max_wait=api.max_wait,
     )
 
 

@@ -118,7 +118,7 @@ async def _walk_all(
     committer = _Committer(sink, state, summary, progress, shards)
     try:
         async with asyncio.TaskGroup() as group:
-            walker = Walker(client, queue, config.api.walk_cap)
+            walker = Walker(client, queue, config.api.walk_cap, config.api.max_pages_without_new)
             group.create_task(_produce(todo, [plans[s.key] for s in todo], walker))
             group.create_task(committer.consume(queue))
     except BaseExceptionGroup as group_error:

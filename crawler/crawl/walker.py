@@ -13,6 +13,10 @@ cap. Three things make a walker go on where a naive one would stop:
 - a cursor the server no longer continues: the walk starts again from the head,
   at most `CURSOR_RESTARTS` times a run, never stopping on known pages before it
   is past where it was.
+
+Two guards stop a walk that would never end: a cursor it has followed before
+("the cursor looped"), and `max_pages_without_new` pages in a row that bring no
+image the walk has not seen (`stall.StallGuard`: fresh cursors, same images).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from crawler.civitai.images import IMAGES
 from crawler.crawl.api import CivitaiApi
 from crawler.crawl.plan import PageSize, WalkPlan
 from crawler.crawl.shards import Shard, check_items, describe, make_shard, split, with_limit
+from crawler.crawl.stall import StallGuard
 from crawler.errors import CursorGoneError, CursorLoopError, SearchTimeoutError, ShardError
 
 log = logging.getLogger("harvest")
@@ -89,6 +94,7 @@ class Walker:
     client: CivitaiApi
     queue: asyncio.Queue[Any]
     walk_cap: int
+    max_pages_without_new: int = 1000
 
 
 @dataclass(slots=True)
@@ -140,6 +146,7 @@ async def _walk(shard: Shard, plan: WalkPlan, walker: Walker) -> None:
 async def _follow(shard: Shard, plan: WalkPlan, walker: Walker, walk_: _Walk) -> None:
     """Follow the cursors to the end (or the cap, or the other end)."""
     size = PageSize(int(shard.value("limit") or 200))
+    stall = StallGuard(walker.max_pages_without_new)
     while True:
         walk_.used.add(repr(walk_.cursor))
         try:
@@ -154,6 +161,8 @@ async def _follow(shard: Shard, plan: WalkPlan, walker: Walker, walk_: _Walk) ->
         size.answered()
         check_items(shard, page)
         _check_loop(walk_, page)
+        if page.next_cursor is not None:  # the last page ends the walk whatever it holds
+            stall.page(page.ids)
         walk_.depth = _depth_after(walk_, size.current)
         walk_.deepest.append(page.ids)
         walk_.capped = page.next_cursor is None and walk_.depth >= walker.walk_cap

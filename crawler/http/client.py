@@ -12,6 +12,11 @@ jitter only ever lengthens), then the gate's shared cooldown and its AIMD rate.
 Every retry, of any kind, spends the request's budget (`max_retries`); when it is
 spent the caller gets `RetriesExhaustedError`. Time comes from the gate's
 injectable `Clock`, so all of this is testable without sleeping.
+
+A pause the server demands (`Retry-After`) longer than `max_wait` is not waited
+for: the request fails at once (a `ShardError` saying when a rerun may go), and
+nobody else is held back by it, so a server that asks for a day cannot stall
+every worker in silence.
 """
 
 from __future__ import annotations
@@ -36,9 +41,19 @@ from crawler.errors import (
     ShardError,
 )
 from crawler.http.backoff import backoff_delay
-from crawler.http.clock import Clock
+from crawler.http.clock import Clock, seconds_text
 from crawler.http.gate import Counters, RateGate
-from crawler.http.outcomes import Kind, Outcome, classify, classify_exception, malformed, not_json
+from crawler.http.outcomes import (
+    TOO_LARGE,
+    Kind,
+    Outcome,
+    classify,
+    classify_exception,
+    malformed,
+    not_json,
+    refuse_long_pause,
+)
+from crawler.http.servertext import ServerText
 from crawler.http.transport import Params, Transport
 
 log = logging.getLogger("harvest")
@@ -56,6 +71,12 @@ class HttpSettings:
     max_backoff: float  # seconds: cap of every exponential backoff
     requests_per_second: float  # one pace shared by every request (AIMD may lower it)
     concurrency: int  # requests in flight at most
+    max_page_mb: float = 64.0  # MiB: a larger answer (decompressed) is a failed attempt, read no further
+    max_wait: float = 900.0  # seconds: a longer pause demanded by the server stops the request's caller
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_page_mb * 2**20)
 
 
 class HttpClient:
@@ -77,6 +98,8 @@ class HttpClient:
         self._headers = dict(headers or {})
         # A 401/403 means "credentials rejected" only when some were sent.
         self._has_key = any(name.lower() == "authorization" for name in self._headers)
+        # Whatever the server says is cleaned, and what we sent it (the key) redacted, as it comes in.
+        self._text = ServerText.hiding(self._headers)
         self._clock = clock or gate.clock
         self._rng = rng
         self._host = _host_of(settings.base_url)
@@ -140,7 +163,12 @@ class HttpClient:
                 outcome.unreachable,
                 attempt + 1,
                 retries,
-                _seconds(wait),
+                seconds_text(wait),
+            )
+        elif outcome.tag == TOO_LARGE and attempt < retries:
+            # Not DEBUG: the cure may be the user's (a larger max_page_mb), and memory was at stake.
+            log.warning(
+                "%s: %s: retry %d/%d in %s s", path, outcome.reason, attempt + 1, retries, seconds_text(wait)
             )
         else:
             log.debug("%s: %s (attempt %d of %d)", path, outcome.reason, attempt + 1, retries + 1)
@@ -150,28 +178,32 @@ class HttpClient:
         async with self._gate.turn() as turn:
             outcome = await self._send(path, query)
             if outcome.kind is Kind.OK:
-                outcome = _parsed(outcome, parse)
+                outcome = _parsed(outcome, parse, self._text)
             turn.observe(outcome)
             return outcome
 
     async def _send(self, path: str, query: Params) -> Outcome:
         url = self._settings.base_url + path
         try:
-            resp = await self._transport.get(url, query, self._headers, self._settings.timeout)
+            resp = await self._transport.get(
+                url, query, self._headers, self._settings.timeout, self._settings.max_body_bytes
+            )
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            return classify_exception(exc)
-        return classify(resp.status, resp.headers, resp.body, has_key=self._has_key)
+            return classify_exception(exc, self._text)
+        outcome = classify(resp.status, resp.headers, resp.body, has_key=self._has_key, text=self._text)
+        return refuse_long_pause(outcome, self._settings.max_wait)
 
 
-def _parsed(outcome: Outcome, parse: Callable[[bytes], Any]) -> Outcome:
-    """OK with what `parse` made of the body, or RETRY when it could not use it."""
+def _parsed(outcome: Outcome, parse: Callable[[bytes], Any], text: ServerText = ServerText()) -> Outcome:
+    """OK with what `parse` made of the body, or RETRY when it could not use it (its reason
+    may quote the body: `text` cleans it)."""
     status = outcome.status or 200
     try:
         parsed = parse(outcome.body)
     except exactjson.NotJson:
         return not_json(status, outcome.body)
     except ValueError as exc:
-        return malformed(status, str(exc))
+        return malformed(status, str(exc), text)
     if parsed is None:
         return malformed(status, None)
     return Outcome(Kind.OK, "ok", body=parsed, status=outcome.status)
@@ -202,8 +234,3 @@ def _host_of(base_url: str) -> str:
     host = parts.hostname or "?"
     host = f"[{host}]" if ":" in host else host
     return f"{host}:{port}" if port else host
-
-
-def _seconds(value: float) -> str:
-    """4 -> "4", 1.4995 -> "1.5", 0.05 -> "0.05", 16.3 -> "16": enough digits for a person."""
-    return f"{value:.0f}" if value >= 10 else f"{value:.2g}"

@@ -1,4 +1,5 @@
-"""Where the rate gate and the retry loop get their time; tests substitute a fake one."""
+"""Where the rate gate and the retry loop get their time (tests substitute a fake one), and how
+they say a duration to a person."""
 
 from __future__ import annotations
 
@@ -22,3 +23,9 @@ class MonotonicClock:
 
     async def sleep(self, seconds: float) -> None:
         await asyncio.sleep(seconds)
+
+
+def seconds_text(value: float) -> str:
+    """4 -> "4", 1.4995 -> "1.5", 0.05 -> "0.05", 16.3 -> "16", 1e9 -> "1000000000": enough
+    digits for a person, never an exponent."""
+    return f"{value:.0f}" if value >= 10 else f"{value:.2g}"

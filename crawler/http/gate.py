@@ -20,6 +20,10 @@ own backoff, is the client's retry loop):
 - `Aimd`, the effective request rate: repeated rate limiting halves it, a run of
   successes adds back a tenth of the configured rate, never above it.
 
+A pause the server demands is said at WARNING when it begins ("the server asked
+for a pause of 2 s (HTTP 503)"): once per pause, not once per worker whose answer
+arrives while it is in force.
+
 Time comes from an injectable `Clock`; the pacer, being aiolimiter, reads the
 event loop's clock, so tests that fake one fake both.
 """
@@ -37,7 +41,7 @@ from dataclasses import dataclass, field
 from aiolimiter import AsyncLimiter
 
 from crawler.http.backoff import backoff_delay
-from crawler.http.clock import Clock, MonotonicClock
+from crawler.http.clock import Clock, MonotonicClock, seconds_text
 from crawler.http.outcomes import Kind, Outcome
 
 log = logging.getLogger("harvest")
@@ -249,7 +253,13 @@ class RateGate:
             if pause is None:  # Cloudflare's bare 429: back off, longer while it goes on
                 pause = backoff_delay(self._aimd.streak, self._max_backoff, self._rng)
         if pause is not None:
+            begins = self._cooldown.is_open()
             self.counters.cooldown_seconds += self._cooldown.extend(pause)
+            if begins and outcome.retry_after:  # said by the server (not our backoff), and not 0
+                # Every worker stops: a person watching should know why, and for how long.
+                log.warning(
+                    "the server asked for a pause of %s s (HTTP %s)", seconds_text(pause), outcome.status
+                )
 
     def _set_rate(self) -> None:
         self._pacer.rate = self._aimd.rate

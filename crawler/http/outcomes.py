@@ -20,9 +20,18 @@ HTTP-date `Retry-After` is read against `now`, the wall clock unless given).
 | 400 (zod issues spelt out: parameter and reason)     | SHARD_FATAL                   |
 | 404 and every other status                           | SHARD_FATAL                   |
 | timeout, reset, refused, cut body                    | RETRY                         |
+| a body larger than max_page_mb (decompressed)        | RETRY: `too-large`            |
 
 A RETRY that carries a `Retry-After` (e.g. a 502 with one) keeps it: the client
-honours it like any other, without calling it a rate limit.
+honours it like any other, without calling it a rate limit. A `Retry-After`
+longer than the client's `max_wait` turns any of these into SHARD_FATAL
+(`refuse_long_pause`): the shard stops, saying when a rerun may go.
+
+Every piece of server text in a reason (an error body's message, a zod issue,
+an exception quoting the wire) passes through one `ServerText` first: lone
+surrogates replaced, terminal escapes and control characters stripped, the
+header values the client sent redacted, cut to one line. Nothing downstream
+(state, summary, logs, terminal) sees the server's own characters.
 
 A transport failure that got no answer at all says why in `unreachable`
 ("connection refused", "DNS", "timed out", ...), so a run that cannot reach the
@@ -39,13 +48,16 @@ import socket
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC
+from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
 
 import aiohttp
 
 from crawler import exactjson
+from crawler.http.clock import seconds_text
+from crawler.http.servertext import ServerText
+from crawler.http.transport import BodyTooLarge
 
 
 class Kind(enum.Enum):
@@ -80,20 +92,28 @@ class Outcome:
 _PAGE_CAP = "too many pages"
 _TIMEOUT_STATUSES = frozenset({504, 524})
 _RETRY_STATUSES = frozenset({408, 500, 502, 503, 504, 520, 521, 522, 523, 524})
-MAX_RETRY_AFTER = 86_400.0  # a day; longer values are clamped (asyncio cannot sleep for ever)
+# About 300 years: longer values are clamped, so a demanded pause always has a time to rerun after
+# (a datetime ends at the year 9999; a float of 400 digits is inf). `max_wait` refuses far less.
+MAX_RETRY_AFTER = 1e10
 _SECONDS = re.compile(r"[0-9]+(?:\.[0-9]+)?")
 
 
 def classify(
-    status: int, headers: Mapping[str, str], raw: bytes, *, has_key: bool, now: float | None = None
+    status: int,
+    headers: Mapping[str, str],
+    raw: bytes,
+    *,
+    has_key: bool,
+    now: float | None = None,
+    text: ServerText = ServerText(),
 ) -> Outcome:
-    """What one complete HTTP response means for the harvest."""
+    """What one complete HTTP response means for the harvest; `text` cleans what the body says."""
     lowered = _lower(headers)
     if 200 <= status < 300:
         # The caller's parse judges the body; the label may lie either way.
         return Outcome(Kind.OK, "ok", body=raw, status=status)
     body, is_json = _parse(raw)
-    message = _error_text(body) if is_json else _non_json(raw)
+    message = text(_error_text(body)) if is_json else _non_json(raw)
     retry_after = parse_retry_after(lowered.get("retry-after"), now)
     if status == 429:
         if is_json and _PAGE_CAP in message.casefold():
@@ -142,15 +162,18 @@ def _client_error(status: int, message: str, is_json: bool, *, has_key: bool) ->
     return Outcome(Kind.SHARD_FATAL, f"HTTP {status}: {message}", status=status)
 
 
-def classify_exception(exc: BaseException) -> Outcome:
-    """Timeouts, resets, refusals and cut bodies are all transient."""
+def classify_exception(exc: BaseException, text: ServerText = ServerText()) -> Outcome:
+    """Timeouts, resets, refusals and cut bodies are all transient; `text` cleans what
+    the exception quotes (a bad status line or header is the server's text)."""
     name = type(exc).__name__
+    if isinstance(exc, BodyTooLarge):
+        return too_large(exc.status, exc.limit)
     if isinstance(exc, TimeoutError):
         # Our timeout covers the whole request, so a slow answer and an unreachable
         # host look alike here; either way nothing came back in time.
         return Outcome(Kind.RETRY, "request timed out", tag="timeout", unreachable="timed out")
-    text = str(exc)
-    detail = text.splitlines()[0] if text else name
+    said = str(exc)
+    detail = text(said.splitlines()[0]) if said.strip() else name
     return Outcome(
         Kind.RETRY, f"connection failed ({name}: {detail})", tag=name, unreachable=_unreachable(exc)
     )
@@ -180,8 +203,42 @@ def _unreachable(exc: BaseException) -> str | None:
     return None
 
 
+TOO_LARGE = "too-large"
+
+
+def too_large(status: int, limit: int) -> Outcome:
+    """An answer cut off at the body cap: a failed attempt (a server can serve a sane page next)."""
+    return Outcome(
+        Kind.RETRY,
+        f"HTTP {status}: the answer is larger than max_page_mb ({limit / 2**20:g} MiB); "
+        "the rest was not read",
+        status=status,
+        tag=TOO_LARGE,
+    )
+
+
+def refuse_long_pause(outcome: Outcome, max_wait: float, now: float | None = None) -> Outcome:
+    """SHARD_FATAL instead of `outcome` when it demands a pause longer than `max_wait` seconds.
+
+    Waiting would hold every worker back for that long, without a word; the shard
+    stops instead, saying when (UTC, from the wall clock `now`) a rerun may go.
+    """
+    pause = outcome.retry_after
+    if pause is None or pause <= max_wait:
+        return outcome
+    wall = time.time() if now is None else now
+    until = datetime.fromtimestamp(wall + pause, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    return Outcome(
+        Kind.SHARD_FATAL,
+        f"the server asked for a pause of {seconds_text(pause)} s; rerun after {until} "
+        f"(HTTP {outcome.status}; longer than max_wait, {seconds_text(max_wait)} s)",
+        status=outcome.status,
+        tag="long-pause",
+    )
+
+
 def _rate_limited(status: int, delay: float | None, what: str) -> Outcome:
-    suffix = f", Retry-After {delay:g} s" if delay is not None else ", no Retry-After"
+    suffix = f", Retry-After {seconds_text(delay)} s" if delay is not None else ", no Retry-After"
     return Outcome(Kind.RATE_LIMITED, what + suffix, retry_after=delay, status=status)
 
 
@@ -225,9 +282,9 @@ def not_json(status: int, raw: bytes) -> Outcome:
     return Outcome(Kind.RETRY, f"HTTP {status} with {what} where JSON was due", status=status, tag=tag)
 
 
-def malformed(status: int, why: str | None) -> Outcome:
-    """A 2xx whose JSON is not the shape the caller expects."""
-    detail = f" ({why})" if why else ""
+def malformed(status: int, why: str | None, text: ServerText = ServerText()) -> Outcome:
+    """A 2xx whose JSON is not the shape the caller expects; `why` may quote the body."""
+    detail = f" ({text(why)})" if why else ""
     return Outcome(
         Kind.RETRY, f"HTTP {status}: malformed JSON response{detail}", status=status, tag="malformed"
     )
@@ -241,13 +298,12 @@ def _non_json(raw: bytes) -> str:
 
 
 def _error_text(body: Any) -> str:
-    """The one-line reason from `{"error": ...}` bodies, zod issues spelt out."""
+    """The reason from `{"error": ...}` or `{"message": ...}` bodies, zod issues spelt out;
+    raw server text, for `ServerText` to clean and cut."""
     error = body.get("error", body) if isinstance(body, dict) else body
     if isinstance(error, dict):
-        text = _zod_text(error) or str(error.get("message") or error)
-    else:
-        text = str(error) if error is not None else "no detail"
-    return " ".join(text.split())[:500]
+        return _zod_text(error) or str(error.get("message") or error)
+    return str(error) if error is not None else "no detail"
 
 
 def _zod_text(error: dict[str, Any]) -> str | None:

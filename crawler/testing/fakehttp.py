@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 import orjson
 
-from crawler.http.transport import Params, Response
+from crawler.http.transport import BodyTooLarge, Params, Response
 
 T = TypeVar("T")
 
@@ -93,6 +93,7 @@ class Sent:
     headers: Mapping[str, str]
     timeout: float
     at: float  # the event loop's time (the virtual clock under `run_virtual`)
+    max_bytes: int | None = None  # the body cap the client asked for
 
 
 Step = Response | BaseException
@@ -103,6 +104,8 @@ class ScriptedTransport:
 
     A step is a `Response` to return or an exception to raise (as a real
     transport does when no answer came). `latency` seconds pass before each step.
+    A `Response` whose body is larger than the request's `max_bytes` raises
+    `BodyTooLarge`, as the real transport does once it has read that much.
     """
 
     def __init__(self, *script: Step, latency: float = 0.0) -> None:
@@ -112,9 +115,16 @@ class ScriptedTransport:
         self.in_flight = 0
         self.peak_in_flight = 0
 
-    async def get(self, url: str, params: Params, headers: Mapping[str, str], timeout: float) -> Response:
+    async def get(
+        self,
+        url: str,
+        params: Params,
+        headers: Mapping[str, str],
+        timeout: float,
+        max_bytes: int | None = None,
+    ) -> Response:
         loop = asyncio.get_running_loop()
-        self.sent.append(Sent(url, tuple(params), dict(headers), timeout, loop.time()))
+        self.sent.append(Sent(url, tuple(params), dict(headers), timeout, loop.time(), max_bytes))
         if not self._script:
             raise AssertionError(f"the script ran out at request {len(self.sent)}: {url}")
         step = self._script.popleft()
@@ -127,6 +137,8 @@ class ScriptedTransport:
             self.in_flight -= 1
         if isinstance(step, BaseException):
             raise step
+        if max_bytes is not None and len(step.body) > max_bytes:
+            raise BodyTooLarge(step.status, max_bytes)
         return step
 
 
