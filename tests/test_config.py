@@ -451,3 +451,9 @@ def test_api_key_with_control_characters_is_refused_by_name_only(value: str) -> 
         api_key({API_KEY_ENV: value})
     message = str(refused_key.value)
     assert API_KEY_ENV in message and "abc" not in message and "\n" not in message
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parent.parent / "configs").glob("*.toml")))
+def test_every_shipped_config_loads(path: Path) -> None:
+    config = load_config(path)
+    assert config.queries and config.api.base_url.startswith("https://civitai.")
