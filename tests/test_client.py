@@ -756,3 +756,20 @@ def test_monotonic_clock_is_the_one_the_fake_api_logs() -> None:
     before = time.monotonic()
     assert before <= MonotonicClock().now() <= time.monotonic()
     assert math.isinf(Cooldown(MonotonicClock()).until)
+
+
+@pytest.mark.parametrize(
+    ("body", "words"),
+    [
+        (b'{"message": "This cursor can no longer be continued; start again without it"}', "no longer"),
+        (b'{"error": "Invalid cursor value", "code": "BAD_REQUEST"}', "Invalid cursor value"),
+        (
+            b'{"error": {"name": "ZodError", "message": "[{\\"path\\": [\\"limit\\"], '
+            b'\\"message\\": \\"Number must be less than or equal to 200\\"}]"}}',
+            "limit: Number must be less than or equal to 200",
+        ),
+    ],
+)
+def test_every_error_shape_gives_the_servers_words(body: bytes, words: str) -> None:
+    outcome = classify(400, JSON, body, has_key=False)
+    assert outcome.kind is Kind.SHARD_FATAL and words in outcome.reason, outcome.reason
