@@ -249,3 +249,27 @@ def test_items_must_match_the_guarded_parameters() -> None:
 def test_frontier_of_each_sort(sort: str | None, frontier: Frontier) -> None:
     params = (("modelVersionId", "1"),) + ((("sort", sort),) if sort else ())
     assert IMAGES.frontier(params) is frontier
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        "/images: HTTP 400 bad request: This cursor can no longer be continued; start again without it",
+        "/images: HTTP 400 bad request: This cursor cannot be continued with these filters",
+        "/images: HTTP 400 bad request: Cursor 4294967296 is out of range: it must fit a 32-bit integer",
+    ],
+)
+def test_a_dead_cursor_is_told_from_a_bad_parameter(message: str) -> None:
+    assert IMAGES.cursor_gone(message)
+    assert not IMAGES.cursor_gone("/images: HTTP 400 bad request: limit: Number must be <= 200")
+
+
+def test_cursors_say_how_deep_they_point() -> None:
+    assert IMAGES.cursor_offset("49800|1700000000000") == 49800
+    assert IMAGES.cursor_offset("feed:AAAA") is None and IMAGES.cursor_offset(123) is None
+
+
+def test_a_query_has_two_ends() -> None:
+    newest, oldest = IMAGES.from_ends((("modelVersionId", "5"), ("sort", "Most Reactions")))
+    assert dict(newest)["sort"] == "Newest" and dict(oldest)["sort"] == "Oldest"
+    assert dict(newest)["modelVersionId"] == "5"
