@@ -506,7 +506,8 @@ def _legacy_page(st: _State, request: web.Request, q: ImageQuery, paging: _Pagin
 
 
 async def _images(request: web.Request) -> web.Response:
-    st, options = request.app[_STATE], request.app[_STATE].options
+    st = request.app[_STATE]
+    options = st.options
     await _delay(st)
     key = (st.dataset.generation, st.cursors.version, str(request.url))
     cached = st.bodies.get(key)
