@@ -1,13 +1,18 @@
 """One exception root for everything the harvester can say went wrong.
 
 Each family names whose fault it is and carries the exit status the CLI uses, so
-`cli.main` turns any `HarvestError` into one line on stderr and that status.
+`cli.main` turns any `HarvestError` into one line on stderr and that status. An
+error raised for an answer carries that answer's outcome (status, reason, tag);
+an error that stopped a shard carries the shard's key.
 """
 
 from __future__ import annotations
 
+import enum
+from typing import Protocol
 
-class ExitCode:
+
+class ExitCode(enum.IntEnum):
     """Process exit statuses, documented in the README and `harvest --help`."""
 
     OK = 0
@@ -19,10 +24,26 @@ class ExitCode:
     SIGTERM = 143
 
 
+class Answer(Protocol):
+    """What an error keeps of the answer that caused it (`crawler.http.outcomes.Outcome`)."""
+
+    @property
+    def status(self) -> int | None: ...
+    @property
+    def reason(self) -> str: ...
+    @property
+    def key(self) -> str: ...
+
+
 class HarvestError(Exception):
     """Base of every error the CLI reports as one clean line."""
 
     exit_code: int = ExitCode.ERROR
+
+    def __init__(self, message: str, *, outcome: Answer | None = None, shard: str | None = None) -> None:
+        super().__init__(message)
+        self.outcome = outcome  # the answer that caused it, when one did
+        self.shard = shard  # the key of the shard it stopped, when it stopped one
 
 
 class ConfigError(HarvestError):

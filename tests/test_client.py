@@ -25,6 +25,7 @@ from crawler.config import ApiConfig
 from crawler.crawl.api import CivitaiApi, make_api
 from crawler.errors import (
     BadRequestError,
+    HarvestError,
     NotFoundError,
     RetriesExhaustedError,
     RunFatalError,
@@ -584,7 +585,7 @@ def test_concurrent_requests_share_the_slots_and_the_pace() -> None:
 
 
 KEY = {"Authorization": "Bearer sk-test"}
-FATAL: dict[str, tuple[Response, dict[str, str] | None, type[Exception], str]] = {
+FATAL: dict[str, tuple[Response, dict[str, str] | None, type[HarvestError], str]] = {
     "400": (reply(400, {"error": "Bad cursor"}), None, BadRequestError, "/things: HTTP 400 bad request"),
     "404": (reply(404, {"error": "No such thing"}), None, NotFoundError, "HTTP 404 not found"),
     "410": (reply(410, {"error": "Gone"}), None, ShardError, "/things: HTTP 410: Gone"),
@@ -605,6 +606,8 @@ def test_fatal_answers_map_to_their_error_and_are_never_retried(case: str) -> No
         fetch(clock, client)
     assert type(caught.value) is error and len(transport.sent) == 1
     assert client.counters.retries == 0 and clock.slept == []
+    cause = caught.value.outcome  # the error carries the answer, not only a string
+    assert cause is not None and cause.status == response.status and cause.reason in str(caught.value)
 
 
 def gaps_of(times: list[float]) -> list[float]:

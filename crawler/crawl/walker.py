@@ -69,6 +69,7 @@ class Fetched:
 class Failed:
     shard: Shard
     error: str
+    cause: ShardError | None = None  # with the answer that stopped it, when one did
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,7 +117,8 @@ async def walk(shard: Shard, plan: WalkPlan, walker: Walker) -> None:
     try:
         await _walk(shard, plan, walker)
     except ShardError as exc:
-        await walker.queue.put(Failed(shard, str(exc)))
+        exc.shard = exc.shard or shard.key
+        await walker.queue.put(Failed(shard, str(exc), exc))
 
 
 async def _walk(shard: Shard, plan: WalkPlan, walker: Walker) -> None:

@@ -143,14 +143,16 @@ class HttpClient:
                 timed_out += outcome.timed_out
                 if timeouts is not None and timed_out >= timeouts:
                     raise SearchTimeoutError(
-                        f"{path}: {timed_out} attempts timed out; last: {outcome.reason}"
+                        f"{path}: {timed_out} attempts timed out; last: {outcome.reason}", outcome=outcome
                     )
                 wait = backoff_delay(failures, self._settings.max_backoff, self._rng)
             self._report(path, outcome, attempt, wait)
             if attempt + 1 < attempts and wait > 0:
                 await self._clock.sleep(wait)
         assert outcome is not None
-        raise RetriesExhaustedError(f"{path}: gave up after {attempts} attempts; last: {outcome.reason}")
+        raise RetriesExhaustedError(
+            f"{path}: gave up after {attempts} attempts; last: {outcome.reason}", outcome=outcome
+        )
 
     def _report(self, path: str, outcome: Outcome, attempt: int, wait: float) -> None:
         """Log a failed attempt: at WARNING when the host was not reached and a retry follows."""
@@ -211,17 +213,17 @@ def _parsed(outcome: Outcome, parse: Callable[[bytes], Any], text: ServerText = 
 
 def _raise_if_fatal(outcome: Outcome, path: str) -> None:
     if outcome.kind is Kind.RUN_FATAL:
-        raise RunFatalError(outcome.reason)
+        raise RunFatalError(outcome.reason, outcome=outcome)
     if outcome.kind is Kind.SHARD_FATAL:
         raise _shard_error(outcome, path)
 
 
 def _shard_error(outcome: Outcome, path: str) -> ApiError:
     if outcome.status == 400:
-        return BadRequestError(f"{path}: {outcome.reason}")
+        return BadRequestError(f"{path}: {outcome.reason}", outcome=outcome)
     if outcome.status == 404:
-        return NotFoundError(f"{path}: {outcome.reason}")
-    return ShardError(f"{path}: {outcome.reason}")
+        return NotFoundError(f"{path}: {outcome.reason}", outcome=outcome)
+    return ShardError(f"{path}: {outcome.reason}", outcome=outcome)
 
 
 def _host_of(base_url: str) -> str:
