@@ -251,7 +251,8 @@ def harvest_meanwhile(cfg: Path, until: Callable[[], bool], then: Callable[[], o
 # ---------------------------------------------------------------- (f) a 400 names the parameter
 
 
-def test_bad_request_names_the_parameter_stops_only_that_shard(tmp_path: Path) -> None:
+def test_a_stored_cursor_the_api_refuses_is_walked_again_from_the_head(tmp_path: Path) -> None:
+    """A 400 about the cursor is not a bad config: the shard starts again from its head (issue 10)."""
     dataset = make_dataset()
     injector = FaultInjector(FaultSpec.only("500"))
     with ServerThread(dataset, injector) as api:
@@ -268,9 +269,9 @@ def test_bad_request_names_the_parameter_stops_only_that_shard(tmp_path: Path) -
         api.log.clear()
         result = harvest("run", cfg)
         records = api_requests(api.log)
-    assert result.code == 3, result.stderr
-    failed = [line for line in result.stderr.splitlines() if line.startswith("harvest: failed:")]
-    assert len(failed) == 1 and "modelVersionId=5001" in failed[0], result.stderr
-    assert "HTTP 400 bad request: cursor: Invalid cursor" in failed[0]
+    assert result.code == 0, result.stderr
+    restarted = [line for line in result.stderr.splitlines() if "walking it again from the head" in line]
+    assert len(restarted) == 1 and "modelVersionId=5001" in restarted[0], result.stderr
+    assert "HTTP 400 bad request: cursor: Invalid cursor" in restarted[0]
     assert [r.status for r in records if r.query.get("cursor") == "bogus|0"] == [400], "a 400 was retried"
-    assert_exactly(tmp_path / "out", expected_ids(dataset, [5002, 5003]))
+    assert_exactly(tmp_path / "out", expected_ids(dataset, VERSIONS))
