@@ -111,3 +111,21 @@ def test_segments_close_by_size_when_segment_mb_is_set(tmp_path: Path) -> None:
     assert all(s.size >= 100 for s in segments)
     assert [i["id"] for i in _lines(tmp_path)] == list(range(8))
     state.close()
+
+
+def _page(first: int, count: int) -> Any:
+    return batch(_items(*range(first, first + count)))
+
+
+def test_only_the_partial_files_of_known_segments_are_removed(tmp_path: Path) -> None:
+    state = State.open(tmp_path)
+    state.begin_pass([("k", "q")])
+    sink = Checkpointer(ArchiveSpec(tmp_path, segment_items=2), state)
+    sink.commit("k", None, _page(1, 2), "c1")  # segment 1 closed, left plain (compress none)
+    sink.close()
+    ours = tmp_path / "images-000001.ndjson.zst.part"
+    theirs = [tmp_path / n for n in ("backup.tar.part", "images-000009.ndjson.zst.part")]
+    for part in (ours, *theirs):
+        part.write_bytes(b"half")
+    Checkpointer(ArchiveSpec(tmp_path, segment_items=2), state).close()
+    assert not ours.exists() and all(p.read_bytes() == b"half" for p in theirs)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from crawler.archive.compression import SUFFIXES
 from crawler.archive.fs import remove_partials
 from crawler.archive.segments import SegmentWriter
 from crawler.archive.state import Cursor, PageCommit, State
@@ -104,8 +105,9 @@ class Checkpointer:
 
     def _finish_closed_segments(self) -> None:
         """Complete what a crash interrupted: partial files, closed segments' unrecorded steps."""
-        remove_partials(self._output.dir)
         closed = [s for s in self._state.segments() if s.closed]
+        # Only the partial files of our own segments: a `.part` of anything else is not ours.
+        remove_partials(self._output.dir, (s.name + suffix for s in closed for suffix in SUFFIXES.values()))
         finish_closed(closed, self._output.dir, self._state, self._steps)
 
     def _unseen(self, page: Lines) -> tuple[list[bytes], list[int]]:

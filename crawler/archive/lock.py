@@ -10,6 +10,7 @@ import fcntl
 import os
 from pathlib import Path
 
+from crawler.archive.fs import open_nofollow
 from crawler.errors import LockedError, OutputError
 
 LOCK_FILE = ".harvest.lock"
@@ -22,7 +23,7 @@ class OutputLock:
         path = out_dir / LOCK_FILE
         try:
             out_dir.mkdir(parents=True, exist_ok=True)
-            self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            self._fd = open_nofollow(path, os.O_RDWR | os.O_CREAT)  # a planted symlink is refused
         except OSError as exc:
             raise OutputError(f"{out_dir}: cannot use as output dir: {exc.strerror}") from None
         try:

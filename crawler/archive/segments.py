@@ -11,7 +11,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from crawler.archive.fs import describe, fsync_dir
+from crawler.archive.fs import describe, fsync_dir, open_nofollow
 from crawler.archive.state import SegmentRow
 from crawler.errors import OutputError, StateError
 
@@ -44,7 +44,7 @@ class SegmentWriter:
     def _open_at_commit(self) -> int:
         path = self._dir / self.name
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+            fd = open_nofollow(path, os.O_WRONLY | os.O_CREAT)
             on_disk = os.fstat(fd).st_size
         except OSError as exc:
             raise OutputError(f"{path}: cannot open for writing: {exc.strerror}") from None

@@ -18,6 +18,7 @@ from typing import Self
 import orjson
 
 from crawler.archive import schema
+from crawler.archive.fs import diagnose_write_failure, refuse_symlink
 from crawler.errors import StateError
 
 STATE_FILE = "harvest.sqlite"
@@ -73,9 +74,15 @@ class PageCommit:
     page_cursor: Cursor | None
 
 
+# The files SQLite opens for a state: it follows symlinks, so each is checked first.
+_SQLITE_SUFFIXES = ("", "-wal", "-shm", "-journal")
+
+
 def _connect(out_dir: Path, path: Path) -> sqlite3.Connection:
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
+        for suffix in _SQLITE_SUFFIXES:
+            refuse_symlink(path.with_name(path.name + suffix))
         # isolation_level=None: we issue BEGIN/COMMIT ourselves, one per page.
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     except (OSError, sqlite3.Error) as exc:
@@ -337,13 +344,22 @@ class _Transaction:
         if exc is not None:
             self._rollback()
             if isinstance(exc, sqlite3.Error):
-                raise StateError(f"{self._path}: {exc}") from None
+                raise StateError(f"{self._path}: {self._explain(exc)}") from None
             return
         try:
             self._conn.execute("COMMIT")
         except sqlite3.Error as err:
             self._rollback()
-            raise StateError(f"{self._path}: commit failed: {err}") from None
+            raise StateError(f"{self._path}: commit failed: {self._explain(err)}") from None
+
+    def _explain(self, err: sqlite3.Error) -> str:
+        """SQLite's message, or what lies behind it when it hides a full disk or a file
+        size limit (EFBIG is a "disk I/O error" to SQLite)."""
+        code = getattr(err, "sqlite_errorcode", 0) & 0xFF
+        if code not in (sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR):
+            return str(err)
+        files = [self._path.with_name(self._path.name + s) for s in _SQLITE_SUFFIXES]
+        return diagnose_write_failure(files) or str(err)
 
     def _rollback(self) -> None:
         # On some errors (a full disk, I/O) SQLite has already rolled back by itself;

@@ -10,6 +10,7 @@ from typing import Any, TextIO
 
 import orjson
 
+from crawler.archive.fs import create_new
 from crawler.archive.state import State
 from crawler.config import Config
 from crawler.crawl.pipeline import RunSummary
@@ -38,11 +39,18 @@ def summary_dict(summary: RunSummary, exit_code: int) -> dict[str, Any]:
 
 
 def write_summary(out_dir: Path, summary: RunSummary, exit_code: int) -> None:
-    """Atomically replace the output dir's summary, for dashboards and cron wrappers."""
+    """Atomically replace the output dir's summary, for dashboards and cron wrappers.
+
+    The temporary file is created new (O_EXCL|O_NOFOLLOW): a symlink planted under
+    its name is refused, never written through; the rename replaces a symlink at
+    the summary's own name, not its target.
+    """
     target = out_dir / SUMMARY_FILE
     temp = target.with_suffix(".tmp")
+    data = orjson.dumps(summary_dict(summary, exit_code), option=orjson.OPT_INDENT_2) + b"\n"
     try:
-        temp.write_bytes(orjson.dumps(summary_dict(summary, exit_code), option=orjson.OPT_INDENT_2) + b"\n")
+        with create_new(temp) as out:
+            out.write(data)
         os.replace(temp, target)
     except OSError as exc:
         raise OutputError(f"{target}: cannot write the run summary: {exc.strerror or exc}") from None
