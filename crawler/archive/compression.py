@@ -10,6 +10,7 @@ import gzip
 import io
 import os
 import shutil
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, BinaryIO
@@ -20,6 +21,10 @@ from crawler.archive.fs import open_nofollow, write_atomic
 
 SUFFIXES = {"zstd": ".zst", "gzip": ".gz", "none": ""}
 _CHUNK = 1 << 20
+
+# What reading a damaged compressed file raises: zstd's own error, gzip's bad header,
+# CRC or length, zlib's bad stream, a cut file's early end.
+DECODE_ERRORS: tuple[type[Exception], ...] = (zstandard.ZstdError, gzip.BadGzipFile, zlib.error, EOFError)
 
 
 def compressed_name(name: str, codec: str) -> str:
@@ -42,14 +47,18 @@ def _packer(plain: BinaryIO, codec: str) -> Callable[[BinaryIO], None]:
 
 def _compressor(codec: str, raw: IO[bytes]) -> BinaryIO:
     if codec == "zstd":
-        return zstandard.ZstdCompressor(level=3).stream_writer(raw, closefd=False)
+        # The checksum lets a reader tell a damaged frame from data (zstd omits it by default).
+        return zstandard.ZstdCompressor(level=3, write_checksum=True).stream_writer(raw, closefd=False)
     if codec == "gzip":
         return gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=6)  # type: ignore[return-value]
     raise ValueError(f"unknown compression {codec!r}")
 
 
 def read_lines(path: Path) -> Iterator[bytes]:
-    """Every line of a segment, plain or compressed, each with its newline (if it has one)."""
+    """Every line of a segment, plain or compressed, each with its newline (if it has one).
+
+    A damaged compressed file raises one of DECODE_ERRORS part way.
+    """
     with open_segment(path) as stream:
         yield from stream
 

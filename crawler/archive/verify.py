@@ -13,6 +13,7 @@ from pathlib import Path
 from crawler.archive.reader import Line, loads, segment_lines
 from crawler.archive.segments import SEGMENT_SUFFIX
 from crawler.archive.state import SegmentRow, State
+from crawler.errors import StateError
 
 
 @dataclass(slots=True)
@@ -49,18 +50,23 @@ def _check_segment(out_dir: Path, segment: SegmentRow, seen: set[int], report: R
         report.problems.append(f"{segment.file}: missing")
         return
     count = size = 0
-    for line in segment_lines(out_dir, segment):
-        if not line.committed_in(segment) and not segment.closed:
-            # Past the commit of the active segment is only an uncommitted tail; in a
-            # closed one every line counts, so extra data shows as a count mismatch.
-            tail = f"an uncommitted tail past byte {segment.size} (cut by the next run)"
-            report.notes.append(f"{segment.file}: {tail}")
-            break
-        count += 1
-        size += len(line.data)
-        problem = _check_line(line, seen)
-        if problem:
-            report.problems.append(f"{segment.file}:{line.number}: {problem}")
+    try:
+        for line in segment_lines(out_dir, segment):
+            if not line.committed_in(segment) and not segment.closed:
+                # Past the commit of the active segment is only an uncommitted tail; in a
+                # closed one every line counts, so extra data shows as a count mismatch.
+                tail = f"an uncommitted tail past byte {segment.size} (cut by the next run)"
+                report.notes.append(f"{segment.file}: {tail}")
+                break
+            count += 1
+            size += len(line.data)
+            problem = _check_line(line, seen)
+            if problem:
+                report.problems.append(f"{segment.file}:{line.number}: {problem}")
+    except StateError as exc:  # a damaged compressed file: the counts below would only repeat it
+        report.problems.append(str(exc))
+        report.lines += count
+        return
     report.lines += count
     if count != segment.items:
         report.problems.append(f"{segment.file}: {count} lines, the state committed {segment.items}")
