@@ -3,7 +3,9 @@
 Order matters for exactly-once: lines are appended and fsynced first, then one
 state transaction records the ids, the segment's new length and the shard's
 next cursor. A crash between the two leaves an uncommitted tail that the next
-start cuts away, and the page is fetched again.
+start cuts away, and the page is fetched again. Before cutting anything, the
+start checks that the files and the state agree (`agreement`): a tail longer
+than one page is committed work of a lost or newer state, and is refused.
 
 A full segment is closed and a fresh one started; the closed one then goes
 through the closed-segment steps (`steps.py`: compression first), each recorded,
@@ -17,9 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from crawler.archive import agreement
 from crawler.archive.compression import SUFFIXES
 from crawler.archive.fs import remove_partials
-from crawler.archive.segments import SegmentWriter
+from crawler.archive.segments import MAX_APPEND_LINES, SegmentWriter
 from crawler.archive.state import Cursor, PageCommit, State
 from crawler.archive.steps import Compress, SegmentStep, finish_closed
 
@@ -51,6 +54,12 @@ class PageResult:
     done: bool
 
 
+def segment_full(output: ArchiveSpec, items: int, size: int) -> bool:
+    """Whether a segment holding `items` images in `size` bytes is due to be closed."""
+    by_items = output.segment_items > 0 and items >= output.segment_items
+    return by_items or (output.segment_mb > 0 and size >= output.segment_mb * 2**20)
+
+
 def closed_segment_steps(output: ArchiveSpec) -> tuple[SegmentStep, ...]:
     """What is done to each closed segment, in order; a new step is appended here."""
     return (Compress(output.compress),)
@@ -63,7 +72,8 @@ class Checkpointer:
         self._state = state
         self._output = output
         self._steps = tuple(closed_segment_steps(output) if steps is None else steps)
-        self._writer = SegmentWriter(output.dir, state.segments())
+        agreement.check(output.dir, state.segments())  # before anything is cut or removed
+        self._writer = SegmentWriter(output.dir, state.segments(), state.register_segment)
         self._finish_closed_segments()
 
     def commit(
@@ -74,6 +84,8 @@ class Checkpointer:
         next_cursor: Cursor | None,
         stop_when_known: bool = False,
     ) -> PageResult:
+        if len(page.lines) > MAX_APPEND_LINES:  # the walker refuses such pages first
+            raise ValueError(f"a page of {len(page.lines)} lines; the archive takes {MAX_APPEND_LINES}")
         fresh, fresh_ids = self._unseen(page)
         if stop_when_known and page.ids and not fresh:
             next_cursor = None  # an incremental walk has reached what it already holds
@@ -93,9 +105,7 @@ class Checkpointer:
         return PageResult(new_items=len(fresh), done=next_cursor is None)
 
     def _segment_full(self) -> bool:
-        limit_items, limit_mb = self._output.segment_items, self._output.segment_mb
-        by_items = limit_items > 0 and self._writer.items >= limit_items
-        return by_items or (limit_mb > 0 and self._writer.size >= limit_mb * 2**20)
+        return segment_full(self._output, self._writer.items, self._writer.size)
 
     def _rotate(self) -> None:
         closing = self._writer.name

@@ -89,9 +89,12 @@ def _connect(out_dir: Path, path: Path) -> sqlite3.Connection:
         raise StateError(f"{path}: cannot open harvest state: {exc}") from None
     try:
         conn.execute("PRAGMA journal_mode=WAL")
-        # NORMAL in WAL mode may lose the last commit on power loss, never
-        # consistency; a lost commit only means that page is fetched again.
-        conn.execute("PRAGMA synchronous=NORMAL")
+        # FULL: a commit is on disk before the next page is appended, even across a
+        # power cut (NORMAL would only sync the WAL at checkpoints, so a power cut
+        # could take back many commits whose lines were fsynced). The segments hold
+        # at most one page past the state's commit, which is what tells a crash from
+        # a lost or older state (`agreement`).
+        conn.execute("PRAGMA synchronous=FULL")
     except sqlite3.Error as exc:
         conn.close()
         raise StateError(f"{path}: cannot open harvest state: {exc}") from None
@@ -304,9 +307,25 @@ class State:
             raise StateError(f"{self.path}: unknown segment {name}")
         return _segment_row(row)
 
+    def register_segment(self, name: str) -> None:
+        """Name a new, empty segment before its file is created: a segment file the state
+        does not name is then never the harvest's own work in progress (`agreement`)."""
+        with self._transaction():
+            self._conn.execute("INSERT OR IGNORE INTO segments (name, size, items) VALUES (?, 0, 0)", (name,))
+
     def close_segment(self, name: str) -> None:
         with self._transaction():
             self._conn.execute("UPDATE segments SET closed=1 WHERE name=?", (name,))
+
+    def adopt_segment(self, segment: SegmentRow, ids: Iterable[int]) -> None:
+        """Record a segment found on disk and the ids it holds (`harvest repair`), in one
+        transaction. An id already recorded is a StateError: the archive holds it twice."""
+        with self._transaction():
+            self._conn.execute(
+                "INSERT INTO segments (name, size, items, closed, file) VALUES (?, ?, ?, ?, ?)",
+                (segment.name, segment.size, segment.items, int(segment.closed), segment.file),
+            )
+            self._conn.executemany("INSERT INTO seen (id) VALUES (?)", ((i,) for i in ids))
 
     def set_segment_file(self, name: str, file: str) -> None:
         with self._transaction():

@@ -10,6 +10,7 @@ from typing import Any, TextIO
 
 import orjson
 
+from crawler.archive import agreement
 from crawler.archive.fs import create_new
 from crawler.archive.state import State
 from crawler.config import Config
@@ -86,8 +87,21 @@ def print_status(state: State, config: Config, out: TextIO = sys.stdout) -> None
     segments = state.segments()
     pass_no = state.get_meta("pass") or "0"
     open_ = "in progress" if state.get_meta("pass_open") == "1" else "complete"
+    for line in _missing_segments(state, config):
+        print(line, file=out)
     print(
         f"{state.seen_count()} images in {len(segments)} file(s) under {config.output.dir}; "
         f"pass {pass_no} {open_}",
         file=out,
     )
+
+
+def _missing_segments(state: State, config: Config) -> list[str]:
+    """Segments whose file is gone. Asked twice: a run may compress a segment (and remove its
+    plain file) between reading the state and looking at the files; then the second asking,
+    with the state read again, finds the compressed file."""
+    found = agreement.missing(config.output.dir, state.segments())
+    if found:
+        found = agreement.missing(config.output.dir, state.segments())
+    hint = f"to rebuild the state from the files: harvest repair {config.path}"
+    return found + ([hint] if found else [])

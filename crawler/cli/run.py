@@ -27,7 +27,7 @@ from crawler.cli.report import write_summary
 from crawler.config import Config
 from crawler.crawl.pipeline import RunSummary, run_harvest
 from crawler.crawl.watch import Progress
-from crawler.errors import ExitCode, HarvestError, OutputError
+from crawler.errors import DisagreementError, ExitCode, HarvestError, OutputError
 
 log = logging.getLogger("harvest")
 
@@ -71,6 +71,9 @@ def _harvest(config: Config, key: str | None, progress: Progress, last: _LastRun
         signum = _run_interruptibly(
             lambda: run_harvest(config, state, key, progress, summary=last.summary), last.write
         )
+    except DisagreementError as exc:
+        hint = f"to rebuild the state from the files: harvest repair {config.path}"
+        raise DisagreementError(f"{exc}; {hint}") from None
     finally:
         state.close()
     if signum is not None:
