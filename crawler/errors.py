@@ -58,6 +58,11 @@ class StateError(HarvestError):
     exit_code = ExitCode.ERROR
 
 
+class DisagreementError(StateError):
+    """The segment files are not what the state says they hold (a lost or older state, a
+    file deleted or cut outside the harvest); `harvest repair` rebuilds the state from them."""
+
+
 class OutputError(HarvestError):
     """Writing the harvest failed (disk full, permissions)."""
 

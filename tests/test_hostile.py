@@ -252,7 +252,8 @@ def test_planted_symlinks_are_never_followed(tmp_path: Path, api: FakeServer, na
     result = harvest("run", config(tmp_path, api.base_url))
     assert victim.read_bytes() == b"precious"
     assert result.code == 1, result.stderr
-    assert "symlink" in result.stderr and name in result.stderr
+    said = result.stderr.replace(str(tmp_path), "<tmp>")  # the tmp dir's own name holds "symlink"
+    assert "symlink" in said and name in said
     no_traceback(result.stderr)
 
 

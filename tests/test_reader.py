@@ -107,3 +107,19 @@ def test_parse_reads_what_the_writer_wrote_without_orjson(tmp_path: Path) -> Non
 def test_parse_refuses_json_that_is_not_an_object() -> None:
     with pytest.raises(StateError, match="s:4: not a JSON object"):
         parse(Line("s", 4, 0, orjson.dumps([1, 2]) + b"\n"))
+
+
+@pytest.mark.parametrize(("codec", "checksum_at"), [("zstd", -1), ("gzip", -8)])
+def test_a_damaged_compressed_segment_is_a_state_error_naming_it(
+    tmp_path: Path, codec: str, checksum_at: int
+) -> None:
+    """Every byte decodes but the checksum at the end fails (zstd frames carry one since this fix)."""
+    with _archive(tmp_path, codec) as state:
+        packed = tmp_path / state.segments()[0].file
+        data = bytearray(packed.read_bytes())
+        data[checksum_at] ^= 0xFF
+        packed.write_bytes(bytes(data))
+        with pytest.raises(StateError, match=rf"{packed.name}: cannot be read after line \d"):
+            list(committed_lines(tmp_path, state))
+        report = verify(tmp_path, state)
+        assert report.problems[0].startswith(f"{packed}: cannot be read after line ")

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from crawler.archive import schema
 from crawler.archive.state import STATE_FILE, PageCommit, ShardStatus, State
-from crawler.errors import StateError
+from crawler.errors import OutputError, StateError
 
 # The tables exactly as the code before versioning made them (user_version left at 0,
 # meta schema "1"): a frozen copy, so the test keeps meaning what it says.
@@ -217,3 +219,42 @@ def test_version_1_gains_the_later_tables_and_keeps_the_rest(tmp_path: Path) -> 
     assert set(after) == set(before) | {"segment_steps", "walks", "end_ids", "shard_levels"}
     assert {t: after[t] for t in before} == before
     assert user_version(path) == schema.LATEST == 3
+
+
+@pytest.mark.parametrize("suffix", ["", "-wal", "-shm"])
+def test_a_symlink_planted_as_the_state_or_its_log_is_refused(tmp_path: Path, suffix: str) -> None:
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / (STATE_FILE + suffix)).symlink_to(victim)
+    with pytest.raises(OutputError, match=rf"{STATE_FILE}{suffix}: is a symlink"):
+        State.open(out)
+    assert victim.read_bytes() == b"precious"
+
+
+# A commit that runs into the file size limit (`ulimit -f`, EFBIG), in a process of its own:
+# SQLite only says "disk I/O error"; the error must say what is wrong, and where.
+_FILE_SIZE_LIMIT = """
+import resource, sys
+from pathlib import Path
+from crawler.archive.state import PageCommit, State
+from crawler.errors import StateError
+state = State.open(Path(sys.argv[1]))
+state.begin_pass([("k", "q")])
+resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, resource.RLIM_INFINITY))
+try:
+    state.commit_page(PageCommit("k", "images-000001.ndjson", 10, list(range(100_000)), "c", None))
+except StateError as exc:
+    print(exc)
+"""
+
+
+def test_a_commit_past_the_file_size_limit_says_so(tmp_path: Path) -> None:
+    found = subprocess.run(
+        [sys.executable, "-c", _FILE_SIZE_LIMIT, str(tmp_path)], capture_output=True, text=True, timeout=60
+    )
+    assert found.returncode == 0, found.stderr
+    said = found.stdout.strip()
+    assert said.startswith(f"{tmp_path / STATE_FILE}: ") and "file too large" in said, said
+    assert "200000 bytes" in said and "disk I/O error" not in said

@@ -3,7 +3,9 @@
 Order matters for exactly-once: lines are appended and fsynced first, then one
 state transaction records the ids, the segment's new length and the shard's
 next cursor. A crash between the two leaves an uncommitted tail that the next
-start cuts away, and the page is fetched again.
+start cuts away, and the page is fetched again. Before cutting anything, the
+start checks that the files and the state agree (`agreement`): a tail longer
+than one page is committed work of a lost or newer state, and is refused.
 
 A full segment is closed and a fresh one started; the closed one then goes
 through the closed-segment steps (`steps.py`: compression first), each recorded,
@@ -17,8 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from crawler.archive import agreement
+from crawler.archive.compression import SUFFIXES
 from crawler.archive.fs import remove_partials
-from crawler.archive.segments import SegmentWriter
+from crawler.archive.segments import MAX_APPEND_LINES, SegmentWriter
 from crawler.archive.state import Cursor, PageCommit, State
 from crawler.archive.steps import Compress, SegmentStep, finish_closed
 
@@ -62,6 +66,12 @@ class PageResult:
     met: bool = False  # the page reached what the other end of the walk had walked
 
 
+def segment_full(output: ArchiveSpec, items: int, size: int) -> bool:
+    """Whether a segment holding `items` images in `size` bytes is due to be closed."""
+    by_items = output.segment_items > 0 and items >= output.segment_items
+    return by_items or (output.segment_mb > 0 and size >= output.segment_mb * 2**20)
+
+
 def closed_segment_steps(output: ArchiveSpec) -> tuple[SegmentStep, ...]:
     """What is done to each closed segment, in order; a new step is appended here."""
     return (Compress(output.compress),)
@@ -74,7 +84,8 @@ class Checkpointer:
         self._state = state
         self._output = output
         self._steps = tuple(closed_segment_steps(output) if steps is None else steps)
-        self._writer = SegmentWriter(output.dir, state.segments())
+        agreement.check(output.dir, state.segments())  # before anything is cut or removed
+        self._writer = SegmentWriter(output.dir, state.segments(), state.register_segment)
         self._finish_closed_segments()
 
     def commit(
@@ -85,6 +96,8 @@ class Checkpointer:
         next_cursor: Cursor | None,
         walk: WalkNote = WalkNote(),
     ) -> PageResult:
+        if len(page.lines) > MAX_APPEND_LINES:  # the walker refuses such pages first
+            raise ValueError(f"a page of {len(page.lines)} lines; the archive takes {MAX_APPEND_LINES}")
         fresh, fresh_ids = self._unseen(page)
         if walk.stop_when_known and page.ids and not fresh:
             next_cursor = None  # an incremental walk has reached what it already holds
@@ -112,9 +125,7 @@ class Checkpointer:
         return PageResult(new_items=len(fresh), done=next_cursor is None, met=met)
 
     def _segment_full(self) -> bool:
-        limit_items, limit_mb = self._output.segment_items, self._output.segment_mb
-        by_items = limit_items > 0 and self._writer.items >= limit_items
-        return by_items or (limit_mb > 0 and self._writer.size >= limit_mb * 2**20)
+        return segment_full(self._output, self._writer.items, self._writer.size)
 
     def _rotate(self) -> None:
         closing = self._writer.name
@@ -124,8 +135,9 @@ class Checkpointer:
 
     def _finish_closed_segments(self) -> None:
         """Complete what a crash interrupted: partial files, closed segments' unrecorded steps."""
-        remove_partials(self._output.dir)
         closed = [s for s in self._state.segments() if s.closed]
+        # Only the partial files of our own segments: a `.part` of anything else is not ours.
+        remove_partials(self._output.dir, (s.name + suffix for s in closed for suffix in SUFFIXES.values()))
         finish_closed(closed, self._output.dir, self._state, self._steps)
 
     def _unseen(self, page: Lines) -> tuple[list[bytes], list[int]]:

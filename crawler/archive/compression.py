@@ -8,17 +8,23 @@ from __future__ import annotations
 
 import gzip
 import io
+import os
 import shutil
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, BinaryIO
 
 import zstandard
 
-from crawler.archive.fs import write_atomic
+from crawler.archive.fs import open_nofollow, write_atomic
 
 SUFFIXES = {"zstd": ".zst", "gzip": ".gz", "none": ""}
 _CHUNK = 1 << 20
+
+# What reading a damaged compressed file raises: zstd's own error, gzip's bad header,
+# CRC or length, zlib's bad stream, a cut file's early end.
+DECODE_ERRORS: tuple[type[Exception], ...] = (zstandard.ZstdError, gzip.BadGzipFile, zlib.error, EOFError)
 
 
 def compressed_name(name: str, codec: str) -> str:
@@ -27,7 +33,7 @@ def compressed_name(name: str, codec: str) -> str:
 
 def compress(src: Path, codec: str) -> Path:
     """Write `src` compressed next to it, durably; return the new file. `src` is kept."""
-    with src.open("rb") as plain:
+    with open_segment(src) as plain:
         return write_atomic(src.with_name(compressed_name(src.name, codec)), _packer(plain, codec))
 
 
@@ -41,23 +47,44 @@ def _packer(plain: BinaryIO, codec: str) -> Callable[[BinaryIO], None]:
 
 def _compressor(codec: str, raw: IO[bytes]) -> BinaryIO:
     if codec == "zstd":
-        return zstandard.ZstdCompressor(level=3).stream_writer(raw, closefd=False)
+        # The checksum lets a reader tell a damaged frame from data (zstd omits it by default).
+        return zstandard.ZstdCompressor(level=3, write_checksum=True).stream_writer(raw, closefd=False)
     if codec == "gzip":
         return gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=6)  # type: ignore[return-value]
     raise ValueError(f"unknown compression {codec!r}")
 
 
 def read_lines(path: Path) -> Iterator[bytes]:
-    """Every line of a segment, plain or compressed, each with its newline (if it has one)."""
+    """Every line of a segment, plain or compressed, each with its newline (if it has one).
+
+    A damaged compressed file raises one of DECODE_ERRORS part way.
+    """
     with open_segment(path) as stream:
         yield from stream
 
 
 def open_segment(path: Path) -> BinaryIO:
-    """A segment file for reading its uncompressed bytes, whatever its codec (told by its suffix)."""
+    """A segment file for reading its uncompressed bytes, whatever its codec (told by its suffix).
+
+    Never through a symlink (an OutputError): what is read may be adopted into the archive.
+    """
+    raw = os.fdopen(open_nofollow(path, os.O_RDONLY), "rb")
     if path.name.endswith(".zst"):
-        reader = zstandard.ZstdDecompressor().stream_reader(path.open("rb"), closefd=True)
-        return io.BufferedReader(reader)
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True))
     if path.name.endswith(".gz"):
-        return gzip.open(path, "rb")  # type: ignore[return-value]
-    return path.open("rb")
+        return _GzipReader(raw)  # type: ignore[return-value]
+    return raw
+
+
+class _GzipReader(gzip.GzipFile):
+    """A gzip stream over an open file that, unlike `GzipFile(fileobj=...)`, closes it too."""
+
+    def __init__(self, raw: BinaryIO) -> None:
+        super().__init__(fileobj=raw, mode="rb")
+        self._raw = raw
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            self._raw.close()

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from crawler import exactjson
-from crawler.archive.compression import open_segment
+from crawler.archive.compression import DECODE_ERRORS, open_segment
 from crawler.archive.state import SegmentRow, State
 from crawler.errors import StateError
 
@@ -35,17 +35,35 @@ class Line:
 
 
 def segment_lines(out_dir: Path, segment: SegmentRow) -> Iterator[Line]:
-    """Every line of one segment's file, committed or not, in order: for checking it."""
+    """Every line of one segment's file, committed or not, in order: for checking it.
+
+    A file that cannot be read to its end (a damaged compressed file) is a
+    StateError naming it and the line where reading stopped.
+    """
     path = out_dir / segment.file
     try:
         stream = open_segment(path)
     except FileNotFoundError:
+        if not segment.closed and segment.size == 0:
+            return  # named by the state, never written to: its file is made by the first append
         raise StateError(f"{path}: missing, but the state holds {segment.items} lines in it") from None
-    offset = 0
+    offset = number = 0
     with stream:
-        for number, data in enumerate(stream, 1):
-            yield Line(segment.name, number, offset, data)
-            offset += len(data)
+        try:
+            for number, data in enumerate(stream, 1):
+                yield Line(segment.name, number, offset, data)
+                offset += len(data)
+        except _READ_ERRORS as exc:
+            raise StateError(f"{path}: cannot be read after line {number}: {_reason(exc)}") from None
+
+
+_READ_ERRORS: tuple[type[Exception], ...] = (*DECODE_ERRORS, OSError)
+
+
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
 
 
 def committed_lines(out_dir: Path, state: State) -> Iterator[Line]:

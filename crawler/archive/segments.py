@@ -2,55 +2,78 @@
 
 Lines are appended and fsynced *before* the state commit that covers them, so the
 state never points past data on disk; on open, anything past the committed
-length (a torn line, a page whose commit never happened) is cut away.
+length (a torn line, a page whose commit never happened) is cut away, once
+`agreement.check` has made sure that is all it is.
+
+A new segment's file is created only when its first lines are appended, and only
+after the state has named the segment (`register`): a segment file the state does
+not name is never the harvest's own work in progress.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+import re
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from crawler.archive.fs import describe, fsync_dir
+from crawler.archive.fs import describe, fsync_dir, open_nofollow
 from crawler.archive.state import SegmentRow
-from crawler.errors import OutputError, StateError
+from crawler.errors import DisagreementError, OutputError
 
 SEGMENT_SUFFIX = ".ndjson"
+# Any segment file, plain or compressed, spelled exactly as `segment_name` spells its number.
+SEGMENT_FILE = re.compile(r"images-(\d{6}|[1-9]\d{6,})\.ndjson(\.zst|\.gz)?")
+
+# The most lines one append may hold: a page, and the API serves at most 200 items
+# a page (its largest `limit`). The walker refuses larger pages; `append` too. With
+# one append between commits this bounds what may lie past the commit point.
+MAX_APPEND_LINES = 200
 
 
 def segment_name(number: int) -> str:
     return f"images-{number:06d}{SEGMENT_SUFFIX}"
 
 
+def segment_number(name: str) -> int:
+    return int(name.removeprefix("images-").split(".", 1)[0])
+
+
 class SegmentWriter:
     """Appends lines to the active segment of one output dir."""
 
-    def __init__(self, out_dir: Path, committed: Sequence[SegmentRow]) -> None:
+    def __init__(
+        self, out_dir: Path, committed: Sequence[SegmentRow], register: Callable[[str], None]
+    ) -> None:
         self._dir = out_dir
+        self._register = register
+        self._fd: int | None = None
         last = committed[-1] if committed else None
         if last is not None and not last.closed:
             self.name, self.size, self.items = last.name, last.size, last.items
+            self._fd = self._open_at_commit()
         else:
-            self.name, self.size, self.items = segment_name(len(committed) + 1), 0, 0
-        self._fd = self._open_at_commit()
+            self._next(segment_number(last.name) + 1 if last else 1)
 
     def rotate(self) -> None:
         """Start the next segment; the current one is complete."""
-        os.close(self._fd)
-        number = int(self.name.removeprefix("images-").removesuffix(SEGMENT_SUFFIX))
-        self.name, self.size, self.items = segment_name(number + 1), 0, 0
-        self._fd = self._open_at_commit()
+        self._close_fd()
+        self._next(segment_number(self.name) + 1)
+
+    def _next(self, number: int) -> None:
+        """Make segment `number` the one appended to; its file is made by the first append."""
+        self.name, self.size, self.items = segment_name(number), 0, 0
 
     def _open_at_commit(self) -> int:
-        path = self._dir / self.name
+        path = self.path
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+            fd = open_nofollow(path, os.O_WRONLY | os.O_CREAT)
             on_disk = os.fstat(fd).st_size
         except OSError as exc:
             raise OutputError(f"{path}: cannot open for writing: {exc.strerror}") from None
         if on_disk < self.size:
             os.close(fd)
-            raise StateError(
+            raise DisagreementError(
                 f"{path}: holds {on_disk} bytes but the state committed {self.size}: "
                 "the file was truncated or replaced outside the harvest"
             )
@@ -71,25 +94,35 @@ class SegmentWriter:
 
     def append(self, data: bytes, lines: int) -> int:
         """Write and fsync `data`, holding `lines` lines; return the segment's new size."""
+        if lines > MAX_APPEND_LINES:
+            raise ValueError(f"{lines} lines in one append; at most {MAX_APPEND_LINES}")
+        if self._fd is None:
+            self._register(self.name)
+            self._fd = self._open_at_commit()
         try:
             view = memoryview(data)
             while view:
                 view = view[os.write(self._fd, view) :]
             os.fsync(self._fd)
         except OSError as exc:
-            self._rewind()
+            self._rewind(self._fd)
             raise OutputError(f"{self.path}: write failed: {describe(exc)}") from None
         self.size += len(data)
         self.items += lines
         return self.size
 
-    def _rewind(self) -> None:
+    def _rewind(self, fd: int) -> None:
         """Drop a partial write so later appends never follow garbage."""
         try:
-            os.ftruncate(self._fd, self.size)
-            os.lseek(self._fd, self.size, os.SEEK_SET)
+            os.ftruncate(fd, self.size)
+            os.lseek(fd, self.size, os.SEEK_SET)
         except OSError:
             pass  # the next start cuts the tail anyway
 
     def close(self) -> None:
-        os.close(self._fd)
+        self._close_fd()
+
+    def _close_fd(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None

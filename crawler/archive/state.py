@@ -18,6 +18,7 @@ from typing import Self
 import orjson
 
 from crawler.archive import schema
+from crawler.archive.fs import diagnose_write_failure, refuse_symlink
 from crawler.errors import StateError
 
 STATE_FILE = "harvest.sqlite"
@@ -84,18 +85,27 @@ class PageCommit:
     met: str | None = None  # the other end's shard, when this page reached what it walked
 
 
+# The files SQLite opens for a state: it follows symlinks, so each is checked first.
+_SQLITE_SUFFIXES = ("", "-wal", "-shm", "-journal")
+
+
 def _connect(out_dir: Path, path: Path) -> sqlite3.Connection:
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
+        for suffix in _SQLITE_SUFFIXES:
+            refuse_symlink(path.with_name(path.name + suffix))
         # isolation_level=None: we issue BEGIN/COMMIT ourselves, one per page.
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     except (OSError, sqlite3.Error) as exc:
         raise StateError(f"{path}: cannot open harvest state: {exc}") from None
     try:
         conn.execute("PRAGMA journal_mode=WAL")
-        # NORMAL in WAL mode may lose the last commit on power loss, never
-        # consistency; a lost commit only means that page is fetched again.
-        conn.execute("PRAGMA synchronous=NORMAL")
+        # FULL: a commit is on disk before the next page is appended, even across a
+        # power cut (NORMAL would only sync the WAL at checkpoints, so a power cut
+        # could take back many commits whose lines were fsynced). The segments hold
+        # at most one page past the state's commit, which is what tells a crash from
+        # a lost or older state (`agreement`).
+        conn.execute("PRAGMA synchronous=FULL")
     except sqlite3.Error as exc:
         conn.close()
         raise StateError(f"{path}: cannot open harvest state: {exc}") from None
@@ -366,9 +376,25 @@ class State:
             raise StateError(f"{self.path}: unknown segment {name}")
         return _segment_row(row)
 
+    def register_segment(self, name: str) -> None:
+        """Name a new, empty segment before its file is created: a segment file the state
+        does not name is then never the harvest's own work in progress (`agreement`)."""
+        with self._transaction():
+            self._conn.execute("INSERT OR IGNORE INTO segments (name, size, items) VALUES (?, 0, 0)", (name,))
+
     def close_segment(self, name: str) -> None:
         with self._transaction():
             self._conn.execute("UPDATE segments SET closed=1 WHERE name=?", (name,))
+
+    def adopt_segment(self, segment: SegmentRow, ids: Iterable[int]) -> None:
+        """Record a segment found on disk and the ids it holds (`harvest repair`), in one
+        transaction. An id already recorded is a StateError: the archive holds it twice."""
+        with self._transaction():
+            self._conn.execute(
+                "INSERT INTO segments (name, size, items, closed, file) VALUES (?, ?, ?, ?, ?)",
+                (segment.name, segment.size, segment.items, int(segment.closed), segment.file),
+            )
+            self._conn.executemany("INSERT INTO seen (id) VALUES (?)", ((i,) for i in ids))
 
     def set_segment_file(self, name: str, file: str) -> None:
         with self._transaction():
@@ -406,13 +432,22 @@ class _Transaction:
         if exc is not None:
             self._rollback()
             if isinstance(exc, sqlite3.Error):
-                raise StateError(f"{self._path}: {exc}") from None
+                raise StateError(f"{self._path}: {self._explain(exc)}") from None
             return
         try:
             self._conn.execute("COMMIT")
         except sqlite3.Error as err:
             self._rollback()
-            raise StateError(f"{self._path}: commit failed: {err}") from None
+            raise StateError(f"{self._path}: commit failed: {self._explain(err)}") from None
+
+    def _explain(self, err: sqlite3.Error) -> str:
+        """SQLite's message, or what lies behind it when it hides a full disk or a file
+        size limit (EFBIG is a "disk I/O error" to SQLite)."""
+        code = getattr(err, "sqlite_errorcode", 0) & 0xFF
+        if code not in (sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR):
+            return str(err)
+        files = [self._path.with_name(self._path.name + s) for s in _SQLITE_SUFFIXES]
+        return diagnose_write_failure(files) or str(err)
 
     def _rollback(self) -> None:
         # On some errors (a full disk, I/O) SQLite has already rolled back by itself;

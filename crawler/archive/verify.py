@@ -2,7 +2,12 @@
 
 Every line of every segment must parse as an image with an id, no id may appear
 twice, each segment must hold the lines and bytes the state committed, and the
-total must equal the ids the state has seen.
+total must equal the ids the state has seen. The files must also agree with the
+state the way a run requires before it cuts anything (`agreement`): no segment
+missing, none the state does not know, no more than one page past a commit.
+
+Run it while no harvest runs on the dir (the CLI holds the output lock): a run's
+page in flight would look like a problem.
 """
 
 from __future__ import annotations
@@ -10,9 +15,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from crawler.archive import agreement
 from crawler.archive.reader import Line, loads, segment_lines
-from crawler.archive.segments import SEGMENT_SUFFIX
 from crawler.archive.state import SegmentRow, State
+from crawler.errors import StateError
 
 
 @dataclass(slots=True)
@@ -31,36 +37,37 @@ def verify(out_dir: Path, state: State) -> Report:
     report = Report()
     seen: set[int] = set()
     segments = state.segments()
+    report.problems += agreement.disagreements(out_dir, segments)
+    on_disk = agreement.segment_entries(out_dir)
     for segment in segments:
         report.segments += 1
-        _check_segment(out_dir, segment, seen, report)
+        if segment.file in on_disk:  # a missing one is among the disagreements
+            _check_segment(out_dir, segment, seen, report)
     expected = state.seen_count()
     if len(seen) != expected:
         report.problems.append(f"the files hold {len(seen)} distinct ids, the state {expected}")
-    known = {s.file for s in segments} | {s.name for s in segments if not s.closed}
-    for stray in sorted(out_dir.glob(f"*{SEGMENT_SUFFIX}*")):
-        if stray.name not in known:
-            report.notes.append(f"{stray.name}: not in the state (left by an interrupted run?)")
     return report
 
 
 def _check_segment(out_dir: Path, segment: SegmentRow, seen: set[int], report: Report) -> None:
-    if not (out_dir / segment.file).exists():
-        report.problems.append(f"{segment.file}: missing")
-        return
     count = size = 0
-    for line in segment_lines(out_dir, segment):
-        if not line.committed_in(segment) and not segment.closed:
-            # Past the commit of the active segment is only an uncommitted tail; in a
-            # closed one every line counts, so extra data shows as a count mismatch.
-            tail = f"an uncommitted tail past byte {segment.size} (cut by the next run)"
-            report.notes.append(f"{segment.file}: {tail}")
-            break
-        count += 1
-        size += len(line.data)
-        problem = _check_line(line, seen)
-        if problem:
-            report.problems.append(f"{segment.file}:{line.number}: {problem}")
+    try:
+        for line in segment_lines(out_dir, segment):
+            if not line.committed_in(segment) and not segment.closed:
+                # Past the commit of the active segment is only an uncommitted tail; in a
+                # closed one every line counts, so extra data shows as a count mismatch.
+                tail = f"an uncommitted tail past byte {segment.size} (cut by the next run)"
+                report.notes.append(f"{segment.file}: {tail}")
+                break
+            count += 1
+            size += len(line.data)
+            problem = _check_line(line, seen)
+            if problem:
+                report.problems.append(f"{segment.file}:{line.number}: {problem}")
+    except StateError as exc:  # a damaged compressed file: the counts below would only repeat it
+        report.problems.append(str(exc))
+        report.lines += count
+        return
     report.lines += count
     if count != segment.items:
         report.problems.append(f"{segment.file}: {count} lines, the state committed {segment.items}")

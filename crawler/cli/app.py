@@ -1,6 +1,6 @@
 """`harvest`: the parser and `main`. Turns every HarvestError into one line and an exit status.
 
-Each subcommand lives in a module of its own (`run`, `status`, `verify`, `demo`);
+Each subcommand lives in a module of its own (`run`, `status`, `verify`, `repair`, `demo`);
 this module parses the command line, sets up logging from it and dispatches.
 """
 
@@ -17,6 +17,7 @@ from pathlib import Path
 from crawler import __version__
 from crawler.cli import logs
 from crawler.cli.logs import DEFAULT_PROGRESS_EVERY, LOG_FORMATS, LogOptions, StderrHandler
+from crawler.cli.repair import cmd_repair
 from crawler.cli.run import cmd_run
 from crawler.cli.status import cmd_status
 from crawler.cli.verify import cmd_verify
@@ -112,6 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
         "verify", parents=[common], help="check the output against the state (exit 0 when sound)"
     )
     check.add_argument("config", type=Path, help="TOML config file")
+    mend = sub.add_parser(
+        "repair",
+        parents=[common],
+        help="rebuild the state from the segment files, when a run says they disagree",
+    )
+    mend.add_argument("config", type=Path, help="TOML config file")
     demo = sub.add_parser(
         "demo", parents=[running], help="harvest a sample from the bundled fake API on loopback"
     )
@@ -196,6 +203,8 @@ def _dispatch(args: argparse.Namespace, watcher: Callable[[], Progress]) -> int:
         return cmd_run(config, api_key(os.environ), watcher())
     if args.command == "status":
         return cmd_status(config)
+    if args.command == "repair":
+        return cmd_repair(config)
     return cmd_verify(config)
 
 

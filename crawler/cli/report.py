@@ -10,6 +10,8 @@ from typing import Any, TextIO
 
 import orjson
 
+from crawler.archive import agreement
+from crawler.archive.fs import create_new
 from crawler.archive.state import ShardStatus, State
 from crawler.config import Config
 from crawler.crawl.pipeline import RunSummary
@@ -45,11 +47,18 @@ def _levels(counts: dict[int, int]) -> dict[str, int]:
 
 
 def write_summary(out_dir: Path, summary: RunSummary, exit_code: int) -> None:
-    """Atomically replace the output dir's summary, for dashboards and cron wrappers."""
+    """Atomically replace the output dir's summary, for dashboards and cron wrappers.
+
+    The temporary file is created new (O_EXCL|O_NOFOLLOW): a symlink planted under
+    its name is refused, never written through; the rename replaces a symlink at
+    the summary's own name, not its target.
+    """
     target = out_dir / SUMMARY_FILE
     temp = target.with_suffix(".tmp")
+    data = orjson.dumps(summary_dict(summary, exit_code), option=orjson.OPT_INDENT_2) + b"\n"
     try:
-        temp.write_bytes(orjson.dumps(summary_dict(summary, exit_code), option=orjson.OPT_INDENT_2) + b"\n")
+        with create_new(temp) as out:
+            out.write(data)
         os.replace(temp, target)
     except OSError as exc:
         raise OutputError(f"{target}: cannot write the run summary: {exc.strerror or exc}") from None
@@ -96,8 +105,21 @@ def print_status(state: State, config: Config, out: TextIO = sys.stdout) -> None
     segments = state.segments()
     pass_no = state.get_meta("pass") or "0"
     open_ = "in progress" if state.get_meta("pass_open") == "1" else "complete"
+    for line in _missing_segments(state, config):
+        print(line, file=out)
     print(
         f"{state.seen_count()} images in {len(segments)} file(s) under {config.output.dir}; "
         f"pass {pass_no} {open_}",
         file=out,
     )
+
+
+def _missing_segments(state: State, config: Config) -> list[str]:
+    """Segments whose file is gone. Asked twice: a run may compress a segment (and remove its
+    plain file) between reading the state and looking at the files; then the second asking,
+    with the state read again, finds the compressed file."""
+    found = agreement.missing(config.output.dir, state.segments())
+    if found:
+        found = agreement.missing(config.output.dir, state.segments())
+    hint = f"to rebuild the state from the files: harvest repair {config.path}"
+    return found + ([hint] if found else [])

@@ -8,26 +8,23 @@ exits at once. A `kill -9` is the one exception: nothing runs after it.
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import logging
-import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
 
 from crawler.archive.lock import OutputLock
 from crawler.archive.state import State
 from crawler.cli import logs
+from crawler.cli.interrupts import Interrupted, Interrupts
 from crawler.cli.report import write_summary
 from crawler.config import Config
 from crawler.crawl.pipeline import RunSummary, run_harvest
 from crawler.crawl.watch import Progress
-from crawler.errors import ExitCode, HarvestError, OutputError
+from crawler.errors import DisagreementError, ExitCode, HarvestError, OutputError
 
 log = logging.getLogger("harvest")
 
@@ -36,41 +33,57 @@ _FINISHED = (ExitCode.OK, ExitCode.SHARDS_FAILED)
 
 
 def cmd_run(config: Config, key: str | None, progress: Progress) -> int:
-    _tune_gc()
-    lock = OutputLock(config.output.dir)  # exit 4 here: the dir, and its last-run.json, are another run's
     last = _LastRun(config.output.dir, RunSummary())
+    interrupts = Interrupts(last.write)  # first: a signal at any instant from here is one line
     try:
-        return _run_locked(config, key, progress, last)
+        _tune_gc()
+        lock = OutputLock(config.output.dir)  # exit 4 here: the dir, and its last-run.json, are another run's
+        last.closed = False
+        try:
+            return _run_locked(config, key, progress, last, interrupts)
+        finally:
+            last.closed = True  # a signal from here on exits without writing: the dir is no longer ours
+            lock.release()
+    except Interrupted as stop:
+        return _interrupted(config, 128 + stop.signum)
     finally:
-        last.closed = True  # a signal from here on exits without writing: the dir is no longer ours
-        lock.release()
+        interrupts.finish()
 
 
-def _run_locked(config: Config, key: str | None, progress: Progress, last: _LastRun) -> int:
+def _run_locked(
+    config: Config, key: str | None, progress: Progress, last: _LastRun, interrupts: Interrupts
+) -> int:
     try:
-        code = _harvest(config, key, progress, last)
+        code = _harvest(config, key, progress, last, interrupts)
     except BaseException as exc:
         last.write(_exit_code_of(exc))  # quietly: `main` reports the error itself
         raise
     last.write(code, strict=code in _FINISHED)
     if code in _FINISHED:
         logs.log_summary(last.summary, config, code)  # in json mode a record with every figure as a field
-    else:
-        name = signal.Signals(code - 128).name
-        print(
-            f"harvest: interrupted by {name}; committed work is kept. Resume with: harvest run {config.path}",
-            file=sys.stderr,
-        )
+        return code
+    return _interrupted(config, code)
+
+
+def _interrupted(config: Config, code: int) -> int:
+    name = signal.Signals(code - 128).name
+    print(
+        f"harvest: interrupted by {name}; committed work is kept. Resume with: harvest run {config.path}",
+        file=sys.stderr,
+    )
     return code
 
 
-def _harvest(config: Config, key: str | None, progress: Progress, last: _LastRun) -> int:
+def _harvest(
+    config: Config, key: str | None, progress: Progress, last: _LastRun, interrupts: Interrupts
+) -> int:
     """The run itself: 0 or 3 when it got to the end, 128 + N when signal N stopped it."""
     state = State.open(config.output.dir)
     try:
-        signum = _run_interruptibly(
-            lambda: run_harvest(config, state, key, progress, summary=last.summary), last.write
-        )
+        signum = interrupts.run(lambda: run_harvest(config, state, key, progress, summary=last.summary))
+    except DisagreementError as exc:
+        hint = f"to rebuild the state from the files: harvest repair {config.path}"
+        raise DisagreementError(f"{exc}; {hint}") from None
     finally:
         state.close()
     if signum is not None:
@@ -82,6 +95,8 @@ def _exit_code_of(exc: BaseException) -> int:
     """The status `main` (or Python, for Ctrl-C outside the run) exits with for `exc`."""
     if isinstance(exc, HarvestError):
         return exc.exit_code
+    if isinstance(exc, Interrupted):
+        return 128 + exc.signum
     if isinstance(exc, KeyboardInterrupt):
         return ExitCode.SIGINT
     return ExitCode.ERROR
@@ -94,7 +109,7 @@ class _LastRun:
     out_dir: Path
     summary: RunSummary
     started: float = field(default_factory=time.monotonic)
-    closed: bool = False  # set when the lock is released
+    closed: bool = True  # unset while the lock is held: the dir, and this file, are ours
 
     def write(self, exit_code: int, *, strict: bool = False) -> None:
         """Record the ending. `strict`: a failure to write is an OutputError (a run that did its
@@ -109,52 +124,6 @@ class _LastRun:
             if strict:
                 raise
             log.warning("%s", exc)
-
-
-def _run_interruptibly(
-    make: Callable[[], Coroutine[Any, Any, object]], last_words: Callable[[int], None]
-) -> int | None:
-    """Run the harvest; the first SIGINT/SIGTERM cancels it cleanly (its number is returned),
-    a second exits at once, after `last_words(status)`.
-
-    Exiting at once is safe: every commit is one SQLite transaction and an
-    uncommitted tail of the output is cut away on the next start.
-    """
-    caught: list[int] = []
-
-    def exit_now(status: int) -> NoReturn:
-        last_words(status)
-        os._exit(status)
-
-    async def guarded() -> None:
-        loop = asyncio.get_running_loop()
-        task = asyncio.current_task()
-        assert task is not None
-
-        def on_signal(signum: int) -> None:
-            if caught:
-                exit_now(128 + caught[0])
-            caught.append(signum)
-            log.warning("%s: finishing the page being committed, then stopping", signal.Signals(signum).name)
-            task.cancel()
-
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, on_signal, signum)
-        try:
-            await make()
-        except asyncio.CancelledError:
-            if not caught:
-                raise
-
-    try:
-        asyncio.run(guarded())
-    finally:
-        # The loop and its handlers are gone; a signal during the last steps (an error
-        # being reported, the summary, closing the state) still exits cleanly and at
-        # once, with the status it asks for.
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, lambda got, _frame: exit_now(128 + (caught[0] if caught else got)))
-    return caught[0] if caught else None
 
 
 def _tune_gc() -> None:

@@ -69,23 +69,27 @@ async def run_harvest(
     """
     started = time.monotonic()
     summary = RunSummary() if summary is None else summary
-    connector = aiohttp.TCPConnector(limit=config.api.concurrency)
-    async with aiohttp.ClientSession(connector=connector) as session:
-        client = make_api(session, config.api, api_key)
-        summary.counters = client.counters
-        try:
+    out = config.output
+    # Opened first: it refuses files that disagree with the state before any request.
+    sink = Checkpointer(ArchiveSpec(out.dir, out.segment_items, out.segment_mb, out.compress), state)
+    try:
+        connector = aiohttp.TCPConnector(limit=config.api.concurrency)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            client = make_api(session, config.api, api_key)
+            summary.counters = client.counters
             planned, plan_failures = await plan_shards(config.queries, client)
             summary.failures += [f"{f.query} [{f.what}]: {f.error}" for f in plan_failures]
             state.begin_pass((s.key, s.query) for s in planned)
             shards = list(leaves_of(planned, state))
-            await _walk_all(shards, state, client, config, summary, progress or NoProgress())
+            await _walk_all(shards, state, client, sink, config, summary, progress or NoProgress())
             _close_pass(state, shards, plan_failures)
             summary.capped = capped_lines(state, shards)
             summary.warnings = sfw_warnings(state, shards)
             for line in summary.warnings:
                 log.warning("%s", line)
-        finally:
-            summary.elapsed = time.monotonic() - started
+    finally:
+        summary.elapsed = time.monotonic() - started
+        sink.close()
     return summary
 
 
@@ -98,6 +102,7 @@ async def _walk_all(
     shards: list[Shard],
     state: State,
     client: CivitaiApi,
+    sink: Checkpointer,
     config: Config,
     summary: RunSummary,
     progress: Progress,
@@ -113,8 +118,6 @@ async def _walk_all(
     log.info("%d shards, %d to walk", len(shards), len(todo))
     progress.start([_view(s, rows[s.key]) for s in shards], client.counters)
     queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=2 * config.api.concurrency)
-    out = config.output
-    sink = Checkpointer(ArchiveSpec(out.dir, out.segment_items, out.segment_mb, out.compress), state)
     committer = _Committer(sink, state, summary, progress, shards)
     try:
         async with asyncio.TaskGroup() as group:
@@ -125,7 +128,6 @@ async def _walk_all(
         raise _first_harvest_error(group_error) from None
     finally:
         progress.stop()
-        sink.close()
 
 
 def _view(shard: Shard, row: Any) -> ShardView:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Protocol
 from urllib.parse import urlencode
 
+from crawler.archive.segments import MAX_APPEND_LINES
 from crawler.civitai.endpoint import Page, WireParams
 from crawler.civitai.images import IMAGES
 from crawler.config import Query
@@ -82,7 +83,10 @@ def _add(shards: dict[str, Shard], shard: Shard) -> None:
 
 
 def check_items(shard: Shard, page: Page) -> None:
-    """Refuse a page holding odd ids or images that do not match the shard's key."""
+    """Refuse a page holding odd ids or images that do not match the shard's key, or more
+    images than the API ever serves on one page (the archive's bound on one append)."""
+    if len(page.lines) > MAX_APPEND_LINES:
+        raise ShardError(f"the API served {len(page.lines)} images on one page; at most {MAX_APPEND_LINES}")
     IMAGES.check_items(shard.params, page)
 
 
