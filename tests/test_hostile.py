@@ -434,9 +434,11 @@ def test_sigint_during_startup_is_one_line(tmp_path: Path) -> None:
         api.faults.queue("slow")  # the /models request of the planning step hangs
         cfg = config(tmp_path, api.base_url, timeout=30)
         proc = subprocess.Popen([HARVEST, "run", str(cfg)], stderr=subprocess.PIPE, text=True, env=_env())
+        lock = tmp_path / "out" / ".harvest.lock"
         deadline = time.monotonic() + 20
-        while not api.log.for_path("/api/v1/models") and time.monotonic() < deadline:
+        while not (lock.exists() and lock.read_text().strip()) and time.monotonic() < deadline:
             time.sleep(0.02)
+        assert proc.poll() is None and not api.log.for_path("/api/v1/images")  # still planning
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=30)
     assert proc.returncode == 130, err
@@ -449,10 +451,13 @@ def test_verify_during_a_live_run_says_a_run_is_in_progress(tmp_path: Path) -> N
         api.faults.queue("slow")
         cfg = config(tmp_path, api.base_url, timeout=30)
         proc = subprocess.Popen([HARVEST, "run", str(cfg)], stderr=subprocess.DEVNULL, env=_env())
+        lock = tmp_path / "out" / ".harvest.lock"
         try:
+            # The run holds the lock (its pid written) and hangs on its slow /models request.
             deadline = time.monotonic() + 20
-            while not api.log.for_path("/api/v1/models") and time.monotonic() < deadline:
+            while not (lock.exists() and lock.read_text().strip()) and time.monotonic() < deadline:
                 time.sleep(0.02)
+            assert proc.poll() is None, "the run ended before verify could meet it"
             result = harvest("verify", cfg)
         finally:
             proc.kill()
