@@ -194,14 +194,14 @@ class _Committer:
     async def _commit(self, message: Fetched) -> None:
         page = message.page
         note = WalkNote(
-            message.stop_when_known, message.depth, message.capped, message.other_end, message.levels
+            message.stop_when_known, message.depth, message.capped, message.other_end, message.levels()
         )
         work = asyncio.to_thread(
             self._sink.commit, message.shard.key, message.cursor, page, page.next_cursor, note
         )
-        await _uncancellable(work, lambda result: self._account(message, result))
+        await _uncancellable(work, lambda result: self._account(message, note, result))
 
-    def _account(self, message: Fetched, result: PageResult) -> None:
+    def _account(self, message: Fetched, note: WalkNote, result: PageResult) -> None:
         """What a committed page changed, in the summary and the display (also when cancelled)."""
         page = message.page
         if message.committed is not None and not message.committed.done():  # its walker may be gone
@@ -209,7 +209,7 @@ class _Committer:
         self._summary.pages += 1
         self._summary.new_items += result.new_items
         served = self._summary.levels.setdefault(message.shard.key, {})
-        for level, n in message.levels.items():
+        for level, n in note.levels.items():
             served[level] = served.get(level, 0) + n
         self._progress.page(message.shard.key, result.new_items, len(page.items))
         log.debug("%s: %d new of %d", describe(message.shard), result.new_items, len(page.items))

@@ -58,7 +58,6 @@ class Fetched:
     # it fetches on, so it never walks past a frontier.
     committed: asyncio.Future[PageResult] | None = None
 
-    @property
     def levels(self) -> dict[int, int]:
         """Images on the page by browsing level (the SFW-host check reads these)."""
         counts = collections.Counter(i.get("browsingLevel") for i in self.page.items)
@@ -95,7 +94,7 @@ class Walker:
     client: CivitaiApi
     queue: asyncio.Queue[Any]
     walk_cap: int
-    max_pages_without_new: int = 1000
+    max_pages_without_new: int
 
 
 @dataclass(slots=True)
