@@ -429,14 +429,28 @@ def test_walk_without_new_images_stops(tmp_path: Path) -> None:
 # -- 19. start-up signals and verify during a run ---------------------------------------
 
 
+def _wait_until_locked_by(out: Path, proc: subprocess.Popen[Any], timeout: float = 20) -> None:
+    """Until `proc` holds the output lock (its pid is written right after the flock).
+
+    Not the fake API's request log: it records a request when its answer is done, so a
+    hanging request shows only after it hangs no more, and the run may be over by then.
+    """
+    deadline = time.monotonic() + timeout
+    lock = out / ".harvest.lock"
+    while time.monotonic() < deadline and proc.poll() is None:
+        if lock.exists() and lock.read_text().strip() == str(proc.pid):
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"the run never held the lock (exit {proc.poll()})")
+
+
 def test_sigint_during_startup_is_one_line(tmp_path: Path) -> None:
     with ServerThread(make_dataset(), FaultSpec(slow_seconds=20)) as api:
         api.faults.queue("slow")  # the /models request of the planning step hangs
         cfg = config(tmp_path, api.base_url, timeout=30)
         proc = subprocess.Popen([HARVEST, "run", str(cfg)], stderr=subprocess.PIPE, text=True, env=_env())
-        deadline = time.monotonic() + 20
-        while not api.log.for_path("/api/v1/models") and time.monotonic() < deadline:
-            time.sleep(0.02)
+        _wait_until_locked_by(tmp_path / "out", proc)
+        time.sleep(0.5)  # most likely in the hanging /models request by now; earlier must answer the same
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=30)
     assert proc.returncode == 130, err
@@ -450,9 +464,7 @@ def test_verify_during_a_live_run_says_a_run_is_in_progress(tmp_path: Path) -> N
         cfg = config(tmp_path, api.base_url, timeout=30)
         proc = subprocess.Popen([HARVEST, "run", str(cfg)], stderr=subprocess.DEVNULL, env=_env())
         try:
-            deadline = time.monotonic() + 20
-            while not api.log.for_path("/api/v1/models") and time.monotonic() < deadline:
-                time.sleep(0.02)
+            _wait_until_locked_by(tmp_path / "out", proc)  # and held through the 20 s /models request
             result = harvest("verify", cfg)
         finally:
             proc.kill()
