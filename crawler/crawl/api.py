@@ -34,6 +34,11 @@ class CivitaiApi:
         """The request rate in force now (AIMD), at most the configured requests_per_second."""
         return self.http.gate.effective_rps
 
+    @property
+    def in_flight_target(self) -> int:
+        """Requests the run wants in flight now (explicit concurrency, or rate x p90 latency)."""
+        return self.http.gate.in_flight_target
+
     async def images(self, params: Params, cursor: Cursor | None, timeouts: int | None = None) -> Page:
         """One page. With `timeouts`, that many timed-out attempts (the client's own timeout,
         or a gateway's 504/524) raise `SearchTimeoutError`, so the walker can ask for less."""

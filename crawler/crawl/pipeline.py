@@ -113,6 +113,8 @@ async def _walk_all(
         if rows[shard.key].status not in ShardStatus.FINISHED and plans[shard.key].skip:
             rows[shard.key] = replace(rows[shard.key], status=state.finish_unwalked(shard.key))
     todo = [s for s in shards if rows[s.key].status not in ShardStatus.FINISHED]
+    # Longest work first: what a previous pass found a shard to hold; unknown ones keep config order.
+    todo.sort(key=lambda s: -rows[s.key].items)
     summary.shards = len(shards)
     summary.shards_done = len(shards) - len(todo)
     log.info("%d shards, %d to walk", len(shards), len(todo))
