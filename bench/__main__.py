@@ -11,7 +11,10 @@ fake API (no warm caches carried between runs), medians over the repetitions:
 5. soak (bench/soak.py; --only soak): 100k images, ~10% faults, SIGKILLed 3-5 times and
    resumed, the exact id set at the end (run once, whatever --reps);
 6. capped (--only capped): one version 7x deeper than the server's walk cap, covered by
-   partitions walked from both ends: requests per unique image against an uncapped walk.
+   partitions walked from both ends: requests per unique image against an uncapped walk;
+7. real latency (--only latency), time-scaled 5x: lognormal latency (median 0.4 s, p95 1.6 s),
+   server at 10 req/s, config at 10 req/s and otherwise default: wall time against the floor
+   (requests / rate), requests against plain walks, 429s, for a balanced and a skewed model.
 
 Prints a table with PASS/MISS per target and writes bench/results.json.
 """
@@ -63,6 +66,7 @@ class Sizes:
     s4_per_version: int  # scenario 4: images per version, 16 versions
     s5_images: int  # scenario 5: images in all, 6 versions, faults and SIGKILLs
     s6_images: int  # scenario 6: one version walked past the walk cap (7x deeper)
+    s7_images: int  # scenario 7: images in all, 6 versions, balanced or skewed
 
 
 FULL = Sizes(
@@ -74,6 +78,7 @@ FULL = Sizes(
     s4_per_version=2_000,
     s5_images=100_000,
     s6_images=70_000,
+    s7_images=40_000,
 )
 QUICK = Sizes(
     s1_images=20_000,
@@ -84,6 +89,7 @@ QUICK = Sizes(
     s4_per_version=500,
     s5_images=10_000,
     s6_images=14_000,
+    s7_images=12_000,
 )
 
 S1_VERSIONS = 6
@@ -493,6 +499,82 @@ def scenario_capped(sizes: Sizes, reps: int, keep: bool) -> dict[str, Any]:
     return {"figures": figures, "runs": runs, "targets": targets}
 
 
+# ---------------------------------------------------------------- scenario 7
+
+S7_RATE, S7_MEDIAN, S7_P95, S7_SCALE = 10.0, 0.4, 1.6, 5  # the real API's 2/s, 2 s, 8 s, 5x faster
+
+
+def s7_spec(images: int, kind: str) -> dict[str, Any]:
+    if kind == "balanced":
+        return dataset_spec(split_versions(images, S1_VERSIONS))
+    spec = dataset_spec([])
+    first = 5001
+    spec["models"] = {str(MODEL_ID): {"skewed": {"total": images, "n": S1_VERSIONS, "first_id": first}}}
+    return spec
+
+
+def scenario_real_latency(sizes: Sizes, reps: int, keep: bool) -> dict[str, Any]:
+    """The default config against the real API's latency, 5x faster: how much of the budget a pull uses."""
+    latency = ["--latency-median", str(S7_MEDIAN), "--latency-p95", str(S7_P95), "--latency-seed", "11"]
+    limited = ["--rate-limit", str(S7_RATE), "--burst", str(S2_BURST), *latency]
+    runs: dict[str, list[dict[str, Any]]] = {"balanced": [], "skewed": []}
+    for rep in range(reps):
+        for kind in runs:
+            spec = s7_spec(sizes.s7_images, kind)
+            with WorkDir(keep) as wd:
+                with Server(spec, wd) as server:  # plain walks: one walker per shard, no latency
+                    plain = harvest_run(wd, server, concurrency=S1_VERSIONS)
+            with WorkDir(keep) as wd:
+                with Server(spec, wd, args=limited) as server:
+                    config = write_config(
+                        wd / "harvest.toml",
+                        server.base_url,
+                        harvest_query(),
+                        requests_per_second=S7_RATE,
+                        concurrency="auto",
+                        timeout=30,
+                        max_backoff=30.0,
+                    )
+                    m = run_harvest(config, timeout=900, server=server)
+                    rec = run_record(m, m.extra["summary"]["new_items"])
+            floor = rec["requests"] / S7_RATE
+            rec.update(
+                plain_requests=plain["requests"],
+                floor_s=round(floor, 2),
+                vs_floor=round(rec["elapsed_s"] / floor, 3),
+                budget_used=round(floor / rec["elapsed_s"], 3),
+                requests_vs_plain=round(rec["requests"] / plain["requests"], 4),
+                requests_per_image=round(rec["requests"] / rec["items"], 5) if rec["items"] else None,
+                per_1000_429=round(rec["rate_limited"] / rec["requests"] * 1000, 2),
+                complete=rec["items"] == plain["items"],
+            )
+            runs[kind].append(rec)
+            log(
+                f"  [7] rep {rep + 1}/{reps} {kind}: {rec['items']} images, {rec['requests']} requests "
+                f"(plain {plain['requests']}) in {rec['elapsed_s']:.1f} s; floor {floor:.1f} s "
+                f"({rec['vs_floor']:.2f}x), {rec['rate_limited']} x 429"
+            )
+    figures: dict[str, Any] = {"images": sizes.s7_images, "rate": S7_RATE, "time_scale": S7_SCALE}
+    targets = []
+    for kind, rs in runs.items():
+        for key in ("elapsed_s", "floor_s", "vs_floor", "budget_used", "requests_vs_plain", "per_1000_429"):
+            figures[f"{kind}_{key}"] = median([r[key] for r in rs])
+        figures[f"{kind}_requests_per_image"] = median([r["requests_per_image"] for r in rs])
+        figures[f"{kind}_complete"] = all(r["complete"] for r in rs)
+        vs, more, r429 = (figures[f"{kind}_{k}"] for k in ("vs_floor", "requests_vs_plain", "per_1000_429"))
+        # the real world: 200 images a page at 2 req/s, at this share of the budget
+        figures[f"{kind}_hours_per_million_at_2rps"] = round(
+            1e6 * figures[f"{kind}_requests_per_image"] / 2.0 * vs / 3600, 1
+        )
+        targets += [
+            target("7", f"{kind}: wall time <= 1.15x the rate floor", f"{vs:.2f}x", vs <= 1.15),
+            target("7", f"{kind}: requests <= 1.06x plain walks", f"{more:.3f}x", more <= 1.06),
+            target("7", f"{kind}: <= 1 provoked 429 per 1,000 requests", f"{r429:.1f}", r429 <= 1),
+            target("7", f"{kind}: complete", str(figures[f"{kind}_complete"]), figures[f"{kind}_complete"]),
+        ]
+    return {"figures": figures, "runs": runs, "targets": targets}
+
+
 # ---------------------------------------------------------------- report
 
 
@@ -622,6 +704,20 @@ SHOWN = {
         ("cost ratio", "cost_ratio"),
         ("complete", "complete"),
     ],
+    "7": [
+        (f"{kind} {label}", f"{kind}_{key}")
+        for kind in ("balanced", "skewed")
+        for label, key in (
+            ("wall s", "elapsed_s"),
+            ("rate floor s (requests / rate)", "floor_s"),
+            ("wall / floor", "vs_floor"),
+            ("share of budget used", "budget_used"),
+            ("requests / plain walks", "requests_vs_plain"),
+            ("requests per image", "requests_per_image"),
+            ("429 per 1,000 requests", "per_1000_429"),
+            ("hours per 1M images at 2 req/s", "hours_per_million_at_2rps"),
+        )
+    ],
 }
 TITLES = {
     "1": "throughput (unlimited server)",
@@ -630,6 +726,7 @@ TITLES = {
     "4": "latency hiding (+200 ms/response)",
     "5": "soak (~10% faults, SIGKILLs, resume)",
     "6": "capped shard covered (walk cap, both ends)",
+    "7": "real latency, 5x faster (median 0.4 s, 10 req/s, default config)",
 }
 
 
@@ -665,8 +762,9 @@ SCENARIOS: dict[str, Callable[[Sizes, int, bool], dict[str, Any]]] = {
     "4": scenario_latency,
     "5": lambda sizes, reps, keep: soak.scenario_soak(sizes.s5_images, keep),
     "6": scenario_capped,
+    "7": scenario_real_latency,
 }
-ALIASES = {"soak": "5", "capped": "6"}
+ALIASES = {"soak": "5", "capped": "6", "latency": "7"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -677,7 +775,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument("--quick", action="store_true", help="1 repetition and smaller sizes")
     p.add_argument("--reps", type=int, help="repetitions per figure (default 3; 1 with --quick)")
-    p.add_argument("--only", default="1,2,3,4,5,6", help="scenarios to run, e.g. 1,3 (soak: 5, capped: 6)")
+    p.add_argument(
+        "--only", default="1,2,3,4,5,6,7", help="scenarios to run, e.g. 1,3 (soak: 5, capped: 6, latency: 7)"
+    )
     p.add_argument("--json", type=Path, default=RESULTS, help=f"where to write results (default {RESULTS})")
     p.add_argument("--keep", action="store_true", help="keep the scratch dirs (under the temp dir)")
     p.add_argument(

@@ -31,7 +31,7 @@ API_KEY_ENV = "CIVITAI_API_KEY"
 class ApiConfig:
     base_url: str = "https://civitai.com/api/v1"
     requests_per_second: float = 2.0
-    concurrency: int = 4
+    concurrency: int | None = None  # requests in flight at most; None ("auto"): rate x p90 latency
     timeout: float = 30.0
     max_retries: int = 8
     max_backoff: float = 30.0
@@ -109,6 +109,18 @@ def _base_url(value: Any) -> str:
     return parts.geturl().rstrip("/")
 
 
+AUTO = "auto"
+
+
+def _concurrency(value: Any) -> int | None:
+    """A positive integer (a hard cap), or "auto": follow the rate and the latency observed."""
+    if value == AUTO:
+        return None
+    if checks.is_int(value) and value >= 1:
+        return int(value)
+    raise checks.Invalid(f'expected a positive integer or "{AUTO}", {checks.got(value)}')
+
+
 # Slower than one request in 1000 s is a mistake, and a pace near 0 never sends (or divides by 0).
 MIN_REQUESTS_PER_SECOND = 0.001
 
@@ -117,7 +129,7 @@ QUERY_KEYS: frozenset[str] = frozenset(IMAGES.params) | {"name"}  # what a [[que
 _API_CHECKS: dict[str, Callable[[Any], Any]] = {
     "base_url": _base_url,
     "requests_per_second": functools.partial(checks.at_least, low=MIN_REQUESTS_PER_SECOND),
-    "concurrency": functools.partial(checks.integer, low=1),
+    "concurrency": _concurrency,
     "timeout": checks.positive_number,
     "max_retries": functools.partial(checks.integer, low=0),
     "max_backoff": checks.positive_number,

@@ -281,7 +281,7 @@ ERRORS: list[tuple[str, list[str]]] = [
     ("[api]\ntimeout = inf\n" + MINIMAL, ["api.timeout", "got inf (float)"]),
     ("[api]\nmax_backoff = nan\n" + MINIMAL, ["api.max_backoff", "got nan"]),
     ("[api]\nmax_backoff = true\n" + MINIMAL, ["api.max_backoff", "(boolean)"]),
-    ("[api]\nconcurrency = 0\n" + MINIMAL, ["api.concurrency: expected a positive integer, got 0"]),
+    ("[api]\nconcurrency = 0\n" + MINIMAL, ['api.concurrency: expected a positive integer or "auto", got 0']),
     ("[api]\nconcurrency = 2.0\n" + MINIMAL, ["api.concurrency", "(float)"]),
     ("[api]\nmax_retries = -1\n" + MINIMAL, ["api.max_retries: expected an integer >= 0, got -1"]),
     ("[api]\nmax_retries = false\n" + MINIMAL, ["api.max_retries", "(boolean)"]),
@@ -457,3 +457,11 @@ def test_api_key_with_control_characters_is_refused_by_name_only(value: str) -> 
 def test_every_shipped_config_loads(path: Path) -> None:
     config = load_config(path)
     assert config.queries and config.api.base_url.startswith("https://civitai.")
+
+
+def test_concurrency_is_auto_unless_set(tmp_path: Path) -> None:
+    assert ApiConfig().concurrency is None
+    auto = load_config(write(tmp_path, '[api]\nconcurrency = "auto"\n' + MINIMAL))
+    assert auto.api.concurrency is None
+    fixed = load_config(write(tmp_path, "[api]\nconcurrency = 3\n" + MINIMAL))
+    assert fixed.api.concurrency == 3

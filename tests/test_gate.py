@@ -13,7 +13,7 @@ import math
 
 import pytest
 
-from crawler.http.gate import RateGate
+from crawler.http.gate import InFlight, RateGate, Slots
 from crawler.http.outcomes import Kind, Outcome
 from crawler.testing.fakehttp import VirtualClock, run_virtual
 
@@ -27,7 +27,7 @@ def limited(seconds: float, status: int = 429) -> Outcome:
 
 
 def gate_on(
-    clock: VirtualClock, rate: float = 100.0, concurrency: int = 4, max_backoff: float = 30.0
+    clock: VirtualClock, rate: float = 100.0, concurrency: int | None = 4, max_backoff: float = 30.0
 ) -> RateGate:
     """A gate on `clock` whose jitter is always 0, so every pause is its nominal value."""
     return RateGate(rate, concurrency, max_backoff=max_backoff, clock=clock, rng=lambda: 0.0)
@@ -235,3 +235,67 @@ def test_a_cancelled_turn_gives_its_slot_back() -> None:
         return await send(gate)
 
     assert run_virtual(clock, main) == pytest.approx(101.0)
+
+
+# ---------------------------------------------------------------- the in-flight target (auto)
+
+
+def test_in_flight_target_is_rate_times_p90_latency_bounded() -> None:
+    auto = InFlight(low=2, high=64, warmup=4, guess=1.0)
+    assert auto.target(10.0) == 10  # before enough answers: latency guessed at 1 s
+    for seconds in [0.2] * 9 + [2.0]:  # p90 of these ten: 2.0 s
+        auto.observe(seconds)
+    assert auto.target(10.0) == 20
+    assert auto.target(0.1) == 2  # never fewer than `low`
+    assert auto.target(1000.0) == 64  # never more than `high`
+
+
+def test_slots_grow_and_shrink_without_interrupting_turns() -> None:
+    async def main() -> list[int]:
+        slots = Slots(1)
+        await slots.acquire()
+        waiting = [asyncio.ensure_future(slots.acquire()) for _ in range(3)]
+        await asyncio.sleep(0)
+        seen = [sum(w.done() for w in waiting)]
+        slots.limit = 3  # two more at once
+        await asyncio.sleep(0)
+        seen.append(sum(w.done() for w in waiting))
+        slots.limit = 1  # nobody in flight is interrupted; the last waits for all to end
+        slots.release()
+        slots.release()
+        await asyncio.sleep(0)
+        seen.append(sum(w.done() for w in waiting))
+        slots.release()
+        await asyncio.sleep(0)
+        seen += [sum(w.done() for w in waiting), slots.used, slots.peak]
+        return seen
+
+    assert asyncio.run(main()) == [0, 2, 2, 3, 1, 3]
+
+
+def test_a_cancelled_waiter_gives_its_slot_back() -> None:
+    async def main() -> int:
+        slots = Slots(1)
+        await slots.acquire()
+        waiter = asyncio.ensure_future(slots.acquire())
+        await asyncio.sleep(0)
+        slots.release()  # handed to the waiter ...
+        waiter.cancel()  # ... which is cancelled before it runs
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        return slots.used
+
+    assert asyncio.run(main()) == 0
+
+
+def test_auto_concurrency_follows_the_latency_observed() -> None:
+    clock = VirtualClock()
+    gate = gate_on(clock, rate=10.0, concurrency=None)
+    assert gate.in_flight_target == 10  # 10/s x the 1 s guess
+
+    async def main() -> None:
+        await asyncio.gather(*(send(gate, hold=3.0) for _ in range(40)))
+
+    run_virtual(clock, main)
+    assert gate.in_flight_target in (30, 31)  # 10/s x 3 s observed (as the clock rounds)
+    assert gate.peak_in_flight > 10  # the slots grew as the answers came in

@@ -21,7 +21,7 @@ from crawler.cli.repair import cmd_repair
 from crawler.cli.run import cmd_run
 from crawler.cli.status import cmd_status
 from crawler.cli.verify import cmd_verify
-from crawler.config import API_KEY_ENV, ApiConfig, OutputConfig, api_key, load_config
+from crawler.config import API_KEY_ENV, AUTO, ApiConfig, OutputConfig, api_key, load_config
 from crawler.crawl.watch import Progress
 from crawler.errors import ExitCode, HarvestError
 
@@ -45,7 +45,8 @@ _API_HELP = {
     "base_url": "the API (any mirror, or the bundled fake); no user:password@ (the key: CIVITAI_API_KEY)",
     "requests_per_second": "one budget shared by all workers, at least 0.001; "
     "lowered for a while after repeated 429/503",
-    "concurrency": "requests in flight at most",
+    "concurrency": 'requests in flight at most; "auto": about requests_per_second x p90 latency '
+    "as observed (2..64), with walks split so that many are busy",
     "timeout": "seconds for one whole request",
     "max_retries": "retries of one request after its first attempt; then the shard stops, the run exits 3",
     "max_backoff": "seconds: cap of the exponential backoff when no Retry-After is given",
@@ -63,6 +64,10 @@ _OUTPUT_HELP = {
 }
 
 
+def _shown(value: object) -> object:
+    return AUTO if value is None else value  # the one None default: concurrency
+
+
 def _config_reference() -> str:
     """The config keys with their defaults, read from the dataclasses so they never drift."""
     api, output = ApiConfig(), OutputConfig(Path("."))
@@ -72,7 +77,7 @@ def _config_reference() -> str:
         return f"  {key} = {shown}\n      {text}"
 
     lines = ["config [api], with defaults (the retry budgets among them):"]
-    lines += [row(k, getattr(api, k), text) for k, text in _API_HELP.items()]
+    lines += [row(k, _shown(getattr(api, k)), text) for k, text in _API_HELP.items()]
     lines += [
         "config [output]:",
         "  dir (required)",

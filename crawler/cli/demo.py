@@ -17,7 +17,7 @@ _CONFIG = """\
 [api]
 base_url = "{base_url}"
 requests_per_second = 20
-concurrency = 4
+concurrency = "auto"
 
 [output]
 dir = "data"

@@ -15,7 +15,7 @@ from crawler.civitai.images import IMAGES
 from crawler.config import ApiConfig
 from crawler.errors import BadRequestError, CursorGoneError
 from crawler.http.client import HttpClient, HttpSettings
-from crawler.http.gate import Counters, RateGate
+from crawler.http.gate import Counters, InFlight, RateGate
 from crawler.http.transport import AiohttpTransport, Params
 
 
@@ -33,6 +33,11 @@ class CivitaiApi:
     def effective_rps(self) -> float:
         """The request rate in force now (AIMD), at most the configured requests_per_second."""
         return self.http.gate.effective_rps
+
+    @property
+    def in_flight_target(self) -> int:
+        """Requests the run wants in flight now (explicit concurrency, or rate x p90 latency)."""
+        return self.http.gate.in_flight_target
 
     async def images(self, params: Params, cursor: Cursor | None, timeouts: int | None = None) -> Page:
         """One page. With `timeouts`, that many timed-out attempts (the client's own timeout,
@@ -65,6 +70,11 @@ def http_settings(api: ApiConfig) -> HttpSettings:
         max_page_mb=api.max_page_mb,
         max_wait=api.max_wait,
     )
+
+
+def max_in_flight(api: ApiConfig) -> int:
+    """The most requests the run may ever have in flight (connections, queue room)."""
+    return api.concurrency if api.concurrency is not None else InFlight().high
 
 
 def make_api(session: aiohttp.ClientSession, api: ApiConfig, api_key: str | None) -> CivitaiApi:

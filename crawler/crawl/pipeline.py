@@ -21,7 +21,7 @@ import aiohttp
 from crawler.archive.checkpoint import ArchiveSpec, Checkpointer, PageResult, WalkNote
 from crawler.archive.state import ShardStatus, State
 from crawler.config import Config
-from crawler.crawl.api import CivitaiApi, make_api
+from crawler.crawl.api import CivitaiApi, make_api, max_in_flight
 from crawler.crawl.coverage import capped_lines, leaves_of, other_end, sfw_warnings
 from crawler.crawl.plan import WalkPlan, plan_walk
 from crawler.crawl.shards import PlanFailure, Shard, describe, plan_shards
@@ -73,7 +73,7 @@ async def run_harvest(
     # Opened first: it refuses files that disagree with the state before any request.
     sink = Checkpointer(ArchiveSpec(out.dir, out.segment_items, out.segment_mb, out.compress), state)
     try:
-        connector = aiohttp.TCPConnector(limit=config.api.concurrency)
+        connector = aiohttp.TCPConnector(limit=max_in_flight(config.api))
         async with aiohttp.ClientSession(connector=connector) as session:
             client = make_api(session, config.api, api_key)
             summary.counters = client.counters
@@ -113,11 +113,13 @@ async def _walk_all(
         if rows[shard.key].status not in ShardStatus.FINISHED and plans[shard.key].skip:
             rows[shard.key] = replace(rows[shard.key], status=state.finish_unwalked(shard.key))
     todo = [s for s in shards if rows[s.key].status not in ShardStatus.FINISHED]
+    # Longest work first: what a previous pass found a shard to hold; unknown ones keep config order.
+    todo.sort(key=lambda s: -rows[s.key].items)
     summary.shards = len(shards)
     summary.shards_done = len(shards) - len(todo)
     log.info("%d shards, %d to walk", len(shards), len(todo))
     progress.start([_view(s, rows[s.key]) for s in shards], client.counters)
-    queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=2 * config.api.concurrency)
+    queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=2 * max_in_flight(config.api))
     committer = _Committer(sink, state, summary, progress, shards)
     try:
         async with asyncio.TaskGroup() as group:

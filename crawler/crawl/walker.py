@@ -87,6 +87,16 @@ class Ends:
     deepest: list[int]
 
 
+@dataclass(slots=True)
+class Crew:
+    """The walks fetching now, against how many requests the run wants in flight."""
+
+    active: int = 0
+
+    def short(self, client: CivitaiApi) -> bool:
+        return self.active < client.in_flight_target
+
+
 @dataclass(frozen=True, slots=True)
 class Walker:
     """What every walk of a run shares."""
@@ -95,6 +105,7 @@ class Walker:
     queue: asyncio.Queue[Any]
     walk_cap: int
     max_pages_without_new: int
+    crew: Crew = field(default_factory=Crew)
 
 
 @dataclass(slots=True)
@@ -109,23 +120,26 @@ class _Walk:
     )
     capped: bool = False
     met: bool = False
+    other_end: str | None = None  # the shard walking this one's query from its other end
 
 
 async def walk(shard: Shard, plan: WalkPlan, walker: Walker) -> None:
     """Walk `shard` as `plan` says; failures go on the queue, never up."""
-    try:
-        await _walk(shard, plan, walker)
-    except ShardError as exc:
-        exc.shard = exc.shard or shard.key
-        await walker.queue.put(Failed(shard, str(exc), exc))
+    async with asyncio.TaskGroup() as helpers:  # the other end, when one is started on the way
+        try:
+            await _walk(shard, plan, walker, helpers)
+        except ShardError as exc:
+            exc.shard = exc.shard or shard.key
+            await walker.queue.put(Failed(shard, str(exc), exc))
 
 
-async def _walk(shard: Shard, plan: WalkPlan, walker: Walker) -> None:
+async def _walk(shard: Shard, plan: WalkPlan, walker: Walker, helpers: asyncio.TaskGroup) -> None:
     restarts = 0
     while True:
-        walk_ = _Walk(plan.start, plan.depth)
+        walk_ = _Walk(plan.start, plan.depth, other_end=plan.other_end)
+        walker.crew.active += 1
         try:
-            await _follow(shard, plan, walker, walk_)
+            await _follow(shard, plan, walker, walk_, helpers)
         except SearchTimeoutError:
             await _walk_children(shard, walker, "timing out")
             return
@@ -137,14 +151,24 @@ async def _walk(shard: Shard, plan: WalkPlan, walker: Walker) -> None:
                 ) from None
             log.warning("%s: %s; walking it again from the head", describe(shard), gone)
             # Known pages do not end the new walk before it is past where the old one was.
-            plan = replace(plan, start=None, depth=0, known_from=max(walk_.depth, plan.known_from))
+            plan = replace(
+                plan,
+                start=None,
+                depth=0,
+                known_from=max(walk_.depth, plan.known_from),
+                other_end=walk_.other_end,
+            )
             continue
+        finally:
+            walker.crew.active -= 1
         if walk_.capped and not walk_.met:
-            await _beyond_the_cap(shard, plan, walker, walk_)
+            await _beyond_the_cap(shard, replace(plan, other_end=walk_.other_end), walker, walk_)
         return
 
 
-async def _follow(shard: Shard, plan: WalkPlan, walker: Walker, walk_: _Walk) -> None:
+async def _follow(
+    shard: Shard, plan: WalkPlan, walker: Walker, walk_: _Walk, helpers: asyncio.TaskGroup
+) -> None:
     """Follow the cursors to the end (or the cap, or the other end)."""
     size = PageSize(int(shard.value("limit") or 200))
     stall = StallGuard(walker.max_pages_without_new)
@@ -170,6 +194,39 @@ async def _follow(shard: Shard, plan: WalkPlan, walker: Walker, walk_: _Walk) ->
         if await _hand_on(shard, plan, walker, walk_, page) or page.next_cursor is None:
             return
         walk_.cursor = page.next_cursor
+        if _wants_other_end(shard, plan, walker, walk_):
+            await _start_other_end(shard, walker, walk_, helpers)
+
+
+# -- more walkers --------------------------------------------------------------
+# With fewer walks fetching than requests the run wants in flight, a walk that has
+# shown it is big (still going SPLIT_AFTER positions deep) gets a second walker: the
+# same query from its other end (`sort=Oldest` for a `Newest` walk, and back), until
+# the two meet. Nothing is walked twice but the page where they meet, and it costs
+# nothing to start late, so it is done whenever walkers run short.
+
+SPLIT_AFTER = 1000  # positions (5 pages of 200) a walk goes before it is big enough for two walkers
+
+
+def _wants_other_end(shard: Shard, plan: WalkPlan, walker: Walker, walk_: _Walk) -> bool:
+    if walk_.other_end is not None or plan.stop_when_known or plan.known_from or plan.start is not None:
+        return False  # already two-ended, or an incremental or resumed walk: it knows its frontier
+    if walk_.depth < SPLIT_AFTER or not walker.crew.short(walker.client):
+        return False
+    return shard in _ends(shard)  # its sort is one end's: the walk so far is that end's
+
+
+def _ends(shard: Shard) -> list[Shard]:
+    return [make_shard(shard.query, params) for params in IMAGES.from_ends(shard.params)]
+
+
+async def _start_other_end(shard: Shard, walker: Walker, walk_: _Walk, helpers: asyncio.TaskGroup) -> None:
+    other = next(e for e in _ends(shard) if e != shard)
+    why = "%s: %d images deep, walkers to spare: walking it from its other end too"
+    log.info(why, describe(shard), walk_.depth)
+    walk_.other_end = other.key
+    await walker.queue.put(Ends(shard, other, [i for ids in walk_.deepest for i in ids]))
+    helpers.create_task(walk(other, WalkPlan(None, False, other_end=shard.key), walker))
 
 
 def _check_loop(walk_: _Walk, page: Page) -> None:
@@ -187,12 +244,12 @@ def _depth_after(walk_: _Walk, limit: int) -> int:
 async def _hand_on(shard: Shard, plan: WalkPlan, walker: Walker, walk_: _Walk, page: Page) -> bool:
     """Queue the page for its commit; True when the commit ended the walk early."""
     stop = plan.stop_when_known and walk_.depth > plan.known_from
-    wait = stop or plan.other_end is not None
+    wait = stop or walk_.other_end is not None
     committed: asyncio.Future[PageResult] | None = (
         asyncio.get_running_loop().create_future() if wait else None
     )
     await walker.queue.put(
-        Fetched(shard, walk_.cursor, page, walk_.depth, walk_.capped, stop, plan.other_end, committed)
+        Fetched(shard, walk_.cursor, page, walk_.depth, walk_.capped, stop, walk_.other_end, committed)
     )
     if committed is None:
         return False

@@ -70,7 +70,7 @@ class HttpSettings:
     max_retries: int  # retries of one request after its first attempt
     max_backoff: float  # seconds: cap of every exponential backoff
     requests_per_second: float  # one pace shared by every request (AIMD may lower it)
-    concurrency: int  # requests in flight at most
+    concurrency: int | None  # requests in flight at most; None: about rate x p90 latency
     max_page_mb: float = 64.0  # MiB: a larger answer (decompressed) is a failed attempt, read no further
     max_wait: float = 900.0  # seconds: a longer pause demanded by the server stops the request's caller
 

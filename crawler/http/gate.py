@@ -4,11 +4,12 @@
         outcome = ...  # send one request, classify its answer
         turn.observe(outcome)
 
-A turn takes a concurrency slot, waits for the cooldown (a 429 or 503 seen by
-any request pauses all of them), then for its place at the pacer, then checks the
-cooldown once more, so nothing is sent before a `Retry-After` has passed. The
-outcome is observed before the slot is given back, so no other request can be
-sent in between.
+A turn takes a concurrency slot (a fixed number of them, or, with no
+`concurrency` configured, about rate x p90 latency as observed: `InFlight`),
+waits for the cooldown (a 429 or 503 seen by any request pauses all of them),
+then for its place at the pacer, then checks the cooldown once more, so
+nothing is sent before a `Retry-After` has passed. The outcome is observed
+before the slot is given back, so no other request can be sent in between.
 
 Two of the three mechanisms against overload live here (the third, a request's
 own backoff, is the client's retry loop):
@@ -31,6 +32,7 @@ event loop's clock, so tests that fake one fake both.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import math
 import random
@@ -175,6 +177,88 @@ class Aimd:
         return True
 
 
+class Slots:
+    """A semaphore whose size may change at any time (the in-flight target).
+
+    Waiters are served first come, first served; a smaller limit takes effect as
+    turns end (nothing in flight is interrupted), a larger one wakes waiters at once.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self._limit = max(1, limit)
+        self.used = 0
+        self.peak = 0  # most turns ever held at once
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    @property
+    def limit(self) -> int:
+        return self._limit
+
+    @limit.setter
+    def limit(self, value: int) -> None:
+        self._limit = max(1, value)
+        self._wake()
+
+    async def acquire(self) -> None:
+        if self.used < self._limit and not self._waiters:
+            self._take()
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter  # the slot is handed over with the result (see _wake)
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self.release()  # handed a slot, then cancelled before it ran: give it back
+            elif waiter in self._waiters:
+                self._waiters.remove(waiter)
+            raise
+
+    def release(self) -> None:
+        self.used -= 1
+        self._wake()
+
+    def _take(self) -> None:
+        self.used += 1
+        self.peak = max(self.peak, self.used)
+
+    def _wake(self) -> None:
+        while self._waiters and self.used < self._limit:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                self._take()
+                waiter.set_result(None)
+
+
+class InFlight:
+    """How many requests to keep in flight when the config does not say: about rate x p90 latency.
+
+    Little's law: to send `rate` requests a second that each take `latency` seconds,
+    rate x latency of them must be in flight. The p90 of the last `window` answers
+    (not the median) leaves room for the slow tail; the result is bounded to
+    `low`..`high`. Before `warmup` answers are seen, latency is guessed at `guess` s.
+    """
+
+    def __init__(
+        self, *, low: int = 2, high: int = 64, window: int = 64, warmup: int = 8, guess: float = 1.0
+    ) -> None:
+        self.low, self.high, self.warmup, self.guess = low, high, warmup, guess
+        self._latencies: collections.deque[float] = collections.deque(maxlen=window)
+
+    def observe(self, seconds: float) -> None:
+        self._latencies.append(max(0.0, seconds))
+
+    @property
+    def p90(self) -> float:
+        if len(self._latencies) < self.warmup:
+            return self.guess
+        ordered = sorted(self._latencies)
+        return ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))]
+
+    def target(self, rate: float) -> int:
+        return max(self.low, min(self.high, math.ceil(rate * self.p90)))
+
+
 @dataclass(frozen=True, slots=True)
 class Turn:
     """One request's right to be sent: taken by `RateGate.turn`, reported on by `observe`."""
@@ -193,7 +277,7 @@ class RateGate:
     def __init__(
         self,
         requests_per_second: float,
-        concurrency: int,
+        concurrency: int | None,
         *,
         max_backoff: float,
         clock: Clock | None = None,
@@ -202,7 +286,10 @@ class RateGate:
         self.clock: Clock = clock or MonotonicClock()
         self._max_backoff = max_backoff
         self._rng = rng
-        self._slots = asyncio.Semaphore(concurrency)
+        # An explicit concurrency is a hard cap; None follows the rate and the latency observed.
+        self._auto: InFlight | None = InFlight() if concurrency is None else None
+        first = concurrency if concurrency is not None else InFlight().target(requests_per_second)
+        self._slots = Slots(first)
         self._cooldown = Cooldown(self.clock)
         self._aimd = Aimd(requests_per_second)
         self._pacer = Pacer(requests_per_second)
@@ -214,6 +301,19 @@ class RateGate:
         return self._aimd.rate
 
     @property
+    def in_flight_target(self) -> int:
+        """Requests let in flight at once now (the explicit concurrency, or the auto target)."""
+        return self._slots.limit
+
+    @property
+    def in_flight(self) -> int:
+        return self._slots.used
+
+    @property
+    def peak_in_flight(self) -> int:
+        return self._slots.peak
+
+    @property
     def cooldown_until(self) -> float:
         """Clock time before which no request is sent (-inf when there is no pause)."""
         return self._cooldown.until
@@ -221,10 +321,13 @@ class RateGate:
     @asynccontextmanager
     async def turn(self) -> AsyncIterator[Turn]:
         """Hold a slot from the moment sending is allowed until the outcome is observed."""
-        async with self._slots:
+        await self._slots.acquire()
+        try:
             await self._ready_to_send()
             self.counters.requests += 1
             yield Turn(self, self.clock.now())
+        finally:
+            self._slots.release()
 
     async def _ready_to_send(self) -> None:
         while True:
@@ -234,6 +337,9 @@ class RateGate:
                 return
 
     def _observe(self, outcome: Outcome, sent_at: float) -> None:
+        if self._auto is not None:
+            self._auto.observe(self.clock.now() - sent_at)
+            self._slots.limit = self._auto.target(self._aimd.rate)
         if outcome.kind is Kind.OK:
             if self._aimd.on_success():
                 self.counters.rate_increases += 1

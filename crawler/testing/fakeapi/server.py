@@ -147,6 +147,7 @@ class RequestRecord:
     status: int  # 0: the client went away before an answer
     fault: str | None  # injected fault kind, "rate_limit", or None
     has_auth: bool  # an Authorization header was sent
+    answered: float = 0.0  # time.monotonic() when the answer was done (or the client went away)
 
     @property
     def faulted(self) -> bool:
@@ -176,6 +177,15 @@ class RequestLog:
 
     def for_path(self, prefix: str) -> list[RequestRecord]:
         return [r for r in self.records if r.path.startswith(prefix)]
+
+    def max_in_flight(self) -> int:
+        """The most requests the server was answering at once (from arrival to answer)."""
+        events = sorted([(r.mono, 1) for r in self.records] + [(r.answered, -1) for r in self.records])
+        most = now = 0
+        for _, step in events:  # at a tie the answer (-1) comes first: back to back is not overlap
+            now += step
+            most = max(most, now)
+        return most
 
     def max_in_window(self, seconds: float = 1.0) -> int:
         """The most requests that arrived within any window of `seconds`."""
@@ -635,6 +645,7 @@ async def _edge(
                 status,
                 fault,
                 "Authorization" in request.headers,
+                time.monotonic(),
             )
         )
 
