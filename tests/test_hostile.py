@@ -13,6 +13,7 @@ import shutil
 import signal
 import sqlite3
 import subprocess
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -22,6 +23,7 @@ import pytest
 
 from conftest import HARVEST, _toml_value, expected_ids, harvest, ids_of, make_dataset, read_items
 from crawler.testing.fakeapi import FakeServer, FaultSpec, ServerOptions, ServerThread
+from crawler.testing.fakeapi.faults import _bomb
 
 KEY = "sk-HOSTILE-0123456789abcdef"
 CLOSED_PORT_URL = "http://127.0.0.1:9/api/v1"
@@ -157,31 +159,42 @@ def test_echoed_key_never_reaches_state_summary_status_or_stderr(tmp_path: Path,
 # -- 5. bounded bodies ------------------------------------------------------------------
 
 
+# Runs `harvest` as its only child and prints that child's peak RSS (KiB) on its last stderr line:
+# the test process's own RUSAGE_CHILDREN would mix in every harvest an earlier test ran.
+MEASURED = (
+    "import resource, subprocess, sys; code = subprocess.run(sys.argv[1:]).returncode; "
+    "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); sys.exit(code)"
+)
+
+
 @pytest.mark.parametrize("kind", ["gzip_bomb", "endless"])
 def test_oversized_answers_are_failed_attempts_and_memory_stays_bounded(tmp_path: Path, kind: str) -> None:
     dataset = make_dataset()
-    with ServerThread(dataset, FaultSpec(bomb_mb=512, endless_mb=1024)) as api:
+    spec = FaultSpec(bomb_mb=512, endless_mb=1024)
+    _bomb(spec.bomb_mb)  # built once, before the clock of any request starts
+    with ServerThread(dataset, spec) as api:
         api.faults.queue(kind)
-        cfg = config(tmp_path, api.base_url, max_page_mb=2)
-        proc = subprocess.Popen([HARVEST, "run", str(cfg)], stderr=subprocess.PIPE, text=True, env=_env())
-        _, err = proc.communicate(timeout=120)
-        peak_kib = _peak_rss_kib(proc.pid)
+        cfg = config(tmp_path, api.base_url, max_page_mb=2, timeout=30)
+        proc = subprocess.run(
+            [sys.executable, "-c", MEASURED, HARVEST, "run", str(cfg)],
+            capture_output=True,
+            text=True,
+            env=_env(),
+            timeout=120,
+        )
+    *lines, peak = proc.stderr.rstrip().splitlines()
+    err = "\n".join(lines)
     assert proc.returncode == 0, err
     assert "larger than" in err and "max_page_mb" in err, err
     ids = ids_of(read_items(tmp_path / "out"))
     assert set(ids) == expected_ids(dataset, [5001, 5002, 5003])
-    assert peak_kib < 300 * 1024, f"peak RSS {peak_kib // 1024} MiB"
+    assert int(peak) < 300 * 1024, f"peak RSS {int(peak) // 1024} MiB"
 
 
 def _env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "CIVITAI_API_KEY"}
     env.update(extra)
     return env
-
-
-def _peak_rss_kib(pid: int) -> int:
-    """The largest child this test process has waited for (children are small otherwise)."""
-    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
 
 
 # -- 6. one odd item fails its own shard at most ----------------------------------------
