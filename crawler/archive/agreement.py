@@ -12,10 +12,12 @@ cut or removed, `check` holds the files to what the writer guarantees:
    holding data under a name the state does not know was written under another
    state: this one is lost or older.
 2. Lines are appended a page at a time, at most MAX_APPEND_LINES (200) of them,
-   and each append is committed before the next one starts; with
-   `synchronous=FULL` a commit is as durable as the fsynced lines, power cut
-   included. So past the commit point lies at most one page: at most 200 lines,
-   the last one possibly torn. More means commits are missing: the state is older.
+   and each append is committed before the next one starts; a commit outlives the
+   process that made it (SQLite's WAL, `synchronous=NORMAL`). So past the commit point
+   lies at most one page: at most 200 lines, the last one possibly torn. More means
+   commits are missing: the state is older, or a power cut took back the last
+   commits (NORMAL syncs the WAL at checkpoints only); either way `harvest repair`
+   rebuilds the state from the lines, which were fsynced, and nothing is lost.
 3. The state only ever commits whole lines: the committed length ends a line.
 4. A closed segment never changes: its file exists and, when plain, holds exactly
    the committed bytes. An active segment's file holds at least them.
