@@ -213,6 +213,10 @@ def _wants_other_end(shard: Shard, plan: WalkPlan, walker: Walker, walk_: _Walk)
         return False  # already two-ended, or an incremental or resumed walk: it knows its frontier
     if walk_.depth < SPLIT_AFTER or not walker.crew.short(walker.client):
         return False
+    if split(shard):
+        # A shard that can still be split would, on reaching the walk cap, be split while
+        # its other end walks on: every request of that end spent twice (bench 6: 3.9x).
+        return False
     return shard in _ends(shard)  # its sort is one end's: the walk so far is that end's
 
 
