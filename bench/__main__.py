@@ -1,6 +1,6 @@
-"""python -m bench [--quick] [--reps N] [--only 1,2,3,4,5] [--json PATH] [--keep]
+"""python -m bench [--quick] [--reps N] [--only 1,2,3,4,5,6] [--json PATH] [--keep]
 
-The issue's benchmark. Five scenarios, each measured run against a freshly started
+The issue's benchmark. Six scenarios, each measured run against a freshly started
 fake API (no warm caches carried between runs), medians over the repetitions:
 
 1. throughput: unlimited server, 6 versions, 100k images, limit 200, withMeta: harvest vs the
@@ -9,7 +9,9 @@ fake API (no warm caches carried between runs), medians over the repetitions:
 3. memory: peak RSS of harvest at 1M and at 100k images;
 4. latency hiding: 200 ms added to every response, harvest at concurrency 1, 4 and 16;
 5. soak (bench/soak.py; --only soak): 100k images, ~10% faults, SIGKILLed 3-5 times and
-   resumed, the exact id set at the end (run once, whatever --reps).
+   resumed, the exact id set at the end (run once, whatever --reps);
+6. export (bench/export.py; --only export): `harvest export` of a 1M harvest to Parquet: images/s,
+   Parquet bytes against NDJSON bytes, against a hand-written orjson loop (bench/export_baseline.py).
 
 Prints a table with PASS/MISS per target and writes bench/results.json.
 """
@@ -33,7 +35,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from bench import soak
+from bench import export, soak
 from bench.harness import (
     MODEL_ID,
     ROOT,
@@ -60,6 +62,7 @@ class Sizes:
     s3_small: int
     s4_per_version: int  # scenario 4: images per version, 16 versions
     s5_images: int  # scenario 5: images in all, 6 versions, faults and SIGKILLs
+    s6_images: int  # scenario 6: images harvested, then exported
 
 
 FULL = Sizes(
@@ -70,6 +73,7 @@ FULL = Sizes(
     s3_small=100_000,
     s4_per_version=2_000,
     s5_images=100_000,
+    s6_images=1_000_000,
 )
 QUICK = Sizes(
     s1_images=20_000,
@@ -79,6 +83,7 @@ QUICK = Sizes(
     s3_small=20_000,
     s4_per_version=500,
     s5_images=10_000,
+    s6_images=100_000,
 )
 
 S1_VERSIONS = 6
@@ -562,6 +567,24 @@ SHOWN = {
         ("rate-limited (harvest, last-run.json)", "rate_limited"),
         ("cooldown s (harvest, last-run.json)", "cooldown_s"),
     ],
+    "6": [
+        ("images", "images"),
+        ("export images/s", "export_items_per_s"),
+        ("export s per million images", "export_seconds_per_million"),
+        ("export CPU us/image", "export_cpu_us_per_item"),
+        ("export peak RSS MiB", "export_peak_rss_mib"),
+        ("NDJSON bytes (uncompressed)", "ndjson_bytes"),
+        ("segments on disk (zstd) bytes", "segments_zst_bytes"),
+        ("Parquet bytes", "parquet_bytes"),
+        ("Parquet / NDJSON", "parquet_vs_ndjson"),
+        ("Parquet files", "parquet_files"),
+        ("incremental export, nothing new, s", "noop_export_wall_s"),
+        ("jsonl.gz export s", "jsonl_gz_wall_s"),
+        ("jsonl.gz bytes", "jsonl_gz_bytes"),
+        ("harvest sql count(meta) s", "sql_count_wall_s"),
+        ("baseline (orjson loop) images/s", "baseline_items_per_s"),
+        ("export / baseline", "export_vs_baseline"),
+    ],
 }
 TITLES = {
     "1": "throughput (unlimited server)",
@@ -569,6 +592,7 @@ TITLES = {
     "3": "memory",
     "4": "latency hiding (+200 ms/response)",
     "5": "soak (~10% faults, SIGKILLs, resume)",
+    "6": "export (Parquet, zstd segments)",
 }
 
 
@@ -603,8 +627,9 @@ SCENARIOS: dict[str, Callable[[Sizes, int, bool], dict[str, Any]]] = {
     "3": scenario_memory,
     "4": scenario_latency,
     "5": lambda sizes, reps, keep: soak.scenario_soak(sizes.s5_images, keep),
+    "6": lambda sizes, reps, keep: export.scenario_export(sizes.s6_images, reps, keep),
 }
-ALIASES = {"soak": "5"}
+ALIASES = {"soak": "5", "export": "6"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -615,7 +640,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument("--quick", action="store_true", help="1 repetition and smaller sizes")
     p.add_argument("--reps", type=int, help="repetitions per figure (default 3; 1 with --quick)")
-    p.add_argument("--only", default="1,2,3,4,5", help="scenarios to run, e.g. 1,3 (soak: 5)")
+    p.add_argument("--only", default="1,2,3,4,5,6", help="scenarios to run, e.g. 1,3 (soak: 5, export: 6)")
     p.add_argument("--json", type=Path, default=RESULTS, help=f"where to write results (default {RESULTS})")
     p.add_argument("--keep", action="store_true", help="keep the scratch dirs (under the temp dir)")
     p.add_argument(
@@ -638,7 +663,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     chosen = [ALIASES.get(s.strip(), s.strip()) for s in args.only.split(",") if s.strip()]
     unknown = [s for s in chosen if s not in SCENARIOS]
     if unknown:
-        p.error(f"unknown scenario(s) {unknown}; known: 1, 2, 3, 4, 5 (soak)")
+        p.error(f"unknown scenario(s) {unknown}; known: 1, 2, 3, 4, 5 (soak), 6 (export)")
     started = time.monotonic()
     results: dict[str, Any] = {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),

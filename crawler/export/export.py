@@ -15,9 +15,12 @@ import fcntl
 import logging
 import os
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import duckdb
 
@@ -29,6 +32,7 @@ from crawler.export.manifest import Exported, Manifest, Mark
 from crawler.export.schema import SCHEMA_VERSION
 
 log = logging.getLogger("harvest")
+T = TypeVar("T")
 
 FORMATS = ("parquet", "jsonl.gz")
 DEFAULT_FILE_MB = 256.0
@@ -76,7 +80,8 @@ def export(
         _sweep(folder, suffix, {f.name for f in previous.files})
         con = typed.connect()
         numbers = [file_number(f.name, suffix) or 0 for f in previous.files]
-        sink = _files(fmt, folder, max(numbers, default=0) + 1, int(file_mb * 2**20), con)
+        # The writer thread's own DuckDB connection (to the same database): one per thread.
+        sink = _files(fmt, folder, max(numbers, default=0) + 1, int(file_mb * 2**20), con.cursor())
         try:
             marks, source_bytes = _write(out_dir, state, done.segments, sink, con)
             written = sink.close()
@@ -96,17 +101,43 @@ def export(
 def _write(
     out_dir: Path, state: State, marks: dict[str, Mark], sink: Files, con: duckdb.DuckDBPyConnection
 ) -> tuple[dict[str, Mark], int]:
-    """Every committed line past `marks` into `sink`; the new marks and the bytes read."""
-    marks, read = dict(marks), 0
-    for segment, mark in _new_parts(state.segments(), marks):
-        count = 0
-        for block in lines.blocks(out_dir, state, segment, mark.bytes, mark.lines + 1):
-            sink.write(typed.rows(con, block))
-            count += len(block)
-        log.debug("export: %s: lines %d-%d", segment.name, mark.lines + 1, mark.lines + count)
-        read += segment.size - mark.bytes
-        marks[segment.name] = Mark(segment.size, mark.lines + count)
-    return marks, read
+    """Every committed line past `marks` into `sink`; the new marks and the bytes read.
+
+    Three stages overlap: a thread reads and splits the next block, DuckDB types this
+    one (on every core), a thread writes the one before; each stage releases the GIL
+    for its heavy part (decompressing, splitting, Parquet encoding, the query).
+    """
+    parts = list(_new_parts(state.segments(), marks))
+
+    def blocks() -> Iterator[lines.Block]:
+        for segment, mark in parts:
+            yield from lines.blocks(out_dir, state, segment, mark.bytes, mark.lines + 1)
+
+    counts: Counter[str] = Counter()
+    with ThreadPoolExecutor(1, "export-read") as reader, ThreadPoolExecutor(1, "export-write") as writer:
+        pending: Future[None] | None = None
+        for block in _ahead(blocks(), reader):
+            table = typed.rows(con, block)
+            if pending is not None:
+                pending.result()  # in order, and its error surfaces here
+            pending = writer.submit(sink.write, table)
+            counts[block.segment] += len(block)
+        if pending is not None:
+            pending.result()
+    marks = dict(marks)
+    for segment, mark in parts:
+        log.debug("export: %s: lines %d-%d", segment.name, mark.lines + 1, mark.lines + counts[segment.name])
+        marks[segment.name] = Mark(segment.size, mark.lines + counts[segment.name])
+    return marks, sum(segment.size - mark.bytes for segment, mark in parts)
+
+
+def _ahead(items: Iterator[T], pool: ThreadPoolExecutor) -> Iterator[T]:
+    """`items`, each one made in `pool` while the caller works on the one before."""
+    end = object()
+    future = pool.submit(next, items, end)
+    while (item := future.result()) is not end:
+        future = pool.submit(next, items, end)
+        yield item  # type: ignore[misc]
 
 
 def _new_parts(segments: list[SegmentRow], marks: dict[str, Mark]) -> Iterator[tuple[SegmentRow, Mark]]:

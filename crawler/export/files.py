@@ -175,7 +175,7 @@ _JSON_ROW = "to_json(struct_pack({}))".format(
 
 class _JsonLinesEncoder:
     def __init__(self, raw: BinaryIO, con: duckdb.DuckDBPyConnection) -> None:
-        self._gzip = gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=6, mtime=0)
+        self._gzip = gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=3, mtime=0)
         self._con = con
 
     def write(self, table: pa.Table) -> None:
