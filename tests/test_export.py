@@ -32,6 +32,7 @@ from crawler.archive.reader import committed_lines
 from crawler.archive.state import State
 from crawler.export import lines, typed
 from crawler.export.schema import SCHEMA, STATS_KEYS, markdown_table
+from crawler.export.sql import names_images
 from crawler.testing import configs
 from crawler.testing.fakeapi import Dataset, ServerOptions, ServerThread
 from crawler.testing.fakeapi.dataset import DatasetSpec
@@ -483,6 +484,12 @@ def test_sql_views_over_the_archive(tmp_path: Path) -> None:
     assert csv_text == "id,seed\n77000001,18446744073709552000\n"
     table = sql(cfg, "SELECT id, prompt FROM images WHERE id = 77000002", "table")
     assert "77000002" in table and "cut inside an emoji \ufffd" in table
+
+
+def test_images_is_made_only_for_a_query_that_names_it() -> None:
+    assert names_images('SELECT count(*) FROM "Images"') and names_images("select * from images;")
+    assert not names_images("SELECT * FROM shards WHERE query = 'my_images_2'")
+    assert not names_images("SELECT key, status FROM shards")
 
 
 def test_sql_errors_are_one_line_and_exit_2(tmp_path: Path) -> None:

@@ -24,7 +24,7 @@ from rich.table import Table
 from crawler.archive.state import State
 from crawler.config import Config
 from crawler.errors import ConfigError, ExitCode
-from crawler.export.sql import session
+from crawler.export.sql import names_images, session
 
 OUTPUT_FORMATS = ("table", "csv", "json")
 TABLE_ROWS = 1000  # a table shows this many rows at most; csv and json show all
@@ -32,8 +32,16 @@ _BATCH = 10_000
 
 
 def cmd_sql(config: Config, query: str, fmt: str) -> int:
+    try:
+        return _sql(config, query, fmt)
+    except KeyboardInterrupt:
+        print("harvest: sql interrupted", file=sys.stderr)
+        return ExitCode.SIGINT
+
+
+def _sql(config: Config, query: str, fmt: str) -> int:
     with State.open(config.output.dir, create=False) as state:
-        con = session(config.output.dir, state)
+        con = session(config.output.dir, state, images=names_images(query))
     with con:
         try:
             cursor = con.execute(query)

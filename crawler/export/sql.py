@@ -9,12 +9,15 @@ Tables, made afresh from the output dir on every call:
 - `shards` and `segments`: the state's shards (query, status, cursor, counts,
   error) and segments (file, committed bytes and lines, closed).
 
-A later `refresh` adds its observations as one more table here, joined to
-`images` by `id` (latest observation per id).
+Building `images` reads the whole archive (about as long as an export), so it is
+made only for a query that names it (`names_images`). A later `refresh` adds its
+observations as one more table here, joined to `images` by `id` (latest
+observation per id).
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import duckdb
@@ -28,14 +31,20 @@ from crawler.export.schema import MEDIA_SCHEMA, SCHEMA
 TABLES = ("images", "media", "shards", "segments")
 
 
-def session(out_dir: Path, state: State) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB holding `TABLES` for the archive in `out_dir`."""
+def names_images(query: str) -> bool:
+    """Whether `query` can refer to `images`: any table reference spells the name."""
+    return re.search(r"\bimages\b", query, re.IGNORECASE) is not None
+
+
+def session(out_dir: Path, state: State, images: bool = True) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB holding `TABLES` for the archive in `out_dir` (`images` if asked)."""
     con = typed.connect()
     try:
-        _create(con, "images", SCHEMA.empty_table())
-        for segment in state.segments():
-            for block in lines.blocks(out_dir, state, segment, 0, 1):
-                _insert(con, "images", typed.rows(con, block))
+        if images:
+            _create(con, "images", SCHEMA.empty_table())
+            for segment in state.segments():
+                for block in lines.blocks(out_dir, state, segment, 0, 1):
+                    _insert(con, "images", typed.rows(con, block))
         _create(con, "media", MEDIA_SCHEMA.empty_table())
         _create(con, "shards", _shards(state))
         _create(con, "segments", _segments(state))
