@@ -9,8 +9,8 @@ Tables, made afresh from the output dir on every call:
 - `shards` and `segments`: the state's shards (query, status, cursor, counts,
   error) and segments (file, committed bytes and lines, closed).
 
-Building `images` reads the whole archive (about as long as an export), so it is
-made only for a query that names it (`names_images`). A later `refresh` adds its
+Filling `images` reads the whole archive (about as long as an export), so it is
+filled only for a query that names it (`names_images`). A later `refresh` adds its
 observations as one more table here, joined to `images` by `id` (latest
 observation per id).
 """
@@ -40,8 +40,10 @@ def session(out_dir: Path, state: State, images: bool = True) -> duckdb.DuckDBPy
     """An in-memory DuckDB holding `TABLES` for the archive in `out_dir` (`images` if asked)."""
     con = typed.connect()
     try:
+        # Without `images`, the table is there but empty: it keeps SHOW TABLES and DuckDB's
+        # "did you mean" whole, and no query can read it without naming it.
+        _create(con, "images", SCHEMA.empty_table())
         if images:
-            _create(con, "images", SCHEMA.empty_table())
             for segment in state.segments():
                 for block in lines.blocks(out_dir, state, segment, 0, 1):
                     _insert(con, "images", typed.rows(con, block))
