@@ -486,6 +486,24 @@ def test_sql_views_over_the_archive(tmp_path: Path) -> None:
     assert "77000002" in table and "cut inside an emoji \ufffd" in table
 
 
+def test_sql_types_only_what_was_committed_since_its_last_call(tmp_path: Path) -> None:
+    data = dataset()
+    cfg = harvested(tmp_path, data)
+    count = "SELECT count(*) AS n FROM images"
+    first = sql(cfg, count)[0]["n"]
+    cache = tmp_path / "out" / "sql-cache"
+    data.add_images(5003, 9)
+    harvested(tmp_path, data)
+    assert sql(cfg, count) == [{"n": first + 9}]
+    manifest = orjson.loads((cache / "manifest.json").read_bytes())
+    assert [f["rows"] for f in manifest["formats"]["parquet"]["files"]] == [first, 9]
+    manifest["formats"]["parquet"]["schema_version"] = 0  # a cache from another harvest version
+    (cache / "manifest.json").write_bytes(orjson.dumps(manifest))
+    assert sql(cfg, count) == [{"n": first + 9}]  # started over, not refused
+    assert [p.name for p in parquet_files(cache)] == ["images-000003.parquet"]
+    assert harvest("verify", cfg).code == 0  # the cache is no part of the archive
+
+
 def test_images_is_made_only_for_a_query_that_names_it() -> None:
     assert names_images('SELECT count(*) FROM "Images"') and names_images("select * from images;")
     assert not names_images("SELECT * FROM shards WHERE query = 'my_images_2'")

@@ -18,7 +18,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -60,6 +60,11 @@ class Result:
         return sum(f.bytes for f in self.files)
 
 
+class StaleExport(ConfigError):
+    """The export dir cannot be continued: another archive's, another schema's, or the archive
+    was rebuilt since. `--full` starts it over."""
+
+
 def export(
     out_dir: Path,
     state: State,
@@ -67,47 +72,70 @@ def export(
     fmt: str = "parquet",
     *,
     full: bool = False,
+    restart: bool = False,
+    wait: bool = False,
     file_mb: float = DEFAULT_FILE_MB,
     clock: Callable[[], float] = time.monotonic,
 ) -> Result:
-    """Export what is new in `out_dir`'s archive (everything with `full`) into `folder`."""
+    """Export what is new in `out_dir`'s archive (everything with `full`) into `folder`.
+
+    `restart`: an export dir that cannot be continued is started over (as with `full`)
+    instead of refused. `wait`: wait for another export into `folder` instead of refusing.
+    """
     started = clock()
-    with _Lock(folder):
-        manifest = _manifest(folder, out_dir, fmt, full)
-        previous = manifest.formats.get(fmt, Exported(SCHEMA_VERSION))
-        done = Exported(SCHEMA_VERSION) if full else previous
-        suffix = _suffix(fmt)
-        _sweep(folder, suffix, {f.name for f in previous.files})
-        con = typed.connect()
-        numbers = [file_number(f.name, suffix) or 0 for f in previous.files]
-        # The writer thread's own DuckDB connection (to the same database): one per thread.
-        sink = _files(fmt, folder, max(numbers, default=0) + 1, int(file_mb * 2**20), con.cursor())
+    with _Lock(folder, wait):
         try:
-            marks, source_bytes = _write(out_dir, state, done.segments, sink, con)
-            written = sink.close()
-        except BaseException:
-            sink.abort()
-            raise
-        finally:
-            con.close()
-        now = Exported(SCHEMA_VERSION, [*done.files, *written], marks, _utc_now())
-        manifest.formats[fmt] = now
-        manifest.save(folder)
-        if full:
-            _remove(folder, previous.files)
-    return Result(folder, fmt, full, tuple(written), source_bytes, now.rows, clock() - started)
+            result = _export(out_dir, state, folder, fmt, full, file_mb)
+        except StaleExport as exc:
+            if not restart or full:
+                raise
+            log.info("export: %s; starting it over", exc)
+            result = _export(out_dir, state, folder, fmt, True, file_mb)
+    return replace(result, seconds=clock() - started)
+
+
+def _export(out_dir: Path, state: State, folder: Path, fmt: str, full: bool, file_mb: float) -> Result:
+    manifest = _manifest(folder, out_dir, fmt, full)
+    previous = manifest.formats.get(fmt, Exported(SCHEMA_VERSION))
+    done = Exported(SCHEMA_VERSION) if full else previous
+    parts = list(_new_parts(state.segments(), done.segments))  # refuses before anything is written
+    suffix = _suffix(fmt)
+    _sweep(folder, suffix, {f.name for f in previous.files})
+    con = typed.connect()
+    numbers = [file_number(f.name, suffix) or 0 for f in previous.files]
+    # The writer thread's own DuckDB connection (to the same database): one per thread.
+    sink = _files(fmt, folder, max(numbers, default=0) + 1, int(file_mb * 2**20), con.cursor())
+    try:
+        marks = _write(out_dir, state, parts, done.segments, sink, con)
+        written = sink.close()
+    except BaseException:
+        sink.abort()
+        raise
+    finally:
+        con.close()
+    now = Exported(SCHEMA_VERSION, [*done.files, *written], marks, _utc_now())
+    manifest.formats[fmt] = now
+    manifest.save(folder)
+    if full:
+        _remove(folder, previous.files)
+    source_bytes = sum(segment.size - mark.bytes for segment, mark in parts)
+    return Result(folder, fmt, full, tuple(written), source_bytes, now.rows, 0.0)
 
 
 def _write(
-    out_dir: Path, state: State, marks: dict[str, Mark], sink: Files, con: duckdb.DuckDBPyConnection
-) -> tuple[dict[str, Mark], int]:
-    """Every committed line past `marks` into `sink`; the new marks and the bytes read.
+    out_dir: Path,
+    state: State,
+    parts: list[tuple[SegmentRow, Mark]],
+    marks: dict[str, Mark],
+    sink: Files,
+    con: duckdb.DuckDBPyConnection,
+) -> dict[str, Mark]:
+    """The committed lines of each segment past its mark into `sink`; the new marks.
 
     Three stages overlap: a thread reads and splits the next block, DuckDB types this
     one (on every core), a thread writes the one before; each stage releases the GIL
     for its heavy part (decompressing, splitting, Parquet encoding, the query).
     """
-    parts = list(_new_parts(state.segments(), marks))
 
     def blocks() -> Iterator[lines.Block]:
         for segment, mark in parts:
@@ -128,7 +156,7 @@ def _write(
     for segment, mark in parts:
         log.debug("export: %s: lines %d-%d", segment.name, mark.lines + 1, mark.lines + counts[segment.name])
         marks[segment.name] = Mark(segment.size, mark.lines + counts[segment.name])
-    return marks, sum(segment.size - mark.bytes for segment, mark in parts)
+    return marks
 
 
 def _ahead(items: Iterator[T], pool: ThreadPoolExecutor) -> Iterator[T]:
@@ -144,7 +172,7 @@ def _new_parts(segments: list[SegmentRow], marks: dict[str, Mark]) -> Iterator[t
     for segment in segments:
         mark = marks.get(segment.name, Mark(0, 0))
         if segment.size < mark.bytes:
-            raise StateError(
+            raise StaleExport(
                 f"{segment.name}: the archive commits {segment.size} bytes of it, the export holds "
                 f"{mark.bytes}: the archive was rebuilt since; export again with --full"
             )
@@ -154,19 +182,24 @@ def _new_parts(segments: list[SegmentRow], marks: dict[str, Mark]) -> Iterator[t
 
 def _manifest(folder: Path, out_dir: Path, fmt: str, full: bool) -> Manifest:
     source = str(out_dir.resolve())
-    manifest = Manifest.load(folder)
+    try:
+        manifest = Manifest.load(folder)
+    except StateError:
+        if not full:
+            raise
+        manifest = None  # replaced whole: its files are swept as strays
     if manifest is None:
         return Manifest(source)
     if manifest.source != source:
         if not full:
-            raise ConfigError(
+            raise StaleExport(
                 f"{folder}: holds an export of {manifest.source}, not of {source}; "
                 "choose another --to, or replace it with --full"
             )
         return Manifest(source, {})
     previous = manifest.formats.get(fmt)
     if previous is not None and previous.schema_version != SCHEMA_VERSION and not full:
-        raise ConfigError(
+        raise StaleExport(
             f"{folder}: its {fmt} files have schema version {previous.schema_version}, this harvest "
             f"writes version {SCHEMA_VERSION}; export again with --full"
         )
@@ -202,8 +235,8 @@ def _utc_now() -> str:
 class _Lock:
     """One export per export dir at a time (an flock: a killed export never leaves it held)."""
 
-    def __init__(self, folder: Path) -> None:
-        self._folder = folder
+    def __init__(self, folder: Path, wait: bool) -> None:
+        self._folder, self._wait = folder, wait
         self._fd = -1
 
     def __enter__(self) -> None:
@@ -213,7 +246,7 @@ class _Lock:
         except OSError as exc:
             raise OutputError(f"{self._folder}: cannot export here: {exc.strerror or exc}") from None
         try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(self._fd, fcntl.LOCK_EX | (0 if self._wait else fcntl.LOCK_NB))
         except BlockingIOError:
             os.close(self._fd)
             raise LockedError(f"{self._folder}: another export is writing to this dir") from None

@@ -135,9 +135,16 @@ class ParquetFiles(Files):
         return _ParquetEncoder(raw)
 
 
+# Columns with few distinct values, dictionary-encoded; the others (urls, prompts, meta, ids) are not:
+# a dictionary there only costs time before Parquet gives up on it.
+_DICTIONARY = ["nsfwLevel", "type", "username", "baseModel", "sampler", "Size", "negativePrompt", "segment"]
+
+
 class _ParquetEncoder:
     def __init__(self, raw: BinaryIO) -> None:
-        self._writer = pq.ParquetWriter(raw, SCHEMA, compression="zstd", compression_level=3)
+        self._writer = pq.ParquetWriter(
+            raw, SCHEMA, compression="zstd", compression_level=1, use_dictionary=_DICTIONARY
+        )
 
     def write(self, table: pa.Table) -> None:
         self._writer.write_table(table, row_group_size=len(table))

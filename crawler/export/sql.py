@@ -1,16 +1,19 @@
 """`harvest sql`: an embedded DuckDB over one output dir, no server.
 
-Tables, made afresh from the output dir on every call:
+Tables and views, current as of the call:
 
 - `images`: the export's columns (`schema.SCHEMA`), typed from the committed lines
-  of every segment, plain or compressed (never an uncommitted tail);
+  of every segment, plain or compressed (never an uncommitted tail). They are kept
+  as Parquet in `OUTPUT_DIR/sql-cache/`, an export brought up to date before each
+  query (only lines committed since the last call are typed), so DuckDB scans
+  Parquet: fast, in parallel, and in bounded memory;
 - `media`: downloaded media (id, path, size, sha256, content_type): no rows until
   media is downloaded;
 - `shards` and `segments`: the state's shards (query, status, cursor, counts,
   error) and segments (file, committed bytes and lines, closed).
 
-Filling `images` reads the whole archive (about as long as an export), so it is
-filled only for a query that names it (`names_images`). A later `refresh` adds its
+The cache is brought up to date only for a query that names `images`
+(`names_images`); otherwise `images` is an empty table. A later `refresh` adds its
 observations as one more table here, joined to `images` by `id` (latest
 observation per id).
 """
@@ -25,10 +28,13 @@ import orjson
 import pyarrow as pa
 
 from crawler.archive.state import State
-from crawler.export import lines, typed
+from crawler.export import typed
+from crawler.export.export import export
+from crawler.export.manifest import Manifest
 from crawler.export.schema import MEDIA_SCHEMA, SCHEMA
 
 TABLES = ("images", "media", "shards", "segments")
+CACHE_DIR = "sql-cache"
 
 
 def names_images(query: str) -> bool:
@@ -37,16 +43,15 @@ def names_images(query: str) -> bool:
 
 
 def session(out_dir: Path, state: State, images: bool = True) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB holding `TABLES` for the archive in `out_dir` (`images` if asked)."""
+    """An in-memory DuckDB holding `TABLES` for the archive in `out_dir` (`images` empty unless asked)."""
+    files = _cache(out_dir, state) if images else []
     con = typed.connect()
     try:
-        # Without `images`, the table is there but empty: it keeps SHOW TABLES and DuckDB's
-        # "did you mean" whole, and no query can read it without naming it.
-        _create(con, "images", SCHEMA.empty_table())
-        if images:
-            for segment in state.segments():
-                for block in lines.blocks(out_dir, state, segment, 0, 1):
-                    _insert(con, "images", typed.rows(con, block))
+        if files:
+            listed = ", ".join(_literal(str(f)) for f in files)
+            con.execute(f"CREATE VIEW images AS SELECT * FROM read_parquet([{listed}])")
+        else:
+            _create(con, "images", SCHEMA.empty_table())
         _create(con, "media", MEDIA_SCHEMA.empty_table())
         _create(con, "shards", _shards(state))
         _create(con, "segments", _segments(state))
@@ -56,18 +61,23 @@ def session(out_dir: Path, state: State, images: bool = True) -> duckdb.DuckDBPy
     return con
 
 
+def _cache(out_dir: Path, state: State) -> list[Path]:
+    """The Parquet files of `images`, brought up to date (started over if they cannot be)."""
+    folder = out_dir / CACHE_DIR
+    export(out_dir, state, folder, "parquet", restart=True, wait=True)
+    manifest = Manifest.load(folder)
+    exported = manifest.formats.get("parquet") if manifest else None
+    return [folder / f.name for f in exported.files] if exported else []
+
+
+def _literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
 def _create(con: duckdb.DuckDBPyConnection, name: str, table: pa.Table) -> None:
     con.register("_source", table)
     try:
         con.execute(f"CREATE TABLE {name} AS SELECT * FROM _source")
-    finally:
-        con.unregister("_source")
-
-
-def _insert(con: duckdb.DuckDBPyConnection, name: str, table: pa.Table) -> None:
-    con.register("_source", table)
-    try:
-        con.execute(f"INSERT INTO {name} SELECT * FROM _source")
     finally:
         con.unregister("_source")
 

@@ -101,6 +101,9 @@ FROM c
 """
 
 
+_BATCH_ROWS = 4096
+
+
 def connect() -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB with the typing macros, timestamps read in UTC, every core in use."""
     con = duckdb.connect(config={"threads": os.cpu_count() or 1})
@@ -112,13 +115,17 @@ def connect() -> duckdb.DuckDBPyConnection:
 def rows(con: duckdb.DuckDBPyConnection, block: Block) -> pa.Table:
     """The block's lines as rows of `SCHEMA`, in line order."""
     numbers = pa.array(range(block.first, block.first + len(block)), pa.int64())
-    con.register("lines", pa.table({"n": numbers, "line": block.text}))
+    # DuckDB scans an Arrow table one record batch per thread: several batches, every core busy.
+    table = pa.table({"n": numbers, "line": block.text}).to_batches(max_chunksize=_BATCH_ROWS)
+    con.register("lines", pa.Table.from_batches(table))
     try:
         table = con.sql(QUERY.replace("$segment", _literal(block.segment))).to_arrow_table()
     except duckdb.Error as exc:
         raise _broken(con, block, exc) from None
     finally:
         con.unregister("lines")
+    if not pc.all(pc.equal(table.column("line"), numbers)).as_py():
+        table = table.sort_by("line")  # DuckDB keeps the order; should it not, the rows are put back in it
     _check_ids(table, block)
     table = _exact_meta(table, block)
     return table.cast(SCHEMA)
