@@ -101,10 +101,11 @@ def _export(out_dir: Path, state: State, folder: Path, fmt: str, full: bool, fil
     parts = list(_new_parts(state.segments(), done.segments))  # refuses before anything is written
     suffix = _suffix(fmt)
     _sweep(folder, suffix, {f.name for f in previous.files})
+    if not parts and not full and fmt in manifest.formats:
+        return Result(folder, fmt, full, (), 0, previous.rows, 0.0)  # nothing new: nothing changes
     con = typed.connect()
     numbers = [file_number(f.name, suffix) or 0 for f in previous.files]
-    # The writer thread's own DuckDB connection (to the same database): one per thread.
-    sink = _files(fmt, folder, max(numbers, default=0) + 1, int(file_mb * 2**20), con.cursor())
+    sink = _files(fmt, folder, max(numbers, default=0) + 1, int(file_mb * 2**20), con)
     try:
         marks = _write(out_dir, state, parts, done.segments, sink, con)
         written = sink.close()
@@ -134,7 +135,7 @@ def _write(
 
     Three stages overlap: a thread reads and splits the next block, DuckDB types this
     one (on every core), a thread writes the one before; each stage releases the GIL
-    for its heavy part (decompressing, splitting, Parquet encoding, the query).
+    for its heavy part (decompressing, splitting, the query, Parquet encoding or gzip).
     """
 
     def blocks() -> Iterator[lines.Block]:
@@ -145,10 +146,10 @@ def _write(
     with ThreadPoolExecutor(1, "export-read") as reader, ThreadPoolExecutor(1, "export-write") as writer:
         pending: Future[None] | None = None
         for block in _ahead(blocks(), reader):
-            table = typed.rows(con, block)
+            batch = sink.prepare(typed.rows(con, block))
             if pending is not None:
                 pending.result()  # in order, and its error surfaces here
-            pending = writer.submit(sink.write, table)
+            pending = writer.submit(sink.write, batch)
             counts[block.segment] += len(block)
         if pending is not None:
             pending.result()

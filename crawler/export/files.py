@@ -13,11 +13,10 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, ClassVar, Protocol
+from typing import Any, BinaryIO, ClassVar, Protocol
 
 import duckdb
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from crawler.archive.fs import PART_SUFFIX, fsync_dir
@@ -55,15 +54,27 @@ def strays(folder: Path, suffix: str, listed: set[str]) -> list[Path]:
     )
 
 
-class Encoder(Protocol):
-    """Writes blocks of rows of `SCHEMA` into one open file."""
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """A block of rows made ready for one format's file: `data` is what its encoder writes."""
 
-    def write(self, table: pa.Table) -> None: ...
+    rows: int
+    data: Any
+
+
+class Encoder(Protocol):
+    """Writes batches into one open file."""
+
+    def write(self, data: Any) -> None: ...
     def close(self) -> None: ...
 
 
 class Files:
-    """Numbered files of one format, a new one whenever the current reaches `max_bytes`."""
+    """Numbered files of one format, a new one whenever the current reaches `max_bytes`.
+
+    `prepare` turns rows into a `Batch` (on the exporting thread: it may use DuckDB);
+    `write` puts it in the current file (on the writing thread).
+    """
 
     suffix: ClassVar[str]
 
@@ -74,15 +85,18 @@ class Files:
         self._encoder: Encoder | None = None
         self._rows = 0
 
-    def write(self, table: pa.Table) -> None:
-        if not len(table):
+    def prepare(self, table: pa.Table) -> Batch:
+        return Batch(len(table), table)
+
+    def write(self, batch: Batch) -> None:
+        if not batch.rows:
             return
         try:
             if self._encoder is None:
                 self._raw = self._part().open("wb")
                 self._encoder = self.encoder(self._raw)
-            self._encoder.write(table)
-            self._rows += len(table)
+            self._encoder.write(batch.data)
+            self._rows += batch.rows
             assert self._raw is not None
             if self._raw.tell() >= self.max_bytes:
                 self._finish()
@@ -146,15 +160,18 @@ class _ParquetEncoder:
             raw, SCHEMA, compression="zstd", compression_level=1, use_dictionary=_DICTIONARY
         )
 
-    def write(self, table: pa.Table) -> None:
-        self._writer.write_table(table, row_group_size=len(table))
+    def write(self, data: Any) -> None:
+        self._writer.write_table(data, row_group_size=len(data))
 
     def close(self) -> None:
         self._writer.close()
 
 
 class JsonLinesFiles(Files):
-    """The same rows as gzipped JSON lines: one object per image, every column, nulls included."""
+    """The same rows as gzipped JSON lines: one object per image, every column, nulls included.
+
+    DuckDB writes the lines (`prepare`); the writing thread only compresses them.
+    """
 
     suffix = ".jsonl.gz"
 
@@ -164,13 +181,21 @@ class JsonLinesFiles(Files):
         super().__init__(folder, first_number, max_bytes)
         self._con = con
 
+    def prepare(self, table: pa.Table) -> Batch:
+        self._con.register("export_rows", table)
+        try:
+            lines = self._con.sql(f"SELECT {_JSON_LINE} AS j FROM export_rows").to_arrow_table().column("j")
+        finally:
+            self._con.unregister("export_rows")
+        return Batch(len(table), [_characters(chunk) for chunk in lines.chunks])
+
     def encoder(self, raw: BinaryIO) -> Encoder:
-        return _JsonLinesEncoder(raw, self._con)
+        return _GzipEncoder(raw)
 
 
-# `createdAt` as ISO 8601 in UTC ("2024-05-01T12:00:00.123000Z"); every other column as DuckDB
-# writes its type in JSON (numbers, strings, lists, objects).
-_JSON_ROW = "to_json(struct_pack({}))".format(
+# One line per row: `createdAt` as ISO 8601 in UTC ("2024-05-01T12:00:00.123000Z"), every other
+# column as DuckDB writes its type in JSON (numbers, strings, lists, objects), then a newline.
+_JSON_LINE = "to_json(struct_pack({})) || chr(10)".format(
     ", ".join(
         f'"{f.name}" := strftime("{f.name}", \'%Y-%m-%dT%H:%M:%S.%fZ\')'
         if pa.types.is_timestamp(f.type)
@@ -180,21 +205,22 @@ _JSON_ROW = "to_json(struct_pack({}))".format(
 )
 
 
-class _JsonLinesEncoder:
-    def __init__(self, raw: BinaryIO, con: duckdb.DuckDBPyConnection) -> None:
-        self._gzip = gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=3, mtime=0)
-        self._con = con
+def _characters(strings: pa.Array) -> pa.Buffer:
+    """A string array's characters, every value back to back, without copying them."""
+    kind = pa.int64() if pa.types.is_large_string(strings.type) else pa.int32()
+    _, offsets, data = strings.buffers()
+    ends = pa.Array.from_buffers(kind, len(strings) + 1, [None, offsets], offset=strings.offset)
+    start, end = ends[0].as_py(), ends[len(strings)].as_py()
+    return data.slice(start, end - start)
 
-    def write(self, table: pa.Table) -> None:
-        self._con.register("export_rows", table)
-        try:
-            lines = self._con.sql(f"SELECT {_JSON_ROW} AS j FROM export_rows").to_arrow_table().column("j")
-        finally:
-            self._con.unregister("export_rows")
-        whole = lines.combine_chunks()
-        one = pa.ListArray.from_arrays(pa.array([0, len(whole)], pa.int32()), whole)
-        self._gzip.write(pc.binary_join(one, "\n")[0].as_buffer())
-        self._gzip.write(b"\n")
+
+class _GzipEncoder:
+    def __init__(self, raw: BinaryIO) -> None:
+        self._gzip = gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=3, mtime=0)
+
+    def write(self, data: Any) -> None:
+        for text in data:
+            self._gzip.write(text)
 
     def close(self) -> None:
         self._gzip.close()
