@@ -1,6 +1,6 @@
-"""python -m bench [--quick] [--reps N] [--only 1,2,3,4,5] [--json PATH] [--keep]
+"""python -m bench [--quick] [--reps N] [--only 1,2,3,4,5,6] [--json PATH] [--keep]
 
-The issue's benchmark. Five scenarios, each measured run against a freshly started
+The issue's benchmark. Six scenarios, each measured run against a freshly started
 fake API (no warm caches carried between runs), medians over the repetitions:
 
 1. throughput: unlimited server, 6 versions, 100k images, limit 200, withMeta: harvest vs the
@@ -14,7 +14,9 @@ fake API (no warm caches carried between runs), medians over the repetitions:
    partitions walked from both ends: requests per unique image against an uncapped walk;
 7. real latency (--only latency), time-scaled 5x: lognormal latency (median 0.4 s, p95 1.6 s),
    server at 10 req/s, config at 10 req/s and otherwise default: wall time against the floor
-   (requests / rate), requests against plain walks, 429s, for a balanced and a skewed model.
+   (requests / rate), requests against plain walks, 429s, for a balanced and a skewed model;
+8. export (bench/export.py; --only export): `harvest export` of a 1M harvest to Parquet: images/s,
+   Parquet bytes against NDJSON bytes, against a hand-written orjson loop (bench/export_baseline.py).
 
 Prints a table with PASS/MISS per target and writes bench/results.json.
 """
@@ -38,7 +40,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from bench import soak
+from bench import export, soak
 from bench.harness import (
     MODEL_ID,
     ROOT,
@@ -67,6 +69,7 @@ class Sizes:
     s5_images: int  # scenario 5: images in all, 6 versions, faults and SIGKILLs
     s6_images: int  # scenario 6: one version walked past the walk cap (7x deeper)
     s7_images: int  # scenario 7: images in all, 6 versions, balanced or skewed
+    s8_images: int  # scenario 8: images harvested, then exported
 
 
 FULL = Sizes(
@@ -79,6 +82,7 @@ FULL = Sizes(
     s5_images=100_000,
     s6_images=70_000,
     s7_images=40_000,
+    s8_images=1_000_000,
 )
 QUICK = Sizes(
     s1_images=20_000,
@@ -90,6 +94,7 @@ QUICK = Sizes(
     s5_images=10_000,
     s6_images=14_000,
     s7_images=12_000,
+    s8_images=100_000,
 )
 
 S1_VERSIONS = 6
@@ -718,6 +723,26 @@ SHOWN = {
             ("hours per 1M images at 2 req/s", "hours_per_million_at_2rps"),
         )
     ],
+    "8": [
+        ("images in the dataset", "images"),
+        ("images exported (2% hidden)", "exported_rows"),
+        ("export images/s", "export_items_per_s"),
+        ("export s per million images", "export_seconds_per_million"),
+        ("export CPU us/image", "export_cpu_us_per_item"),
+        ("export peak RSS MiB", "export_peak_rss_mib"),
+        ("NDJSON bytes (uncompressed)", "ndjson_bytes"),
+        ("segments on disk (zstd) bytes", "segments_zst_bytes"),
+        ("Parquet bytes", "parquet_bytes"),
+        ("Parquet / NDJSON", "parquet_vs_ndjson"),
+        ("Parquet files", "parquet_files"),
+        ("incremental export, nothing new, s", "noop_export_wall_s"),
+        ("jsonl.gz export s", "jsonl_gz_wall_s"),
+        ("jsonl.gz bytes", "jsonl_gz_bytes"),
+        ("harvest sql, first call (makes the cache) s", "sql_first_wall_s"),
+        ("harvest sql, again s", "sql_again_wall_s"),
+        ("baseline (orjson loop) images/s", "baseline_items_per_s"),
+        ("export / baseline", "export_vs_baseline"),
+    ],
 }
 TITLES = {
     "1": "throughput (unlimited server)",
@@ -727,6 +752,7 @@ TITLES = {
     "5": "soak (~10% faults, SIGKILLs, resume)",
     "6": "capped shard covered (walk cap, both ends)",
     "7": "real latency, 5x faster (median 0.4 s, 10 req/s, default config)",
+    "8": "export (Parquet, zstd segments)",
 }
 
 
@@ -763,8 +789,9 @@ SCENARIOS: dict[str, Callable[[Sizes, int, bool], dict[str, Any]]] = {
     "5": lambda sizes, reps, keep: soak.scenario_soak(sizes.s5_images, keep),
     "6": scenario_capped,
     "7": scenario_real_latency,
+    "8": lambda sizes, reps, keep: export.scenario_export(sizes.s8_images, reps, keep),
 }
-ALIASES = {"soak": "5", "capped": "6", "latency": "7"}
+ALIASES = {"soak": "5", "capped": "6", "latency": "7", "export": "8"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -776,7 +803,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="1 repetition and smaller sizes")
     p.add_argument("--reps", type=int, help="repetitions per figure (default 3; 1 with --quick)")
     p.add_argument(
-        "--only", default="1,2,3,4,5,6,7", help="scenarios to run, e.g. 1,3 (soak: 5, capped: 6, latency: 7)"
+        "--only",
+        default="1,2,3,4,5,6,7,8",
+        help="scenarios to run, e.g. 1,3 (soak: 5, capped: 6, latency: 7, export: 8)",
     )
     p.add_argument("--json", type=Path, default=RESULTS, help=f"where to write results (default {RESULTS})")
     p.add_argument("--keep", action="store_true", help="keep the scratch dirs (under the temp dir)")
@@ -800,7 +829,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     chosen = [ALIASES.get(s.strip(), s.strip()) for s in args.only.split(",") if s.strip()]
     unknown = [s for s in chosen if s not in SCENARIOS]
     if unknown:
-        p.error(f"unknown scenario(s) {unknown}; known: 1, 2, 3, 4, 5 (soak)")
+        p.error(f"unknown scenario(s) {unknown}; known: 1, 2, 3, 4, 5 (soak), 6 (export)")
     started = time.monotonic()
     results: dict[str, Any] = {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),

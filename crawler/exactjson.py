@@ -64,6 +64,21 @@ def loads(data: bytes | str) -> Any:
     return _loads_exact(data)
 
 
+def member_bytes(data: bytes, key: str) -> bytes | None:
+    """The bytes of the value under `key` in the JSON object `data`, exactly as written.
+
+    None when the key is absent; of duplicate keys the last wins, as in any parser.
+    Raises NotJson for anything that is not a JSON object.
+    """
+    text = _text(data)
+    try:
+        return _Splitter(text, key).member()
+    except StopIteration as stop:
+        raise NotJson(f"invalid JSON at character {stop.value}") from None
+    except (ValueError, RecursionError) as exc:
+        raise NotJson(_reason(exc)) from None
+
+
 def split_object(body: bytes, key: str) -> Envelope:
     """`body` as an object whose `key` holds an array, each element with its own bytes.
 
@@ -164,6 +179,24 @@ class _Splitter:
         if self.at != len(self.text):
             raise NotJson(f"extra data after the object at character {self.at}")
         return Envelope(fields, elements)
+
+    def member(self) -> bytes | None:
+        found: str | None = None
+        self._expect("{")
+        if not self._take("}"):
+            while True:
+                name = self._name()
+                start = self.at
+                _, self.at = _scan(self.text, start)
+                if name == self.key:
+                    found = self.text[start : self.at]
+                if self._take("}"):
+                    break
+                self._expect(",")
+        self._skip()
+        if self.at != len(self.text):
+            raise NotJson(f"extra data after the object at character {self.at}")
+        return None if found is None else found.encode("utf-8")
 
     def _name(self) -> str:
         self._skip()

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from crawler.exactjson import NotJson, loads, split_object
+from crawler.exactjson import NotJson, loads, member_bytes, split_object
 
 LONE_SURROGATES = st.sampled_from(["\ud83d", "\udc00", "a\ud83dz"])
 TEXT = st.one_of(st.text(max_size=20), LONE_SURROGATES, st.just("\x00\n\u2028\"\\"))
@@ -85,3 +85,23 @@ def test_node_literals_are_written_as_served(body: bytes) -> None:
 def test_deep_nesting_is_refused_not_crashed() -> None:
     with pytest.raises(NotJson, match="deeply"):
         split_object(b'{"items":[' + b"[" * 100_000 + b"]" * 100_000 + b"]}", "items")
+
+
+@settings(max_examples=300, deadline=None)
+@given(VALUES, VALUES, st.sampled_from(["node", "pretty"]))
+def test_member_bytes_are_the_value_as_written(meta: Any, other: Any, style: str) -> None:
+    item = {"id": 1, "other": other, "meta": meta, "after": [other]}
+    text = node_stringify(item) if style == "node" else json.dumps(item, ensure_ascii=True, indent=1).encode()
+    raw = member_bytes(text, "meta")
+    assert raw is not None and json.loads(raw) == meta
+    assert raw in text  # a slice of what was written, not a re-serialisation
+    assert member_bytes(text, "absent") is None
+
+
+def test_member_bytes_keep_node_literals_and_take_the_last_duplicate() -> None:
+    line = b'{"id":1, "meta" : { "seed": 18446744073709552000, "p":"\\ud83d" } ,"x":2}\n'
+    assert member_bytes(line, "meta") == b'{ "seed": 18446744073709552000, "p":"\\ud83d" }'
+    assert member_bytes(b'{"meta":1,"meta":[2]}', "meta") == b"[2]"
+    for bad in (b"[1]", b'{"meta":1', b'{"meta":1} x', b"\xff"):
+        with pytest.raises(NotJson):
+            member_bytes(bad, "meta")

@@ -1,4 +1,4 @@
-"""The layers import one way (cli -> crawl -> config -> http | civitai | archive -> the bottom)."""
+"""The layers import one way (cli -> crawl | export -> config -> http | civitai | archive -> the bottom)."""
 
 from __future__ import annotations
 

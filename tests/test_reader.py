@@ -10,8 +10,15 @@ import pytest
 
 from conftest import batch
 from crawler.archive.checkpoint import ArchiveSpec, Checkpointer
-from crawler.archive.reader import Line, committed_items, committed_lines, parse, segment_lines
-from crawler.archive.state import State
+from crawler.archive.reader import (
+    Line,
+    committed_blocks,
+    committed_items,
+    committed_lines,
+    parse,
+    segment_lines,
+)
+from crawler.archive.state import SegmentRow, State
 from crawler.archive.verify import verify
 from crawler.errors import StateError
 
@@ -123,3 +130,40 @@ def test_a_damaged_compressed_segment_is_a_state_error_naming_it(
             list(committed_lines(tmp_path, state))
         report = verify(tmp_path, state)
         assert report.problems[0].startswith(f"{packed}: cannot be read after line ")
+
+
+@pytest.mark.parametrize("codec", ["none", "zstd", "gzip"])
+def test_committed_blocks_hold_whole_committed_lines_from_any_line(tmp_path: Path, codec: str) -> None:
+    with _archive(tmp_path, codec) as state:
+        active = state.segments()[-1]
+        with (tmp_path / active.file).open("ab") as f:  # an uncommitted, torn tail
+            f.write(b'{"id": 9, "me')
+        for segment in state.segments():
+            lines = [line.data for line in segment_lines(tmp_path, segment) if line.committed_in(segment)]
+            for skip in range(len(lines) + 1):
+                start = sum(map(len, lines[:skip]))
+                for block in (1, 7, 1 << 20):  # tiny blocks: a line spans several reads
+                    got = list(committed_blocks(tmp_path, state, segment, start, block))
+                    assert all(b.endswith(b"\n") for b in got)
+                    assert b"".join(got) == b"".join(lines[skip:])
+
+
+def test_committed_blocks_follow_a_segment_compressed_meanwhile(tmp_path: Path) -> None:
+    with _archive(tmp_path, "zstd") as state:
+        plain = state.segments()[0]
+        # as read before the compress step: its plain file is gone since
+        snapshot = SegmentRow(plain.name, plain.size, plain.items, plain.closed, plain.name)
+        assert b"".join(committed_blocks(tmp_path, state, snapshot)) == b"".join(
+            _line(i) for i in _items(1, 2, 3)
+        )
+
+
+def test_committed_bytes_that_end_inside_a_line_are_a_state_error(tmp_path: Path) -> None:
+    with _archive(tmp_path, "none") as state:
+        segment = state.segments()[0]
+        short = SegmentRow(segment.name, segment.size - 3, segment.items, segment.closed, segment.file)
+        with pytest.raises(StateError, match="end inside a line"):
+            list(committed_blocks(tmp_path, state, short))
+        long = SegmentRow(segment.name, segment.size + 10, segment.items, segment.closed, segment.file)
+        with pytest.raises(StateError, match="ends before"):
+            list(committed_blocks(tmp_path, state, long))

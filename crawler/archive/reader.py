@@ -4,7 +4,9 @@ What is committed is what the state says: each segment's lines that start before
 its committed size. An active segment may hold more (a page written but never
 committed, cut away by the next run); readers of the archive never see it.
 This is the one place that reads segments back: `verify`, and any export or
-repair, go through it.
+repair, go through it. `committed_lines` hands out one line at a time, for
+checking; `committed_blocks` hands out large blocks of whole committed lines,
+for bulk readers (export, SQL) that split and parse them in bulk.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from crawler import exactjson
 from crawler.archive.compression import DECODE_ERRORS, open_segment
@@ -73,6 +75,58 @@ def committed_lines(out_dir: Path, state: State) -> Iterator[Line]:
             if not line.committed_in(segment):
                 break  # an uncommitted tail: never part of the archive
             yield line
+
+
+def committed_blocks(
+    out_dir: Path, state: State, segment: SegmentRow, start: int = 0, block: int = 32 << 20
+) -> Iterator[bytes]:
+    """The committed bytes of `segment` from `start` (a line boundary) up to its committed size,
+    as blocks of about `block` bytes, each holding whole lines only (every one ends in a newline).
+
+    `segment` is a snapshot: a harvest running meanwhile may append more (left out) or
+    compress the segment (its plain file goes; the compressed one is read instead).
+    """
+    stream = _open_committed(out_dir, state, segment)
+    with stream:
+        _skip(stream, start, segment)
+        left, carry = segment.size - start, b""
+        while left > 0:
+            data = stream.read(min(block, left))
+            if not data:
+                raise StateError(f"{segment.file}: ends before the {segment.size} bytes the state committed")
+            left -= len(data)
+            data = carry + data
+            cut = data.rfind(b"\n") + 1
+            carry = data[cut:]
+            if cut:
+                yield data[:cut]
+    if carry:
+        raise StateError(f"{segment.file}: the committed bytes end inside a line (at byte {segment.size})")
+
+
+def _open_committed(out_dir: Path, state: State, segment: SegmentRow) -> BinaryIO:
+    try:
+        return open_segment(out_dir / segment.file)
+    except FileNotFoundError:
+        now = state.segment(segment.name)  # compressed meanwhile? Its bytes are the same
+        if now.file != segment.file:
+            return _open_committed(out_dir, state, now)
+        path = out_dir / segment.file
+        raise StateError(f"{path}: missing, but the state holds {segment.items} lines in it") from None
+
+
+def _skip(stream: BinaryIO, count: int, segment: SegmentRow) -> None:
+    """Move `count` bytes into the uncompressed stream (compressed ones are read through)."""
+    if count <= 0:
+        return
+    if segment.file == segment.name:
+        stream.seek(count)
+        return
+    while count > 0:
+        data = stream.read(min(count, 8 << 20))
+        if not data:
+            raise StateError(f"{segment.file}: ends before byte {count} of its committed lines")
+        count -= len(data)
 
 
 def committed_items(out_dir: Path, state: State) -> Iterator[dict[str, Any]]:

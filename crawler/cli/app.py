@@ -1,6 +1,7 @@
 """`harvest`: the parser and `main`. Turns every HarvestError into one line and an exit status.
 
-Each subcommand lives in a module of its own (`run`, `status`, `verify`, `repair`, `demo`);
+Each subcommand lives in a module of its own (`run`, `status`, `verify`, `repair`, `export`,
+`sql`, `demo`);
 this module parses the command line, sets up logging from it and dispatches.
 """
 
@@ -16,14 +17,17 @@ from pathlib import Path
 
 from crawler import __version__
 from crawler.cli import logs
+from crawler.cli.export import cmd_export
 from crawler.cli.logs import DEFAULT_PROGRESS_EVERY, LOG_FORMATS, LogOptions, StderrHandler
 from crawler.cli.repair import cmd_repair
 from crawler.cli.run import cmd_run
+from crawler.cli.sql import OUTPUT_FORMATS, cmd_sql
 from crawler.cli.status import cmd_status
 from crawler.cli.verify import cmd_verify
 from crawler.config import API_KEY_ENV, AUTO, ApiConfig, OutputConfig, api_key, load_config
 from crawler.crawl.watch import Progress
 from crawler.errors import ExitCode, HarvestError
+from crawler.export.export import DEFAULT_FILE_MB, FORMATS
 
 log = logging.getLogger("harvest")
 
@@ -124,11 +128,65 @@ def build_parser() -> argparse.ArgumentParser:
         help="rebuild the state from the segment files, when a run says they disagree",
     )
     mend.add_argument("config", type=Path, help="TOML config file")
+    _add_export(sub, common)
+    _add_sql(sub, common)
     demo = sub.add_parser(
         "demo", parents=[running], help="harvest a sample from the bundled fake API on loopback"
     )
     demo.add_argument("--dir", type=Path, default=Path("demo"), help="where to write (default: ./demo)")
     return parser
+
+
+def _add_export(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
+) -> None:
+    export = sub.add_parser(
+        "export",
+        parents=[common],
+        help="write the harvested images as typed Parquet (or gzipped JSON lines) files",
+        description="Write the images of a config's harvest as typed Parquet files (or gzipped JSON "
+        "lines): only what is new since the last export into the same dir, unless --full. "
+        "The columns are listed in the README.",
+    )
+    export.add_argument("config", type=Path, help="TOML config file")
+    export.add_argument("--to", type=Path, metavar="DIR", help="the export dir (default: OUTPUT_DIR/export)")
+    export.add_argument("--format", choices=FORMATS, default="parquet", help="file format (default: parquet)")
+    export.add_argument("--full", action="store_true", help="export everything again, replacing the files")
+    export.add_argument(
+        "--file-mb",
+        type=_megabytes,
+        default=DEFAULT_FILE_MB,
+        metavar="MB",
+        help=f"start a new file once one holds this many MiB (default {DEFAULT_FILE_MB:g})",
+    )
+
+
+def _add_sql(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
+) -> None:
+    sql = sub.add_parser(
+        "sql",
+        parents=[common],
+        help="query the harvest with SQL (embedded DuckDB): images, media, shards, segments",
+        description="Run SQL over a config's harvest in an embedded DuckDB. Views: images (the export's "
+        "columns, from the committed lines), media (empty until media is downloaded), shards and "
+        "segments (from the state).",
+    )
+    sql.add_argument("config", type=Path, help="TOML config file")
+    sql.add_argument("query", help='the SQL, e.g. "SELECT baseModel, count(*) FROM images GROUP BY 1"')
+    sql.add_argument(
+        "--format", choices=OUTPUT_FORMATS, default="table", help="table (default), csv or json (an array)"
+    )
+
+
+def _megabytes(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of MiB") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: give a positive number of MiB")
+    return value
 
 
 def _common_flags(progress: bool) -> argparse.ArgumentParser:
@@ -210,6 +268,10 @@ def _dispatch(args: argparse.Namespace, watcher: Callable[[], Progress]) -> int:
         return cmd_status(config)
     if args.command == "repair":
         return cmd_repair(config)
+    if args.command == "export":
+        return cmd_export(config, args.to, args.format, args.full, args.file_mb)
+    if args.command == "sql":
+        return cmd_sql(config, args.query, args.format)
     return cmd_verify(config)
 
 
