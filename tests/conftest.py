@@ -7,11 +7,12 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import orjson
 import pytest
 
@@ -93,6 +94,13 @@ def read_items(out_dir: Path) -> list[dict[str, Any]]:
 
 def ids_of(items: Sequence[Mapping[str, Any]]) -> list[int]:
     return [item["id"] for item in items]
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    """A plain aiohttp client, for tests that talk to the fake API directly."""
+    async with aiohttp.ClientSession() as session:
+        yield session
 
 
 @pytest.fixture

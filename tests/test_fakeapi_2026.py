@@ -11,8 +11,6 @@ import random
 import signal
 import statistics
 import sys
-from collections.abc import AsyncIterator
-from typing import Any
 
 import aiohttp
 import pytest
@@ -33,6 +31,7 @@ from crawler.testing.fakeapi import (
     skewed_versions,
 )
 from crawler.testing.fakeapi.cursors import EXPIRED, MISFIT
+from fakeclient import get, ids_of, walk
 
 SPEC = {
     "seed": 11,
@@ -53,34 +52,6 @@ OVERLOADED = {"error": "Image search is temporarily overloaded — please retry.
 @pytest.fixture(scope="module")
 def dataset() -> Dataset:
     return Dataset(DatasetSpec.from_dict(SPEC))
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
-
-
-async def get(http: aiohttp.ClientSession, url: str, **params: Any) -> tuple[int, Any]:
-    async with http.get(url, params={k: str(v) for k, v in params.items()}) as resp:
-        return resp.status, await resp.json(content_type=None)
-
-
-async def walk(http: aiohttp.ClientSession, url: str, **params: Any) -> list[dict[str, Any]]:
-    """Follow nextCursor to the end; every page's body, in order."""
-    pages, cursor = [], None
-    for _ in range(1000):
-        status, body = await get(http, url, **params, **({"cursor": cursor} if cursor is not None else {}))
-        assert status == 200, body
-        pages.append(body)
-        cursor = body["metadata"].get("nextCursor")
-        if cursor is None:
-            return pages
-    raise AssertionError("walk did not end")
-
-
-def ids_of(pages: list[dict[str, Any]]) -> list[int]:
-    return [item["id"] for page in pages for item in page["items"]]
 
 
 # ---------------------------------------------------------------- the walk cap
