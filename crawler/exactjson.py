@@ -17,9 +17,11 @@ lone surrogates and reports where each element ends.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from json.decoder import scanstring  # type: ignore[attr-defined]
 from typing import Any
@@ -70,13 +72,8 @@ def member_bytes(data: bytes, key: str) -> bytes | None:
     None when the key is absent; of duplicate keys the last wins, as in any parser.
     Raises NotJson for anything that is not a JSON object.
     """
-    text = _text(data)
-    try:
-        return _Splitter(text, key).member()
-    except StopIteration as stop:
-        raise NotJson(f"invalid JSON at character {stop.value}") from None
-    except (ValueError, RecursionError) as exc:
-        raise NotJson(_reason(exc)) from None
+    with _scanning():
+        return _Splitter(_text(data), key).member()
 
 
 def split_object(body: bytes, key: str) -> Envelope:
@@ -143,11 +140,19 @@ def _reason(exc: BaseException) -> str:
 
 
 def _split_exact(body: bytes, key: str) -> Envelope:
-    text = _text(body)
+    with _scanning():
+        return _Splitter(_text(body), key).envelope()
+
+
+@contextlib.contextmanager
+def _scanning() -> Iterator[None]:
+    """The scanner's errors (StopIteration at a position, ValueError, RecursionError) as NotJson."""
     try:
-        return _Splitter(text, key).envelope()
+        yield
     except StopIteration as stop:
         raise NotJson(f"invalid JSON at character {stop.value}") from None
+    except NotJson:
+        raise
     except (ValueError, RecursionError) as exc:
         raise NotJson(_reason(exc)) from None
 
