@@ -52,6 +52,26 @@ class OutputConfig:
     compress: str = "none"  # closed segments: "zstd" (.ndjson.zst), "gzip" (.ndjson.gz) or "none"
 
 
+MEDIA_TYPES: tuple[str, ...] = ("image", "video", "audio")
+ORIGINAL = "original"
+
+
+@dataclass(frozen=True, slots=True)
+class MediaConfig:
+    """`[media]`: the files the items point to, fetched from the CDN under a budget of its own."""
+
+    dir: Path  # absolute, resolved against output.dir
+    download: bool = False  # `harvest run` also fetches media (`harvest media` always does)
+    variant: str | int = ORIGINAL  # "original", or a width: the CDN's resized form
+    types: tuple[str, ...] = ("image", "video")  # the item types whose media is fetched
+    requests_per_second: float = 10.0  # the CDN's own budget, apart from the API's
+    concurrency: int = 8  # downloads in flight at most
+    timeout: float = 60.0  # seconds without a byte (connecting, or in a body) fail an attempt
+    max_retries: int = 5  # retries of one file after its first attempt; then it is `failed`
+    max_backoff: float = 30.0  # seconds: cap of the exponential backoff
+    video_base: str = "https://image-b2.civitai.com/file/civitai-media-cache"  # where videos are served
+
+
 @dataclass(frozen=True, slots=True)
 class Query:
     name: str
@@ -67,6 +87,7 @@ class Config:
     api: ApiConfig
     output: OutputConfig
     queries: tuple[Query, ...]
+    media: MediaConfig  # the defaults (under output.dir/media, download off) without a [media] table
 
 
 def api_key(environ: Mapping[str, str]) -> str | None:
@@ -197,11 +218,64 @@ def _parse_output(raw: Any, config_path: Path) -> OutputConfig:
 
 
 def _output_dir(value: Any, config_path: Path) -> Path:
+    # Relative to the config file, not the cwd, so cron and the shell agree.
+    return _resolved(value, config_path.absolute().parent)
+
+
+def _resolved(value: Any, base: Path) -> Path:
     try:
-        # Relative to the config file, not the cwd, so cron and the shell agree.
-        return (config_path.absolute().parent / Path(checks.text(value)).expanduser()).resolve()
+        return (base / Path(checks.text(value)).expanduser()).resolve()
     except (OSError, RuntimeError, ValueError) as error:  # NUL byte, symlink loop
         raise checks.Invalid(f"unusable path ({error}), {checks.got(value)}") from None
+
+
+def _variant(value: Any) -> str | int:
+    """ "original", or a width in pixels (the CDN snaps it to its ladder)."""
+    if value == ORIGINAL:
+        return ORIGINAL
+    if checks.is_int(value) and 1 <= value <= 10_000:
+        return int(value)
+    raise checks.Invalid(f'expected "{ORIGINAL}" or a width in pixels (e.g. 450, 1200), {checks.got(value)}')
+
+
+def _media_types(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not value:
+        raise checks.Invalid(
+            f"expected a non-empty list of item types {checks.quoted(MEDIA_TYPES)}, {checks.got(value)}"
+        )
+    return checks.each(value, functools.partial(checks.one_of, MEDIA_TYPES))
+
+
+def _boolean(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise checks.Invalid(f"expected true or false, {checks.got(value)}")
+
+
+_MEDIA_CHECKS: dict[str, Callable[[Any], Any]] = {
+    "download": _boolean,
+    "variant": _variant,
+    "types": _media_types,
+    "requests_per_second": functools.partial(checks.at_least, low=MIN_REQUESTS_PER_SECOND),
+    "concurrency": functools.partial(checks.integer, low=1, high=256),
+    "timeout": checks.positive_number,
+    "max_retries": functools.partial(checks.integer, low=0),
+    "max_backoff": checks.positive_number,
+    "video_base": _base_url,
+}
+
+
+def _parse_media(raw: Any, out_dir: Path) -> MediaConfig:
+    table = _table(raw, "[media]")
+    _check_keys(table, ("dir", *_MEDIA_CHECKS))
+    values: dict[str, Any] = {}
+    for key in _MEDIA_CHECKS.keys() & table.keys():
+        with checks.at(f".{key}"):
+            values[key] = _MEDIA_CHECKS[key](table[key])
+    with checks.at(".dir"):
+        # Relative to the output dir: the media belong to that archive.
+        folder = _resolved(table.get("dir", "media"), out_dir)
+    return MediaConfig(folder, **values)
 
 
 def _parse_query(raw: Any, position: int) -> Query:
@@ -232,7 +306,7 @@ def _parse_queries(raw: Any) -> tuple[Query, ...]:
 
 def _parse(data: Any, path: Path) -> Config:
     table = _table(data, "the whole file")
-    _check_keys(table, ("api", "output", "queries"))
+    _check_keys(table, ("api", "output", "queries", "media"))
     with checks.at("api"):
         api = _parse_api(table.get("api", {}))
     if "output" not in table:
@@ -243,7 +317,9 @@ def _parse(data: Any, path: Path) -> Config:
         raise checks.Invalid("no queries: add at least one [[queries]] table")
     with checks.at("queries"):
         queries = _parse_queries(table["queries"])
-    return Config(path, api, output, queries)
+    with checks.at("media"):
+        media = _parse_media(table.get("media", {}), output.dir)
+    return Config(path, api, output, queries, media)
 
 
 _READ_ERRORS: tuple[tuple[type[OSError], str], ...] = (

@@ -17,6 +17,7 @@ from crawler.config import (
     QUERY_KEYS,
     ApiConfig,
     Config,
+    MediaConfig,
     OutputConfig,
     Query,
     api_key,
@@ -90,10 +91,12 @@ modelVersionId = 44
 """,
     )
     config = load_config(str(path))
+    out_dir = (tmp_path / "data" / "model-827184").resolve()
     assert config == Config(
         path=path,
         api=ApiConfig("http://127.0.0.1:8080/api/v1", 5.0, 2, 12.5, 0, 4.0),
-        output=OutputConfig((tmp_path / "data" / "model-827184").resolve()),
+        output=OutputConfig(out_dir),
+        media=MediaConfig(out_dir / "media"),
         queries=(
             Query(
                 "model 827184",

@@ -97,7 +97,32 @@ def _v3_walks(conn: sqlite3.Connection) -> None:
     )
 
 
-MIGRATIONS: tuple[Migration, ...] = (_v1_tables, _v2_segment_steps, _v3_walks)
+def _v4_media(conn: sqlite3.Connection) -> None:
+    """The media of every item: what was fetched (path, size, SHA-256, type), or why not.
+
+    A row is made `fetching` before a download begins, so a crash between a file's
+    rename and its record is found (and reconciled) by the next start.
+    """
+    conn.execute(
+        """CREATE TABLE media (
+    id INTEGER PRIMARY KEY,
+    type TEXT NOT NULL,
+    url TEXT NOT NULL,
+    status TEXT NOT NULL,
+    source TEXT,
+    path TEXT,
+    size INTEGER,
+    sha256 TEXT,
+    content_type TEXT,
+    tries INTEGER NOT NULL DEFAULT 0,
+    error TEXT,
+    updated REAL NOT NULL
+)"""
+    )
+    conn.execute("CREATE INDEX media_status ON media (status)")
+
+
+MIGRATIONS: tuple[Migration, ...] = (_v1_tables, _v2_segment_steps, _v3_walks, _v4_media)
 LATEST = len(MIGRATIONS)  # the version this code reads and writes
 
 

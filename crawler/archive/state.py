@@ -129,7 +129,7 @@ class State:
         self.path = path
 
     @classmethod
-    def open(cls, out_dir: Path, *, create: bool = True) -> State:
+    def open(cls, out_dir: Path, *, create: bool = True) -> Self:
         """Open (or create) the state of `out_dir`, migrated to the version this code reads.
 
         Use it as a context manager (`with State.open(dir) as state:`) or `close()` it.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import logging
 import os
 import sys
@@ -19,12 +20,13 @@ from crawler import __version__
 from crawler.cli import logs
 from crawler.cli.export import cmd_export
 from crawler.cli.logs import DEFAULT_PROGRESS_EVERY, LOG_FORMATS, LogOptions, StderrHandler
+from crawler.cli.media import cmd_media
 from crawler.cli.repair import cmd_repair
 from crawler.cli.run import cmd_run
 from crawler.cli.sql import OUTPUT_FORMATS, cmd_sql
 from crawler.cli.status import cmd_status
 from crawler.cli.verify import cmd_verify
-from crawler.config import API_KEY_ENV, AUTO, ApiConfig, OutputConfig, api_key, load_config
+from crawler.config import API_KEY_ENV, AUTO, ApiConfig, MediaConfig, OutputConfig, api_key, load_config
 from crawler.crawl.watch import Progress
 from crawler.errors import ExitCode, HarvestError
 from crawler.export.export import DEFAULT_FILE_MB, FORMATS
@@ -89,6 +91,31 @@ def _config_reference() -> str:
     ]
     lines += [row(k, getattr(output, k), text) for k, text in _OUTPUT_HELP.items()]
     lines += ["config [[queries]]: the API's own parameter names (see README); limit defaults to 200"]
+    return "\n".join(lines) + "\n" + _media_reference()
+
+
+_MEDIA_HELP = {
+    "download": "harvest run also fetches the media of every committed item (harvest media always does)",
+    "variant": '"original", or a width (450, 512, 800, 1200, ...): the CDN\'s resized form '
+    "(videos: always the video itself)",
+    "types": 'the item types whose media is fetched: "image", "video", "audio"',
+    "requests_per_second": "the CDN's own budget, apart from the API's",
+    "concurrency": "downloads in flight at most",
+    "timeout": "seconds without a byte (connecting or in a body) fail an attempt",
+    "max_retries": "retries of one file after its first attempt; then it is failed (a rerun tries again)",
+    "max_backoff": "seconds: cap of the exponential backoff",
+    "video_base": "where videos themselves are served (the CDN's original=true form of a video is a still)",
+}
+
+
+def _media_reference() -> str:
+    media = MediaConfig(Path("media"))
+    lines = ["config [media], with defaults:", '  dir = "media"\n      relative to output.dir']
+    for key, text in _MEDIA_HELP.items():
+        value = getattr(media, key)  # json's spelling of these values is TOML's too
+        lines.append(
+            f"  {key} = {json.dumps(list(value) if isinstance(value, tuple) else value)}\n      {text}"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -128,6 +155,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="rebuild the state from the segment files, when a run says they disagree",
     )
     mend.add_argument("config", type=Path, help="TOML config file")
+    media = sub.add_parser(
+        "media",
+        parents=[running],
+        help="fetch the media files of every committed image (only the media stage)",
+        description="Download the image and video files the harvested items point to, into "
+        "[media] dir: each once, verified (SHA-256 recorded), resumable. `harvest run` does the "
+        "same as it harvests when [media] download = true.",
+        epilog=_media_reference(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    media.add_argument("config", type=Path, help="TOML config file")
+    media.add_argument(
+        "--retry-gone", action="store_true", help="ask again for media the CDN said was gone (404/410)"
+    )
     _add_export(sub, common)
     _add_sql(sub, common)
     demo = sub.add_parser(
@@ -264,6 +305,8 @@ def _dispatch(args: argparse.Namespace, watcher: Callable[[], Progress]) -> int:
     config = load_config(args.config)
     if args.command == "run":  # only a run sends the key: a bad one stops nothing else
         return cmd_run(config, api_key(os.environ), watcher())
+    if args.command == "media":
+        return cmd_media(config, watcher(), retry_gone=args.retry_gone)
     if args.command == "status":
         return cmd_status(config)
     if args.command == "repair":

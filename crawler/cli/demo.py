@@ -6,7 +6,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from crawler.archive.state import State
+from crawler.archive.media_ledger import MediaLedger
 from crawler.cli.report import print_status
 from crawler.config import Config, load_config
 from crawler.errors import ConfigError
@@ -43,7 +43,7 @@ def run_demo(where: Path, run: Callable[[Config, str | None], int]) -> int:
         config = load_config(path)
         print(f"demo: fake Civitai API on {api.base_url}; config {path}", file=sys.stderr)
         code = run(config, None)
-    state = State.open(config.output.dir, create=False)
+    state = MediaLedger.open(config.output.dir, create=False)
     try:
         print_status(state, config)
     finally:

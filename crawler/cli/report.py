@@ -12,9 +12,11 @@ import orjson
 
 from crawler.archive import agreement
 from crawler.archive.fs import create_new
+from crawler.archive.media_ledger import MediaCounts, MediaLedger
 from crawler.archive.state import ShardStatus, State
 from crawler.config import Config
 from crawler.crawl.pipeline import RunSummary
+from crawler.crawl.watch import MediaTally
 from crawler.errors import ExitCode, OutputError
 
 SUMMARY_FILE = "last-run.json"
@@ -29,6 +31,7 @@ def summary_dict(summary: RunSummary, exit_code: int) -> dict[str, Any]:
     return {
         "exit_code": exit_code,
         "ok": exit_code == ExitCode.OK,
+        "command": summary.command,
         "new_items": summary.new_items,
         "pages": summary.pages,
         **counters,
@@ -39,6 +42,25 @@ def summary_dict(summary: RunSummary, exit_code: int) -> dict[str, Any]:
         "warnings": summary.warnings,
         "levels_served": {key: _levels(counts) for key, counts in summary.levels.items()},
         "elapsed_seconds": round(summary.elapsed, 3),
+        **({"media": media_dict(summary.media)} if summary.media is not None else {}),
+    }
+
+
+def media_dict(media: MediaTally) -> dict[str, Any]:
+    """The media stage's figures: files, bytes and rates, then its own gate's counters."""
+    files, mb = media.rates()
+    counters = asdict(media.counters)
+    counters["cooldown_seconds"] = round(counters["cooldown_seconds"], 3)
+    counters["failed_attempts"] = counters.pop("by_reason")
+    return {
+        "done": media.done,
+        "gone": media.gone,
+        "failed": media.failed,
+        "bytes": media.bytes,
+        "files_per_second": round(files, 2),
+        "mb_per_second": round(mb, 2),
+        **counters,
+        "failures": media.failures,
     }
 
 
@@ -66,6 +88,30 @@ def write_summary(out_dir: Path, summary: RunSummary, exit_code: int) -> None:
 
 def print_summary(summary: RunSummary, config: Config, out: TextIO | None = None) -> None:
     out = out or sys.stderr  # looked up now: json logging replaces sys.stderr after import
+    if summary.command == "run":
+        _print_harvest(summary, config, out)
+    if summary.media is not None:
+        _print_media(summary.media, config, out)
+
+
+def _print_media(media: MediaTally, config: Config, out: TextIO) -> None:
+    files, mb = media.rates()
+    c = media.counters
+    print(
+        f"harvest: media: {media.done} files, {media.bytes / 1e6:.1f} MB ({files:.1f} files/s, "
+        f"{mb:.1f} MB/s), {media.gone} gone, {media.failed} failed; {c.requests} requests, "
+        f"{c.retries} retries, {c.rate_limited} rate-limited -> {config.media.dir}",
+        file=out,
+    )
+    for failure in media.failures:
+        print(f"harvest: failed: {failure}", file=out)
+    if media.failed > len(media.failures):
+        print(f"harvest: ... and {media.failed - len(media.failures)} more media failed", file=out)
+    if media.failed:
+        print(f"harvest: rerun `harvest media {config.path}` (or `harvest run`) to retry them", file=out)
+
+
+def _print_harvest(summary: RunSummary, config: Config, out: TextIO) -> None:
     c = summary.counters
     print(
         f"harvest: {summary.new_items} new images in {summary.pages} pages; "
@@ -88,7 +134,7 @@ def _shown(levels: dict[int, int]) -> str:
     return " ".join(f"{level}:{levels[level]}" for level in sorted(levels)) or "-"
 
 
-def print_status(state: State, config: Config, out: TextIO = sys.stdout) -> None:
+def print_status(state: MediaLedger, config: Config, out: TextIO = sys.stdout) -> None:
     shards = state.shards()
     rows = [("STATUS", "IMAGES", "PAGES", "LEVELS SERVED", "QUERY", "SHARD")]
     rows += [
@@ -112,6 +158,14 @@ def print_status(state: State, config: Config, out: TextIO = sys.stdout) -> None
         f"pass {pass_no} {open_}",
         file=out,
     )
+    media = state.counts()
+    if media != MediaCounts() or config.media.download:
+        stopped = f", {media.fetching} stopped part way" if media.fetching else ""
+        print(
+            f"media: {media.done} done ({media.bytes / 1e6:.1f} MB), {media.gone} gone, "
+            f"{media.failed} failed{stopped} under {config.media.dir}",
+            file=out,
+        )
 
 
 def _missing_segments(state: State, config: Config) -> list[str]:

@@ -13,8 +13,10 @@ import logging
 import signal
 import sys
 import time
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from crawler.archive.lock import OutputLock
 from crawler.archive.state import State
@@ -22,6 +24,7 @@ from crawler.cli import logs
 from crawler.cli.interrupts import Interrupted, Interrupts
 from crawler.cli.report import write_summary
 from crawler.config import Config
+from crawler.crawl.media import harvest_with_media
 from crawler.crawl.pipeline import RunSummary, run_harvest
 from crawler.crawl.watch import Progress
 from crawler.errors import DisagreementError, ExitCode, HarvestError, OutputError
@@ -32,29 +35,44 @@ log = logging.getLogger("harvest")
 _FINISHED = (ExitCode.OK, ExitCode.SHARDS_FAILED)
 
 
+# The work of a locked command, given the open state and the summary to fill in.
+Work = Callable[[State, RunSummary], Coroutine[Any, Any, object]]
+
+
 def cmd_run(config: Config, key: str | None, progress: Progress) -> int:
-    last = _LastRun(config.output.dir, RunSummary())
+    def work(state: State, summary: RunSummary) -> Coroutine[Any, Any, object]:
+        if config.media.download:
+            return harvest_with_media(config, state, key, progress, summary)
+        return run_harvest(config, state, key, progress, summary=summary)
+
+    return run_locked(config, work, RunSummary())
+
+
+def run_locked(config: Config, work: Work, summary: RunSummary, *, create: bool = True) -> int:
+    """Run `work` on the output dir under its lock, with the signals and `last-run.json` of a run.
+
+    `create`: make the state if there is none (`harvest run`); otherwise there must be one.
+    """
+    last = _LastRun(config.output.dir, summary)
     interrupts = Interrupts(last.write)  # first: a signal at any instant from here is one line
     try:
         _tune_gc()
         lock = OutputLock(config.output.dir)  # exit 4 here: the dir, and its last-run.json, are another run's
         last.closed = False
         try:
-            return _run_locked(config, key, progress, last, interrupts)
+            return _run_locked(config, work, last, interrupts, create)
         finally:
             last.closed = True  # a signal from here on exits without writing: the dir is no longer ours
             lock.release()
     except Interrupted as stop:
-        return _interrupted(config, 128 + stop.signum)
+        return _interrupted(config, 128 + stop.signum, summary.command)
     finally:
         interrupts.finish()
 
 
-def _run_locked(
-    config: Config, key: str | None, progress: Progress, last: _LastRun, interrupts: Interrupts
-) -> int:
+def _run_locked(config: Config, work: Work, last: _LastRun, interrupts: Interrupts, create: bool) -> int:
     try:
-        code = _harvest(config, key, progress, last, interrupts)
+        code = _harvest(config, work, last, interrupts, create)
     except BaseException as exc:
         last.write(_exit_code_of(exc))  # quietly: `main` reports the error itself
         raise
@@ -62,25 +80,21 @@ def _run_locked(
     if code in _FINISHED:
         logs.log_summary(last.summary, config, code)  # in json mode a record with every figure as a field
         return code
-    return _interrupted(config, code)
+    return _interrupted(config, code, last.summary.command)
 
 
-def _interrupted(config: Config, code: int) -> int:
+def _interrupted(config: Config, code: int, command: str) -> int:
     name = signal.Signals(code - 128).name
-    print(
-        f"harvest: interrupted by {name}; committed work is kept. Resume with: harvest run {config.path}",
-        file=sys.stderr,
-    )
+    resume = f"harvest {command} {config.path}"
+    print(f"harvest: interrupted by {name}; committed work is kept. Resume with: {resume}", file=sys.stderr)
     return code
 
 
-def _harvest(
-    config: Config, key: str | None, progress: Progress, last: _LastRun, interrupts: Interrupts
-) -> int:
+def _harvest(config: Config, work: Work, last: _LastRun, interrupts: Interrupts, create: bool) -> int:
     """The run itself: 0 or 3 when it got to the end, 128 + N when signal N stopped it."""
-    state = State.open(config.output.dir)
+    state = State.open(config.output.dir, create=create)
     try:
-        signum = interrupts.run(lambda: run_harvest(config, state, key, progress, summary=last.summary))
+        signum = interrupts.run(lambda: work(state, last.summary))
     except DisagreementError as exc:
         hint = f"to rebuild the state from the files: harvest repair {config.path}"
         raise DisagreementError(f"{exc}; {hint}") from None

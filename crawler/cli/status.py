@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from crawler.archive.state import State
+from crawler.archive.media_ledger import MediaLedger
 from crawler.cli.report import print_status
 from crawler.config import Config
 from crawler.errors import ExitCode
 
 
 def cmd_status(config: Config) -> int:
-    state = State.open(config.output.dir, create=False)
+    state = MediaLedger.open(config.output.dir, create=False)
     try:
         print_status(state, config)
     finally:

@@ -26,7 +26,7 @@ from crawler.crawl.coverage import capped_lines, leaves_of, other_end, sfw_warni
 from crawler.crawl.plan import WalkPlan, plan_walk
 from crawler.crawl.shards import PlanFailure, Shard, describe, plan_shards
 from crawler.crawl.walker import Ends, Failed, Fetched, Split, Walker, walk_all
-from crawler.crawl.watch import NoProgress, Progress, ShardView
+from crawler.crawl.watch import MediaTally, NoProgress, Progress, ShardView
 from crawler.errors import HarvestError
 from crawler.http.gate import Counters
 
@@ -49,10 +49,13 @@ class RunSummary:
     capped: list[str] = field(default_factory=list)  # one line per shard with images out of reach
     levels: dict[str, dict[int, int]] = field(default_factory=dict)  # served this run: shard -> level -> n
     warnings: list[str] = field(default_factory=list)  # said at the end of the run (the SFW host)
+    command: str = "run"  # the subcommand: "run", or "media" (the media stage alone)
+    media: MediaTally | None = None  # what the media stage did, when it ran
 
     @property
     def ok(self) -> bool:
-        return not self.failures and not self.capped
+        media_failed = self.media is not None and self.media.failed > 0
+        return not self.failures and not self.capped and not media_failed
 
 
 async def run_harvest(
@@ -127,7 +130,7 @@ async def _walk_all(
             group.create_task(_produce(todo, [plans[s.key] for s in todo], walker))
             group.create_task(committer.consume(queue))
     except BaseExceptionGroup as group_error:
-        raise _first_harvest_error(group_error) from None
+        raise first_harvest_error(group_error) from None
     finally:
         progress.stop()
 
@@ -136,7 +139,7 @@ def _view(shard: Shard, row: Any) -> ShardView:
     return ShardView(shard.key, shard.query, row.status, row.items, row.pages)
 
 
-def _first_harvest_error(group: BaseExceptionGroup) -> BaseException:
+def first_harvest_error(group: BaseExceptionGroup) -> BaseException:
     """Report the error that stopped the run, not the cancellations it caused."""
     leaves = list(_errors(group))
     return next((e for e in leaves if isinstance(e, HarvestError)), leaves[0])

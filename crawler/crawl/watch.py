@@ -7,9 +7,10 @@ live in `crawler.cli.progress`.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import ClassVar, Protocol
 
 from crawler.http.gate import Counters
 
@@ -25,11 +26,41 @@ class ShardView:
     pages: int
 
 
+@dataclass(slots=True)
+class MediaTally:
+    """What the media stage did in this run, as it goes: displays read it on every tick."""
+
+    done: int = 0  # files fetched (or found complete) and recorded
+    gone: int = 0  # the CDN said 404/410 for every URL tried
+    failed: int = 0  # attempts ran out; a rerun tries again
+    bytes: int = 0  # of the files done
+    counters: Counters = field(default_factory=Counters)  # the CDN gate's
+    failures: list[str] = field(default_factory=list)  # the first few, for the summary
+    started: float = field(default_factory=time.monotonic)
+
+    MAX_FAILURES: ClassVar[int] = 20
+
+    def file_done(self, size: int) -> None:
+        self.done += 1
+        self.bytes += size
+
+    def failed_with(self, line: str) -> None:
+        self.failed += 1
+        if len(self.failures) < self.MAX_FAILURES:
+            self.failures.append(line)
+
+    def rates(self, now: float | None = None) -> tuple[float, float]:
+        """Files a second and MB (10^6 bytes) a second since the stage started."""
+        span = (time.monotonic() if now is None else now) - self.started
+        return (self.done / span, self.bytes / 1e6 / span) if span > 0 else (0.0, 0.0)
+
+
 class Progress(Protocol):
     def start(self, shards: Sequence[ShardView], counters: Counters) -> None: ...
     def page(self, key: str, new_items: int, served: int) -> None: ...
     def shard_done(self, key: str) -> None: ...
     def shard_failed(self, key: str, error: str) -> None: ...
+    def media(self, tally: MediaTally) -> None: ...
     def stop(self) -> None: ...
 
 
@@ -46,6 +77,9 @@ class NoProgress:
         pass
 
     def shard_failed(self, key: str, error: str) -> None:
+        pass
+
+    def media(self, tally: MediaTally) -> None:
         pass
 
     def stop(self) -> None:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -102,7 +102,7 @@ class HttpClient:
         self._text = ServerText.hiding(self._headers)
         self._clock = clock or gate.clock
         self._rng = rng
-        self._host = _host_of(settings.base_url)
+        self._host = host_of(settings.base_url)
 
     @property
     def gate(self) -> RateGate:
@@ -125,55 +125,10 @@ class HttpClient:
         With `timeouts`, that many timed-out attempts (our own timeout, or a
         gateway's 504/524) raise `SearchTimeoutError`, so the caller can ask for less.
         """
-        attempts = self._settings.max_retries + 1
-        failures = 0  # transient failures of this request so far: its own backoff
-        timed_out = 0
-        outcome: Outcome | None = None
-        for attempt in range(attempts):
-            if attempt:
-                self._gate.counters.retries += 1
-            outcome = await self._attempt(path, query, parse)
-            if outcome.kind is Kind.OK:
-                parsed: T = outcome.body
-                return parsed
-            _raise_if_fatal(outcome, path)
-            wait = 0.0  # RATE_LIMITED: the shared cooldown already holds everyone back
-            if outcome.kind is Kind.RETRY:
-                failures += 1
-                timed_out += outcome.timed_out
-                if timeouts is not None and timed_out >= timeouts:
-                    raise SearchTimeoutError(
-                        f"{path}: {timed_out} attempts timed out; last: {outcome.reason}", outcome=outcome
-                    )
-                wait = backoff_delay(failures, self._settings.max_backoff, self._rng)
-            self._report(path, outcome, attempt, wait)
-            if attempt + 1 < attempts and wait > 0:
-                await self._clock.sleep(wait)
-        assert outcome is not None
-        raise RetriesExhaustedError(
-            f"{path}: gave up after {attempts} attempts; last: {outcome.reason}", outcome=outcome
-        )
-
-    def _report(self, path: str, outcome: Outcome, attempt: int, wait: float) -> None:
-        """Log a failed attempt: at WARNING when the host was not reached and a retry follows."""
-        retries = self._settings.max_retries
-        if outcome.unreachable and attempt < retries:
-            # Not DEBUG: a run without a network would otherwise say nothing until its budgets run out.
-            log.warning(
-                "%s unreachable (%s): retry %d/%d in %s s",
-                self._host,
-                outcome.unreachable,
-                attempt + 1,
-                retries,
-                seconds_text(wait),
-            )
-        elif outcome.tag == TOO_LARGE and attempt < retries:
-            # Not DEBUG: the cure may be the user's (a larger max_page_mb), and memory was at stake.
-            log.warning(
-                "%s: %s: retry %d/%d in %s s", path, outcome.reason, attempt + 1, retries, seconds_text(wait)
-            )
-        else:
-            log.debug("%s: %s (attempt %d of %d)", path, outcome.reason, attempt + 1, retries + 1)
+        retry = Retry(self._gate, self._settings, self._host, clock=self._clock, rng=self._rng)
+        outcome = await retry.run(path, lambda: self._attempt(path, query, parse), timeouts=timeouts)
+        parsed: T = outcome.body
+        return parsed
 
     async def _attempt(self, path: str, query: Params, parse: Callable[[bytes], Any]) -> Outcome:
         """One request; its outcome is observed (cooldown, rate) before the turn ends."""
@@ -194,6 +149,81 @@ class HttpClient:
             return classify_exception(exc, self._text)
         outcome = classify(resp.status, resp.headers, resp.body, has_key=self._has_key, text=self._text)
         return refuse_long_pause(outcome, self._settings.max_wait)
+
+
+class Retry:
+    """The retry loop of one request, over any way of making one attempt.
+
+    An attempt is a coroutine that takes its turn at the gate and returns the
+    `Outcome` it observed. `run` returns the first OK outcome; it raises for a fatal
+    one, for too many timeouts (with `timeouts`) and when `max_retries` is spent.
+    """
+
+    def __init__(
+        self,
+        gate: RateGate,
+        settings: HttpSettings,
+        host: str,
+        *,
+        clock: Clock | None = None,
+        rng: Callable[[], float] = random.random,
+    ) -> None:
+        self._gate, self._settings, self._host = gate, settings, host
+        self._clock = clock or gate.clock
+        self._rng = rng
+
+    async def run(
+        self, what: str, attempt: Callable[[], Awaitable[Outcome]], *, timeouts: int | None = None
+    ) -> Outcome:
+        """`what` names the request in messages (a path; never a URL's query)."""
+        attempts = self._settings.max_retries + 1
+        failures = 0  # transient failures of this request so far: its own backoff
+        timed_out = 0
+        outcome: Outcome | None = None
+        for number in range(attempts):
+            if number:
+                self._gate.counters.retries += 1
+            outcome = await attempt()
+            if outcome.kind is Kind.OK:
+                return outcome
+            _raise_if_fatal(outcome, what)
+            wait = 0.0  # RATE_LIMITED: the shared cooldown already holds everyone back
+            if outcome.kind is Kind.RETRY:
+                failures += 1
+                timed_out += outcome.timed_out
+                if timeouts is not None and timed_out >= timeouts:
+                    raise SearchTimeoutError(
+                        f"{what}: {timed_out} attempts timed out; last: {outcome.reason}", outcome=outcome
+                    )
+                wait = backoff_delay(failures, self._settings.max_backoff, self._rng)
+            self._report(what, outcome, number, wait)
+            if number + 1 < attempts and wait > 0:
+                await self._clock.sleep(wait)
+        assert outcome is not None
+        raise RetriesExhaustedError(
+            f"{what}: gave up after {attempts} attempts; last: {outcome.reason}", outcome=outcome
+        )
+
+    def _report(self, what: str, outcome: Outcome, attempt: int, wait: float) -> None:
+        """Log a failed attempt: at WARNING when the host was not reached and a retry follows."""
+        retries = self._settings.max_retries
+        if outcome.unreachable and attempt < retries:
+            # Not DEBUG: a run without a network would otherwise say nothing until its budgets run out.
+            log.warning(
+                "%s unreachable (%s): retry %d/%d in %s s",
+                self._host,
+                outcome.unreachable,
+                attempt + 1,
+                retries,
+                seconds_text(wait),
+            )
+        elif outcome.tag == TOO_LARGE and attempt < retries:
+            # Not DEBUG: the cure may be the user's (a larger max_page_mb), and memory was at stake.
+            log.warning(
+                "%s: %s: retry %d/%d in %s s", what, outcome.reason, attempt + 1, retries, seconds_text(wait)
+            )
+        else:
+            log.debug("%s: %s (attempt %d of %d)", what, outcome.reason, attempt + 1, retries + 1)
 
 
 def _parsed(outcome: Outcome, parse: Callable[[bytes], Any], text: ServerText = ServerText()) -> Outcome:
@@ -226,7 +256,7 @@ def _shard_error(outcome: Outcome, path: str) -> ApiError:
     return ShardError(f"{path}: {outcome.reason}", outcome=outcome)
 
 
-def _host_of(base_url: str) -> str:
+def host_of(base_url: str) -> str:
     """`host:port` of the service, for messages (never the URL's user or password)."""
     parts = urlsplit(base_url)
     try:
