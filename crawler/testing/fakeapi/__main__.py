@@ -1,8 +1,10 @@
 """python -m crawler.testing.fakeapi: serve the fake API until SIGTERM/SIGINT.
 
-Prints exactly one line, `listening on http://127.0.0.1:PORT/api/v1`, once bound,
-so a script can start it on port 0 and read where it went. SIGUSR1 expires every feed:
-cursor issued so far (FakeServer.cursors.expire_all()), for scripts that kill and resume a run.
+Prints `listening on http://127.0.0.1:PORT/api/v1` once bound, so a script can start it on
+port 0 and read where it went; with --cdn (or any --cdn-* option) a second line follows,
+`cdn on http://127.0.0.1:PORT2`, where the image CDN the items' urls point at answers.
+SIGUSR1 expires every feed: cursor issued so far (FakeServer.cursors.expire_all()),
+for scripts that kill and resume a run.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from crawler.testing.fakeapi.cdnfiles import CdnFaults, CdnOptions
 from crawler.testing.fakeapi.dataset import Dataset, DatasetSpec, default_spec
 from crawler.testing.fakeapi.faults import FaultSpec, RateLimit
 from crawler.testing.fakeapi.server import Latency, ServerOptions, serve
@@ -69,7 +72,48 @@ def _parser() -> argparse.ArgumentParser:
         "--latency-p95", type=float, metavar="SECONDS", help="its 95th percentile (default: the median)"
     )
     new.add_argument("--latency-seed", type=int, default=0, help="seed of the latency draws (default 0)")
+    _cdn_arguments(p.add_argument_group("the image CDN (a second port; any --cdn-* implies --cdn)"))
     return p
+
+
+def _cdn_arguments(cdn: argparse._ArgumentGroup) -> None:
+    cdn.add_argument("--cdn", action="store_true", help="serve the image CDN; items' url point at it")
+    cdn.add_argument("--cdn-port", type=int, metavar="PORT", help="its port (default 0: any free port)")
+    cdn.add_argument("--cdn-seed", type=int, metavar="N", help="seed of its bytes, gone media, faults")
+    cdn.add_argument("--cdn-video-mb", type=float, metavar="MB", help="every video this many MiB")
+    cdn.add_argument("--cdn-gone-rate", type=float, metavar="R", help="share of media that 404/410")
+    cdn.add_argument(
+        "--cdn-old-url-rate", type=float, metavar="R", help="share of items whose url has width=<w>"
+    )
+    cdn.add_argument(
+        "--cdn-cache-miss-rate", type=float, metavar="R", help="share of videos only the fallback serves"
+    )
+    cdn.add_argument("--cdn-throttle", type=float, metavar="BYTES_PER_S", help="pace of each body")
+    cdn.add_argument("--cdn-no-ranges", action="store_true", help="ignore Range: answer 200 whole")
+    cdn.add_argument(
+        "--cdn-faults", type=Path, metavar="JSON", help='e.g. {"seed": 1, "rates": {"cut": 0.05}}'
+    )
+
+
+_CDN_FIELDS = {
+    "cdn_port": "port",
+    "cdn_seed": "seed",
+    "cdn_video_mb": "video_mb",
+    "cdn_gone_rate": "gone_rate",
+    "cdn_old_url_rate": "old_url_rate",
+    "cdn_cache_miss_rate": "cache_miss_rate",
+    "cdn_throttle": "throttle",
+}
+
+
+def _cdn_options(args: argparse.Namespace) -> CdnOptions | None:
+    given = {
+        field: getattr(args, arg) for arg, field in _CDN_FIELDS.items() if getattr(args, arg) is not None
+    }
+    if not (args.cdn or given or args.cdn_no_ranges or args.cdn_faults):
+        return None
+    faults = CdnFaults.from_dict(_load(args.cdn_faults)) if args.cdn_faults else None
+    return CdnOptions(**given, ranges=not args.cdn_no_ranges, faults=faults)
 
 
 def _options(args: argparse.Namespace) -> ServerOptions:
@@ -89,6 +133,7 @@ def _options(args: argparse.Namespace) -> ServerOptions:
         sfw_only=args.sfw_only,
         new_error_bodies=args.new_error_bodies,
         latency=latency,
+        cdn=_cdn_options(args),
     )
 
 
@@ -115,6 +160,8 @@ async def _run(args: argparse.Namespace) -> None:
     ) as api:
         loop.add_signal_handler(signal.SIGUSR1, api.cursors.expire_all)
         print(f"listening on {api.base_url}", flush=True)
+        if api.cdn is not None:
+            print(f"cdn on {api.cdn.url}", flush=True)
         await stop.wait()
 
 

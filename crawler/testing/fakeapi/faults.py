@@ -59,14 +59,14 @@ KINDS_2026 = (
 )
 OVERLOADED = "Image search is temporarily overloaded — please retry."
 
-_CHALLENGE = (
+CHALLENGE_PAGE = (
     b'<!DOCTYPE html><html lang="en-US"><head><title>Just a moment...</title></head><body>'
     b"<noscript>Enable JavaScript and cookies to continue</noscript>"
     b"<script>window._cf_chl_opt={cvId:'3'};</script></body></html>"
 )
 
 
-def _cf_page(code: int, title: str) -> bytes:
+def cf_error_page(code: int, title: str) -> bytes:
     return (
         f"<!DOCTYPE html><html><head><title>civitai.com | {code}: {title}</title></head>"
         f"<body><h1>Error {code}</h1><p>{title}</p><p>Cloudflare Ray ID: 8f1c2a3b4d5e6f70</p>"
@@ -184,13 +184,15 @@ class FaultInjector:
         if kind in ("challenge", "challenge_403"):
             return web.Response(
                 status=200 if kind == "challenge" else 403,
-                body=_CHALLENGE,
+                body=CHALLENGE_PAGE,
                 content_type="text/html",
                 headers={"cf-mitigated": "challenge"},
             )
         if kind in ("502", "504", "524"):
             title = {"502": "Bad gateway", "504": "Gateway time-out", "524": "A timeout occurred"}[kind]
-            return web.Response(status=int(kind), body=_cf_page(int(kind), title), content_type="text/html")
+            return web.Response(
+                status=int(kind), body=cf_error_page(int(kind), title), content_type="text/html"
+            )
         if kind == "500":
             return web.Response(
                 status=500,

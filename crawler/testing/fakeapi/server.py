@@ -15,19 +15,22 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import functools
 import ipaddress
 import math
 import random
 import statistics
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import orjson
 from aiohttp import web
 
+from crawler.testing.fakeapi.cdn import CdnServer, serve_cdn
+from crawler.testing.fakeapi.cdnfiles import CdnOptions
 from crawler.testing.fakeapi.cursors import MISFIT, CursorRefused, FeedCursors, filters_hash
 from crawler.testing.fakeapi.cursors import PREFIX as FEED_PREFIX
 from crawler.testing.fakeapi.dataset import PERIODS, SORTS, TYPES, Dataset, ImageQuery
@@ -90,6 +93,9 @@ class ServerOptions:
     # Seeded lognormal time taken before answering each /images and /models request (not the
     # edge's rate-limit or injected-fault answers); cancelled when the client goes away.
     latency: Latency | None = None
+    # The image CDN on a second port (cdn.py): items' `url` point at it. None: no CDN, and items'
+    # `url` are the https://image.civitai.com/... of before, byte for byte.
+    cdn: CdnOptions | None = None
 
     def __post_init__(self) -> None:
         if self.walk_cap is not None and self.walk_cap < 1:
@@ -205,6 +211,7 @@ class _State:
     bodies: dict[tuple[int, int, str], tuple[float, bytes]] = field(default_factory=dict)
     cursors: FeedCursors = field(default_factory=FeedCursors)
     latency_rng: random.Random = field(default_factory=random.Random)
+    media_url: Callable[[str], str] | None = None  # an item's url -> the CDN's, when it runs
 
 
 _STATE = web.AppKey("fakeapi_state", _State)
@@ -452,7 +459,7 @@ def _feed_page(
     stop = start + paging.limit if options.walk_cap is None else min(start + paging.limit, options.walk_cap)
     chunk = rows[start:stop] if stop > start else rows[:0]
     items = [
-        ds.item(i, with_meta=paging.with_meta, with_tags=paging.with_tags)
+        _item(st, i, with_meta=paging.with_meta, with_tags=paging.with_tags)
         for i in chunk
         if not ds.is_hidden(i)
     ]
@@ -471,6 +478,14 @@ def _feed_page(
     return {"items": items, "metadata": {"nextCursor": cursor, "nextPage": _next_page(request, cursor)}}
 
 
+def _item(st: _State, i: int, **flags: bool) -> dict[str, Any]:
+    """Row i as served: its url points at the CDN when one runs."""
+    item = st.dataset.item(i, **flags)
+    if st.media_url is not None:
+        item["url"] = st.media_url(item["url"])
+    return item
+
+
 def _loops(options: ServerOptions, query: Mapping[str, str]) -> bool:
     return any(query.get(name) == value for name, value in options.cursor_loops)
 
@@ -481,7 +496,7 @@ def _ids_page(st: _State, q: ImageQuery, paging: _Paging) -> dict[str, Any]:
     ds = st.dataset
     rows = [i for i in ds.select(q) if not ds.is_hidden(i)][: paging.limit]
     items = [
-        ds.item(i, with_meta=paging.with_meta, with_tags=paging.with_tags, nested_meta=True) for i in rows
+        _item(st, i, with_meta=paging.with_meta, with_tags=paging.with_tags, nested_meta=True) for i in rows
     ]
     return {"items": items, "metadata": _end(st.options)}
 
@@ -503,7 +518,7 @@ def _legacy_page(st: _State, request: web.Request, q: ImageQuery, paging: _Pagin
         start = ((paging.page or 1) - 1) * paging.limit  # page works here, unlike on the feed
     chunk = visible[start : start + paging.limit + 1]
     items = [
-        ds.item(i, with_meta=paging.with_meta, with_tags=paging.with_tags, nested_meta=True)
+        _item(st, i, with_meta=paging.with_meta, with_tags=paging.with_tags, nested_meta=True)
         for i in chunk[: paging.limit]
     ]
     if len(chunk) <= paging.limit:
@@ -702,6 +717,14 @@ class FakeServer:
     app: web.Application
     # feed: cursors at runtime: expire_all() kills every cursor issued so far, advance(s) ages them
     cursors: FeedCursors
+    cdn: CdnServer | None = None  # the image CDN, when ServerOptions.cdn is set
+
+    @property
+    def cdn_url(self) -> str:
+        """http://127.0.0.1:PORT of the image CDN (no trailing slash)."""
+        if self.cdn is None:
+            raise RuntimeError("the fake API runs without a CDN: pass ServerOptions(cdn=CdnOptions())")
+        return self.cdn.url
 
 
 def _check_loopback(host: str) -> None:
@@ -719,20 +742,31 @@ async def serve(
     api_key: str | None = None,
     options: ServerOptions | None = None,
 ) -> AsyncIterator[FakeServer]:
-    """Run the fake API on host:port (0: any free port) for the duration of the block."""
+    """Run the fake API on host:port (0: any free port) for the duration of the block, and
+    the image CDN on a port of its own when options.cdn is set."""
     _check_loopback(host)
     app = make_app(dataset, faults, api_key=api_key, options=options)
-    # handler_cancellation: a client that times out on a `slow` fault frees its handler
-    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=1.0, access_log=None)
-    await runner.setup()
-    try:
+    state = app[_STATE]
+    async with AsyncExitStack() as stack:
+        cdn = None
+        if state.options.cdn is not None:
+            cdn = await stack.enter_async_context(serve_cdn(dataset, state.options.cdn, host=host))
+            state.media_url = functools.partial(cdn.files.item_url, cdn.url)
+        # handler_cancellation: a client that times out on a `slow` fault frees its handler
+        runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=1.0, access_log=None)
+        await runner.setup()
+        stack.push_async_callback(runner.cleanup)
         site = web.TCPSite(runner, host, port)
         await site.start()
         bound = runner.addresses[0][1]
         url_host = f"[{host}]" if ":" in host else host
-        state = app[_STATE]
         yield FakeServer(
-            f"http://{url_host}:{bound}/api/v1", bound, dataset, state.log, state.injector, app, state.cursors
+            f"http://{url_host}:{bound}/api/v1",
+            bound,
+            dataset,
+            state.log,
+            state.injector,
+            app,
+            state.cursors,
+            cdn,
         )
-    finally:
-        await runner.cleanup()
