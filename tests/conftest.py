@@ -58,11 +58,14 @@ def write_config(
     base_url: str,
     queries: Sequence[Mapping[str, Any]],
     out: str = "out",
+    *,
+    output: Mapping[str, Any] | None = None,
+    media: Mapping[str, Any] | None = None,
     **api: Any,
 ) -> Path:
     """A config file whose output dir is `path.parent / out`; fast retries unless overridden."""
     api = {"requests_per_second": 500, "concurrency": 4, "timeout": 5, "max_backoff": 0.05, **api}
-    return configs.write_config(path, base_url, queries, out, **api)
+    return configs.write_config(path, base_url, queries, out, output, media, **api)
 
 
 @dataclass(frozen=True)

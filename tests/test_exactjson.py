@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from crawler.exactjson import NotJson, loads, member_bytes, split_object
 
 LONE_SURROGATES = st.sampled_from(["\ud83d", "\udc00", "a\ud83dz"])
-TEXT = st.one_of(st.text(max_size=20), LONE_SURROGATES, st.just("\x00\n\u2028\"\\"))
+TEXT = st.one_of(st.text(max_size=20), LONE_SURROGATES, st.just('\x00\n\u2028"\\'))
 SCALARS = st.one_of(
     st.none(),
     st.booleans(),

@@ -18,18 +18,16 @@ from pathlib import Path
 
 from crawler import __version__
 from crawler.cli import logs
-from crawler.cli.export import cmd_export
 from crawler.cli.logs import DEFAULT_PROGRESS_EVERY, LOG_FORMATS, LogOptions, StderrHandler
 from crawler.cli.media import cmd_media
 from crawler.cli.repair import cmd_repair
 from crawler.cli.run import cmd_run
-from crawler.cli.sql import OUTPUT_FORMATS, cmd_sql
 from crawler.cli.status import cmd_status
 from crawler.cli.verify import cmd_verify
 from crawler.config import API_KEY_ENV, AUTO, ApiConfig, MediaConfig, OutputConfig, api_key, load_config
 from crawler.crawl.watch import Progress
 from crawler.errors import ExitCode, HarvestError
-from crawler.export.export import DEFAULT_FILE_MB, FORMATS
+from crawler.export.options import DEFAULT_FILE_MB, FORMATS, SQL_OUTPUT_FORMATS
 
 log = logging.getLogger("harvest")
 
@@ -216,7 +214,10 @@ def _add_sql(
     sql.add_argument("config", type=Path, help="TOML config file")
     sql.add_argument("query", help='the SQL, e.g. "SELECT baseModel, count(*) FROM images GROUP BY 1"')
     sql.add_argument(
-        "--format", choices=OUTPUT_FORMATS, default="table", help="table (default), csv or json (an array)"
+        "--format",
+        choices=SQL_OUTPUT_FORMATS,
+        default="table",
+        help="table (default), csv or json (an array)",
     )
 
 
@@ -311,9 +312,14 @@ def _dispatch(args: argparse.Namespace, watcher: Callable[[], Progress]) -> int:
         return cmd_status(config)
     if args.command == "repair":
         return cmd_repair(config)
+    # DuckDB and pyarrow load in about a second: only for the commands that use them.
     if args.command == "export":
+        from crawler.cli.export import cmd_export
+
         return cmd_export(config, args.to, args.format, args.full, args.file_mb)
     if args.command == "sql":
+        from crawler.cli.sql import cmd_sql
+
         return cmd_sql(config, args.query, args.format)
     return cmd_verify(config)
 

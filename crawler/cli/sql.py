@@ -24,9 +24,10 @@ from rich.table import Table
 from crawler.archive.state import State
 from crawler.config import Config
 from crawler.errors import ConfigError, ExitCode
+from crawler.export.options import SQL_OUTPUT_FORMATS
 from crawler.export.sql import names_images, session
 
-OUTPUT_FORMATS = ("table", "csv", "json")
+OUTPUT_FORMATS = SQL_OUTPUT_FORMATS
 TABLE_ROWS = 1000  # a table shows this many rows at most; csv and json show all
 _BATCH = 10_000
 

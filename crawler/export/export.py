@@ -29,13 +29,12 @@ from crawler.errors import ConfigError, LockedError, OutputError, StateError
 from crawler.export import lines, typed
 from crawler.export.files import Files, JsonLinesFiles, ParquetFiles, Written, file_number, strays
 from crawler.export.manifest import Exported, Manifest, Mark
+from crawler.export.options import DEFAULT_FILE_MB
 from crawler.export.schema import SCHEMA_VERSION
 
 log = logging.getLogger("harvest")
 T = TypeVar("T")
 
-FORMATS = ("parquet", "jsonl.gz")
-DEFAULT_FILE_MB = 256.0
 LOCK_FILE = ".export.lock"
 
 

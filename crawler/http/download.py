@@ -30,6 +30,7 @@ from crawler.http.servertext import ServerText
 _CHUNK = 1 << 20
 _ERROR_BODY = 1 << 16  # bytes of a non-2xx answer read for its message
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+_UNSATISFIED = re.compile(r"bytes \*/(\d+)")
 
 
 class Sink(Protocol):
@@ -99,11 +100,26 @@ class Downloader:
         headers = {"Accept-Encoding": "identity"} | ({"Range": f"bytes={held}-"} if held else {})
         try:
             async with self._session.get(url, headers=headers, timeout=self._timeout) as resp:
+                if resp.status == 416 and held:
+                    return self._whole_already(resp, held, sink)
                 if resp.status not in (200, 206):
                     return await self._refused(resp)
                 return await self._receive(resp, held, sink)
         except (aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
             return classify_exception(exc, self._text)
+
+    def _whole_already(self, resp: aiohttp.ClientResponse, held: int, sink: Sink) -> Outcome:
+        """A 416 to `bytes=<held>-`: the sink may hold the whole file already (a run stopped
+        after its last byte, before the file was finished): `bytes */<held>` says so."""
+        match = _UNSATISFIED.fullmatch(resp.headers.get("Content-Range", "").strip())
+        if not match or int(match.group(1)) != held:
+            sink.begin(0)  # what is held is no beginning of this file: the next attempt starts over
+            return _failed(416, f"nothing to continue from byte {held}", "bad-range")
+        sink.begin(held)
+        why = sink.refuse(resp.headers.get("Content-Type", ""))
+        if why is not None:
+            return _failed(416, why, "not-media")
+        return Outcome(Kind.OK, "ok", body=Got(206, held, held), status=416)
 
     async def _refused(self, resp: aiohttp.ClientResponse) -> Outcome:
         body = await resp.content.read(_ERROR_BODY)

@@ -32,11 +32,14 @@ def write_config(
     queries: Iterable[Mapping[str, Any]],
     out: str = "out",
     output: Mapping[str, Any] | None = None,
+    media: Mapping[str, Any] | None = None,
     **api: Any,
 ) -> Path:
-    """A config file at `path` whose output dir is `path.parent / out`."""
+    """A config file at `path` whose output dir is `path.parent / out` (with a [media] table
+    when `media` is given)."""
     lines = ["[api]", f"base_url = {toml_value(base_url)}", *_pairs(api)]
     lines += ["", "[output]", f"dir = {toml_value(out)}", *_pairs(output or {})]
+    lines += ["", "[media]", *_pairs(media)] if media is not None else []
     for query in queries:
         lines += ["", "[[queries]]", *_pairs(query)]
     path.write_text("\n".join(lines) + "\n")
