@@ -65,7 +65,7 @@ def write_config(
 ) -> Path:
     """A config file whose output dir is `path.parent / out`; fast retries unless overridden."""
     api = {"requests_per_second": 500, "concurrency": 4, "timeout": 5, "max_backoff": 0.05, **api}
-    return configs.write_config(path, base_url, queries, out, output, media, **api)
+    return configs.write_config(path, base_url, queries, out, output, media=media, **api)
 
 
 @dataclass(frozen=True)

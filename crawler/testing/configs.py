@@ -32,6 +32,7 @@ def write_config(
     queries: Iterable[Mapping[str, Any]],
     out: str = "out",
     output: Mapping[str, Any] | None = None,
+    *,
     media: Mapping[str, Any] | None = None,
     **api: Any,
 ) -> Path:
