@@ -278,7 +278,7 @@ def config(tmp_path: Path, base_url: str, output: Mapping[str, Any] | None = Non
     queries = [
         {"modelId": 500, "browsingLevel": 31, "withMeta": True, "withTags": True, "sort": "Newest", **query}
     ]
-    api = {"requests_per_second": 500, "concurrency": 4, "timeout": 5, "max_backoff": 0.05}
+    api: dict[str, Any] = {"requests_per_second": 500, "concurrency": 4, "timeout": 5, "max_backoff": 0.05}
     return configs.write_config(tmp_path / "cfg.toml", base_url, queries, "out", output, **api)
 
 
