@@ -132,7 +132,7 @@ class Downloader:
             return _failed(resp.status, f"the server sent bytes from {start}, not {held}", "bad-range")
         sink.begin(start)
         size = start
-        async for chunk in resp.content.iter_chunked(_CHUNK):
+        async for chunk in resp.content.iter_any():  # as it comes: a kill loses little
             sink.write(chunk)
             size += len(chunk)
         whole = _whole_size(resp, start)
