@@ -10,6 +10,7 @@ import subprocess
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 from test_media import assert_complete, media_config, media_dataset, media_rows
 
