@@ -12,13 +12,12 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from test_media import assert_complete, media_config, media_dataset, media_rows
-
 from conftest import HARVEST, harvest, read_items
 from crawler.errors import ExitCode
 from crawler.testing.fakeapi import FakeServer, ServerOptions
 from crawler.testing.fakeapi.background import ServerThread
 from crawler.testing.fakeapi.cdnfiles import CdnOptions
+from test_media import assert_complete, media_config, media_dataset, media_rows
 
 
 def _start(*args: str | Path) -> subprocess.Popen[bytes]:
@@ -41,13 +40,12 @@ def _wait_for_size(path: Path, size: int) -> None:
         time.sleep(0.01)
 
 
-def _biggest_video(api: FakeServer, out: Path) -> tuple[dict[str, object], int]:
+def _biggest_video(api: FakeServer, out: Path) -> tuple[dict[str, Any], int]:
     assert api.cdn is not None
-    videos = [
-        i for i in read_items(out) if i["type"] == "video" and not api.cdn.files.gone(i["url"].split("/")[4])
-    ]
-    item = max(videos, key=lambda i: api.cdn.files.for_item(i).size)  # type: ignore[union-attr]
-    return item, api.cdn.files.for_item(item).size
+    files = api.cdn.files
+    videos = [i for i in read_items(out) if i["type"] == "video" and not files.gone(i["url"].split("/")[4])]
+    item = max(videos, key=lambda i: files.for_item(i).size)
+    return item, files.for_item(item).size
 
 
 def test_kill_mid_file_resumes_with_range(tmp_path: Path) -> None:
