@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import sqlite3
+import subprocess
+import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
+from aiohttp import web
 
 from conftest import Result, harvest, make_dataset, read_items, write_config
 from crawler.errors import ExitCode
@@ -178,3 +183,96 @@ def test_faults_are_retried_and_every_file_still_arrives_whole(tmp_path: Path) -
         assert_complete(api, tmp_path / "out")
         assert any(r.status == 206 for r in api.cdn.log)  # a cut body was continued, not refetched
         assert harvest("verify", config).code == ExitCode.OK
+
+
+def test_a_still_where_the_video_was_due_is_a_failed_attempt(tmp_path: Path) -> None:
+    """A video source answering a JPEG (the original=true form of a video is a still): refused,
+    and the video comes from the fallback URL."""
+    still = bytes.fromhex("ffd8ffe000104a464946") + bytes(4000)
+
+    async def jpeg(request: web.Request) -> web.Response:
+        return web.Response(body=still, content_type="image/jpeg")
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", jpeg)
+    with (
+        ServerThread(media_dataset(), options=ServerOptions(cdn=CdnOptions(seed=3))) as api,
+        _serving(app) as url,
+    ):
+        config = media_config(tmp_path / "c.toml", api, types=["video"], video_base=url, max_retries=1)
+        result = run(config, "-v")
+        assert result.code == ExitCode.OK, result.stderr
+        assert "a still (image/jpeg) where the video was due" in result.stderr
+        assert_complete(api, tmp_path / "out", types=("video",))
+        assert all(
+            r["content_type"].startswith("video/") for r in media_rows(tmp_path / "out").values() if r["path"]
+        )
+
+
+@contextlib.contextmanager
+def _serving(app: web.Application) -> Iterator[str]:
+    """A small aiohttp server of the test's own on 127.0.0.1, in a thread."""
+    runner = web.AppRunner(app)
+    loop = asyncio.new_event_loop()
+    loop.run_until_complete(runner.setup())
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    loop.run_until_complete(site.start())
+    port = runner.addresses[0][1]
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{port}/file/civitai-media-cache"
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
+        loop.run_until_complete(runner.cleanup())
+        loop.close()
+
+
+def test_disk_full_stops_cleanly_and_a_rerun_completes(cdn_api: FakeServer, tmp_path: Path) -> None:
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mount = ["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(disk)]
+    if subprocess.run(mount, capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        config = media_config(tmp_path / "c.toml", cdn_api, dir=str(disk / "media"))
+        full = run(config)
+        assert full.code == ExitCode.ERROR, full.stderr
+        last = full.stderr.strip().splitlines()[-1]
+        assert last.startswith("harvest: error:") and "no space left on device" in last
+        assert str(disk / "media") in last and "Traceback" not in full.stderr
+        out = tmp_path / "out"
+        recorded = [r for r in media_rows(out).values() if r["status"] == "done"]
+        for row in recorded:  # nothing recorded that is not whole on disk
+            data = (disk / "media" / row["path"]).read_bytes()
+            assert hashlib.sha256(data).hexdigest() == row["sha256"]
+        subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
+        again = run(config)
+        assert again.code == ExitCode.OK, again.stderr
+        rows = media_rows(out)
+        assert all(r["status"] in ("done", "gone") for r in rows.values())
+        assert harvest("verify", config).code == ExitCode.OK
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        ({"variant": "big"}, 'media.variant: expected "original" or a width in pixels'),
+        ({"types": ["images"]}, 'media.types[1]: "images" is not one of "image", "video", "audio"'),
+        ({"types": []}, "media.types: expected a non-empty list"),
+        ({"concurrency": 0}, "media.concurrency: expected an integer from 1 to 256"),
+        ({"downlaod": True}, 'media: unknown key "downlaod"; did you mean "download"?'),
+        ({"video_base": "ftp://x"}, "media.video_base: expected an http(s) URL"),
+        ({"api_key": "x"}, "media.api_key: the API key never goes in the config"),
+    ],
+)
+def test_bad_media_config_is_one_line(tmp_path: Path, table: dict[str, Any], message: str) -> None:
+    config = write_config(tmp_path / "c.toml", "http://127.0.0.1:9/api/v1", [QUERY], media=table)
+    result = harvest("media", config)
+    assert result.code == ExitCode.USAGE
+    assert result.stderr.strip().splitlines() == [
+        f"harvest: error: {config}: {message}" + result.stderr.split(message, 1)[1].rstrip()
+    ]
