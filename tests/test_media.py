@@ -275,3 +275,25 @@ def test_bad_media_config_is_one_line(tmp_path: Path, table: dict[str, Any], mes
     assert result.code == ExitCode.USAGE
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"harvest: error: {config}: {message}"), lines
+
+
+def test_a_cron_run_fetches_the_new_images_media_and_what_failed(cdn_api: FakeServer, tmp_path: Path) -> None:
+    assert cdn_api.cdn is not None
+    config = media_config(tmp_path / "c.toml", cdn_api, download=False, types=["image"], max_retries=1)
+    assert run(config).code == ExitCode.OK
+    items = [i for i in read_items(tmp_path / "out") if i["type"] == "image"]
+    unlucky = next(i for i in items if not cdn_api.cdn.files.gone(i["url"].split("/")[4]))
+    cdn_api.cdn.faults.queue("500", "502", uuid=unlucky["url"].split("/")[4])
+    media_config(tmp_path / "c.toml", cdn_api, types=["image"], max_retries=1)  # download = true
+    first = run(config)
+    assert first.code == ExitCode.SHARDS_FAILED, first.stderr
+    assert f"media {unlucky['id']}: " in first.stderr and "gave up after 2 attempts" in first.stderr
+    assert media_rows(tmp_path / "out")[unlucky["id"]]["status"] == "failed"
+    added = set(cdn_api.dataset.add_images(5002, 5))
+    cdn_api.cdn.log.clear()
+    second = run(config)
+    assert second.code == ExitCode.OK, second.stderr
+    new_images = [i for i in read_items(tmp_path / "out") if i["id"] in added and i["type"] == "image"]
+    asked = {r.uuid for r in cdn_api.cdn.log}
+    assert asked == {i["url"].split("/")[4] for i in [*new_images, unlucky]}
+    assert_complete(cdn_api, tmp_path / "out", types=("image",))

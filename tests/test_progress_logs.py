@@ -20,7 +20,7 @@ from conftest import harvest, make_dataset, read_items, write_config
 from crawler.cli import app as cli
 from crawler.cli import logs
 from crawler.cli.progress import LiveProgress, LogProgress, shorten_keys
-from crawler.crawl.watch import ShardView
+from crawler.crawl.watch import MediaTally, ShardView
 from crawler.http.gate import Counters
 from crawler.testing.fakeapi import FakeServer, ServerThread
 
@@ -281,6 +281,29 @@ def test_log_progress_without_a_loop_ticks_on_the_clock(caplog: pytest.LogCaptur
     assert record.getMessage().startswith("progress: 1/3 shards done; 30 new images in 2 pages, 2.7 images/s")
     assert PROGRESS.search(record.getMessage())
     assert record.event == "progress" and record.new_items == 30 and record.requests == 4  # type: ignore[attr-defined]
+
+
+def test_progress_lines_carry_the_media_stage(caplog: pytest.LogCaptureFixture) -> None:
+    clock = Clock()
+    logger = logging.getLogger("test-progress")
+    tally = MediaTally(started=clock.now, counters=Counters(requests=13, retries=1))
+    for size in (3_000_000, 1_000_000):
+        tally.file_done(size)
+    tally.gone, tally.failed = 1, 1
+    progress = LogProgress(every=10, clock=clock, logger=logger)
+    with caplog.at_level(logging.INFO, logger="test-progress"):
+        progress.start(SHARDS, Counters(requests=4))
+        progress.media(tally)
+        clock.now += 11
+        progress.page(K1, 20, 20)
+    (record,) = caplog.records
+    text = record.getMessage()
+    assert "; media: 2 files (0.2/s, 0.4 MB/s), 1 gone, 1 failed; 13 requests, 1 retries" in text
+    assert record.media_done == 2 and record.media_bytes == 4_000_000  # type: ignore[attr-defined]
+    alone = LogProgress(every=10, clock=clock, logger=logger)
+    alone.start([], tally.counters)  # harvest media: no shards, only the media figures
+    alone.media(tally)
+    assert alone.line()[0].startswith("progress: media: 2 files")
 
 
 async def test_log_progress_ticks_from_a_task_on_the_loop() -> None:

@@ -310,9 +310,9 @@ class LogProgress(_Watcher):
                 f"{t.rate:.1f} images/s; {t.requests} requests, {t.retries} retries, "
                 f"{t.rate_limited} rate-limited"
             )
-        parts += [media_text(media)] if media is not None else []
+        parts += [media_text(media, self.clock())] if media is not None else []
         text = "progress: " + "; ".join(parts + [f"{_clock(t.elapsed)} elapsed"])
-        fields = t.fields() | (media_fields(media) if media is not None else {})
+        fields = t.fields() | (media_fields(media, self.clock()) if media is not None else {})
         return text, {"event": "progress", **fields}
 
     def _tick(self) -> None:
@@ -453,7 +453,7 @@ class LiveProgress(_Watcher):
         if self.media_tally is not None:
             if not t.shards:
                 parts = []
-            parts.append(media_text(self.media_tally))
+            parts.append(media_text(self.media_tally, self.clock()))
         parts.append(f"{_clock(t.elapsed)} elapsed")
         lines = [parts[0]]
         for part in parts[1:]:
@@ -474,9 +474,9 @@ class LiveProgress(_Watcher):
         return [s for s in shards if id(s) in keep], [s for s in shards if id(s) not in keep]
 
 
-def media_text(m: MediaTally) -> str:
-    """`media: 120 files (3.1/s, 4.2 MB/s), 2 gone, 1 failed; 130 requests`"""
-    files, mb = m.rates()
+def media_text(m: MediaTally, now: float) -> str:
+    """`media: 120 files (3.1/s, 4.2 MB/s), 2 gone, 1 failed; 130 requests, ...`"""
+    files, mb = m.rates(now)
     return (
         f"media: {m.done} files ({files:.1f}/s, {mb:.1f} MB/s), {m.gone} gone, {m.failed} failed; "
         f"{m.counters.requests} requests, {m.counters.retries} retries, "
@@ -484,8 +484,8 @@ def media_text(m: MediaTally) -> str:
     )
 
 
-def media_fields(m: MediaTally) -> dict[str, Any]:
-    files, mb = m.rates()
+def media_fields(m: MediaTally, now: float) -> dict[str, Any]:
+    files, mb = m.rates(now)
     return {
         "media_done": m.done,
         "media_gone": m.gone,
