@@ -213,7 +213,7 @@ async def test_slow_first_byte(http: aiohttp.ClientSession) -> None:
     faults = CdnFaults(rates=(("slow", 1.0),), slow_seconds=60)
     async with serve(make_dataset({5001: 3}), options=ServerOptions(cdn=CdnOptions(faults=faults))) as api:
         item = (await items_of(http, api))[0]
-        with pytest.raises(asyncio.TimeoutError):
+        with pytest.raises(TimeoutError):
             async with http.get(item["url"], timeout=aiohttp.ClientTimeout(total=0.3)) as resp:
                 await resp.read()
 
