@@ -1,6 +1,6 @@
 """python -m bench [--quick] [--reps N] [--only 1,2,3,4,5,6] [--json PATH] [--keep]
 
-The issue's benchmark. Six scenarios, each measured run against a freshly started
+The issue's benchmark. Nine scenarios, each measured run against a freshly started
 fake API (no warm caches carried between runs), medians over the repetitions:
 
 1. throughput: unlimited server, 6 versions, 100k images, limit 200, withMeta: harvest vs the
@@ -17,6 +17,9 @@ fake API (no warm caches carried between runs), medians over the repetitions:
    (requests / rate), requests against plain walks, 429s, for a balanced and a skewed model;
 8. export (bench/export.py; --only export): `harvest export` of a 1M harvest to Parquet: images/s,
    Parquet bytes against NDJSON bytes, against a hand-written orjson loop (bench/export_baseline.py).
+9. media (bench/media.py; --only media): `harvest media` from the fake CDN at concurrency 8, files/s
+   and MB/s against a hand-written aiohttp downloader (bench/media_baseline.py), and peak RSS while
+   fetching 100 MB videos against ~2.5 MB ones.
 
 Prints a table with PASS/MISS per target and writes bench/results.json.
 """
@@ -40,7 +43,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from bench import export, soak
+from bench import export, media, soak
 from bench.harness import (
     MODEL_ID,
     ROOT,
@@ -70,6 +73,8 @@ class Sizes:
     s6_images: int  # scenario 6: one version walked past the walk cap (7x deeper)
     s7_images: int  # scenario 7: images in all, 6 versions, balanced or skewed
     s8_images: int  # scenario 8: images harvested, then exported
+    s9_images: int  # scenario 9: items whose media is fetched (about 13% videos of ~2.5 MB)
+    s9_big_videos: int  # scenario 9: videos of 100 MB each, for the memory figure
 
 
 FULL = Sizes(
@@ -83,6 +88,8 @@ FULL = Sizes(
     s6_images=70_000,
     s7_images=40_000,
     s8_images=1_000_000,
+    s9_images=1_500,
+    s9_big_videos=6,
 )
 QUICK = Sizes(
     s1_images=20_000,
@@ -95,6 +102,8 @@ QUICK = Sizes(
     s6_images=14_000,
     s7_images=12_000,
     s8_images=100_000,
+    s9_images=500,
+    s9_big_videos=3,
 )
 
 S1_VERSIONS = 6
@@ -743,6 +752,23 @@ SHOWN = {
         ("baseline (orjson loop) images/s", "baseline_items_per_s"),
         ("export / baseline", "export_vs_baseline"),
     ],
+    "9": [
+        ("files fetched", "media_files"),
+        ("bytes fetched", "media_bytes"),
+        ("harvest media files/s", "media_files_per_s"),
+        ("harvest media MB/s", "media_mb_per_s"),
+        ("harvest media CPU s", "media_cpu_s"),
+        ("harvest media peak RSS MiB", "media_peak_rss_mib"),
+        ("baseline files/s", "baseline_files_per_s"),
+        ("baseline MB/s", "baseline_mb_per_s"),
+        ("baseline CPU s", "baseline_cpu_s"),
+        ("harvest media / baseline (MB/s)", "media_vs_baseline"),
+        ("100 MB videos fetched", "big_videos"),
+        ("100 MB videos MB/s", "big_video_mb_per_s"),
+        ("peak RSS, ~2.5 MB videos MiB", "peak_rss_small_videos_mib"),
+        ("peak RSS, 100 MB videos MiB", "peak_rss_100mb_videos_mib"),
+        ("peak RSS growth MiB", "peak_rss_growth_mib"),
+    ],
 }
 TITLES = {
     "1": "throughput (unlimited server)",
@@ -753,6 +779,7 @@ TITLES = {
     "6": "capped shard covered (walk cap, both ends)",
     "7": "real latency, 5x faster (median 0.4 s, 10 req/s, default config)",
     "8": "export (Parquet, zstd segments)",
+    "9": "media (the fake CDN on loopback, concurrency 8)",
 }
 
 
@@ -790,8 +817,9 @@ SCENARIOS: dict[str, Callable[[Sizes, int, bool], dict[str, Any]]] = {
     "6": scenario_capped,
     "7": scenario_real_latency,
     "8": lambda sizes, reps, keep: export.scenario_export(sizes.s8_images, reps, keep),
+    "9": lambda sizes, reps, keep: media.scenario_media(sizes.s9_images, sizes.s9_big_videos, reps, keep),
 }
-ALIASES = {"soak": "5", "capped": "6", "latency": "7", "export": "8"}
+ALIASES = {"soak": "5", "capped": "6", "latency": "7", "export": "8", "media": "9"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -805,7 +833,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument(
         "--only",
         default="1,2,3,4,5,6,7,8",
-        help="scenarios to run, e.g. 1,3 (soak: 5, capped: 6, latency: 7, export: 8)",
+        help="scenarios to run, e.g. 1,3 (soak: 5, capped: 6, latency: 7, export: 8, media: 9)",
     )
     p.add_argument("--json", type=Path, default=RESULTS, help=f"where to write results (default {RESULTS})")
     p.add_argument("--keep", action="store_true", help="keep the scratch dirs (under the temp dir)")
@@ -829,7 +857,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     chosen = [ALIASES.get(s.strip(), s.strip()) for s in args.only.split(",") if s.strip()]
     unknown = [s for s in chosen if s not in SCENARIOS]
     if unknown:
-        p.error(f"unknown scenario(s) {unknown}; known: 1, 2, 3, 4, 5 (soak), 6 (export)")
+        p.error(
+            f"unknown scenario(s) {unknown}; known: 1, 2, 3, 4, 5 (soak), 6 (capped), 7 (latency), "
+            "8 (export), 9 (media)"
+        )
     started = time.monotonic()
     results: dict[str, Any] = {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
