@@ -36,7 +36,8 @@ exit status:
   0    every shard finished
   1    the run cannot go on (API key rejected, region blocked, disk full, state broken)
   2    bad config, usage or CIVITAI_API_KEY: nothing was requested
-  3    some shards failed (rerun the same command to resume), or are capped (images out of reach)
+  3    some shards failed (rerun the same command to resume), or are capped (images out of reach),
+       or some media files failed (a rerun tries them again)
   4    another harvest holds the output dir
   130  interrupted by SIGINT, 143 by SIGTERM; committed work is kept, rerun to resume
 
