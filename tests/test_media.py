@@ -229,15 +229,22 @@ def _serving(app: web.Application) -> Iterator[str]:
         loop.close()
 
 
-def test_disk_full_stops_cleanly_and_a_rerun_completes(cdn_api: FakeServer, tmp_path: Path) -> None:
+@pytest.mark.parametrize("command", ["run", "media"])
+def test_disk_full_stops_cleanly_and_a_rerun_completes(
+    cdn_api: FakeServer, tmp_path: Path, command: str
+) -> None:
     disk = tmp_path / "disk"
     disk.mkdir()
     mount = ["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(disk)]
     if subprocess.run(mount, capture_output=True).returncode != 0:
         pytest.skip("cannot mount a tmpfs here (needs root)")
     try:
-        config = media_config(tmp_path / "c.toml", cdn_api, dir=str(disk / "media"))
-        full = run(config)
+        config = media_config(
+            tmp_path / "c.toml", cdn_api, dir=str(disk / "media"), download=command == "run"
+        )
+        if command == "media":
+            assert run(config).code == ExitCode.OK  # the metadata; then the media stage alone
+        full = harvest(command, config)
         assert full.code == ExitCode.ERROR, full.stderr
         last = full.stderr.strip().splitlines()[-1]
         assert last.startswith("harvest: error:") and "no space left on device" in last

@@ -18,6 +18,7 @@ from crawler.config import Config
 from crawler.crawl.pipeline import RunSummary
 from crawler.crawl.watch import MediaTally
 from crawler.errors import ExitCode, OutputError
+from crawler.http.gate import Counters
 
 SUMMARY_FILE = "last-run.json"
 
@@ -25,9 +26,7 @@ SUMMARY_FILE = "last-run.json"
 def summary_dict(summary: RunSummary, exit_code: int) -> dict[str, Any]:
     """How the run ended (its exit status; `ok` only for 0), then every figure: the pipeline's,
     then all of the client's counters."""
-    counters = asdict(summary.counters)
-    counters["cooldown_seconds"] = round(counters["cooldown_seconds"], 3)
-    counters["failed_attempts"] = counters.pop("by_reason")
+    counters = _counters(summary.counters)
     return {
         "exit_code": exit_code,
         "ok": exit_code == ExitCode.OK,
@@ -46,12 +45,18 @@ def summary_dict(summary: RunSummary, exit_code: int) -> dict[str, Any]:
     }
 
 
+def _counters(counters: Counters) -> dict[str, Any]:
+    """A gate's counters as the summary spells them."""
+    fields = asdict(counters)
+    fields["cooldown_seconds"] = round(fields["cooldown_seconds"], 3)
+    fields["failed_attempts"] = fields.pop("by_reason")
+    return fields
+
+
 def media_dict(media: MediaTally) -> dict[str, Any]:
     """The media stage's figures: files, bytes and rates, then its own gate's counters."""
     files, mb = media.rates()
-    counters = asdict(media.counters)
-    counters["cooldown_seconds"] = round(counters["cooldown_seconds"], 3)
-    counters["failed_attempts"] = counters.pop("by_reason")
+    counters = _counters(media.counters)
     return {
         "done": media.done,
         "gone": media.gone,

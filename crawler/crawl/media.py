@@ -81,7 +81,10 @@ async def run_media(
         tally.counters = downloader.counters
         with MediaLedger.open(config.output.dir) as ledger:
             stage = MediaStage(media, config.output.dir, ledger, downloader, tally)
-            await stage.run(harvest, retry_gone=retry_gone)
+            try:
+                await stage.run(harvest, retry_gone=retry_gone)
+            except BaseExceptionGroup as error:  # a full disk, say: the error, not its group
+                raise first_harvest_error(error) from None
 
 
 async def harvest_with_media(
