@@ -255,7 +255,7 @@ def test_disk_full_stops_cleanly_and_a_rerun_completes(
             data = (disk / "media" / row["path"]).read_bytes()
             assert hashlib.sha256(data).hexdigest() == row["sha256"]
         subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
-        again = run(config)
+        again = harvest(command, config)
         assert again.code == ExitCode.OK, again.stderr
         rows = media_rows(out)
         assert all(r["status"] in ("done", "gone") for r in rows.values())
