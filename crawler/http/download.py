@@ -27,7 +27,6 @@ from crawler.http.gate import Counters, RateGate
 from crawler.http.outcomes import Kind, Outcome, classify, classify_exception, refuse_long_pause
 from crawler.http.servertext import ServerText
 
-_CHUNK = 1 << 20
 _ERROR_BODY = 1 << 16  # bytes of a non-2xx answer read for its message
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 _UNSATISFIED = re.compile(r"bytes \*/(\d+)")
