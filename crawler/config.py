@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 from crawler import checks
 from crawler.civitai.endpoint import ParamValue
 from crawler.civitai.images import IMAGES
+from crawler.civitai.media import MEDIA_TYPES, ORIGINAL, VIDEO_BASE
 from crawler.errors import ConfigError
 
 API_KEY_ENV = "CIVITAI_API_KEY"
@@ -52,10 +53,6 @@ class OutputConfig:
     compress: str = "none"  # closed segments: "zstd" (.ndjson.zst), "gzip" (.ndjson.gz) or "none"
 
 
-MEDIA_TYPES: tuple[str, ...] = ("image", "video", "audio")
-ORIGINAL = "original"
-
-
 @dataclass(frozen=True, slots=True)
 class MediaConfig:
     """`[media]`: the files the items point to, fetched from the CDN under a budget of its own."""
@@ -69,7 +66,7 @@ class MediaConfig:
     timeout: float = 60.0  # seconds without a byte (connecting, or in a body) fail an attempt
     max_retries: int = 5  # retries of one file after its first attempt; then it is `failed`
     max_backoff: float = 30.0  # seconds: cap of the exponential backoff
-    video_base: str = "https://image-b2.civitai.com/file/civitai-media-cache"  # where videos are served
+    video_base: str = VIDEO_BASE  # where videos themselves are served
 
 
 @dataclass(frozen=True, slots=True)

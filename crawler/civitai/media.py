@@ -16,8 +16,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 VIDEO_BASE = "https://image-b2.civitai.com/file/civitai-media-cache"
 ORIGINAL = "original"
-WIDTHS = (96, 320, 450, 512, 800, 1200, 1600, 2200)  # the CDN's ladder; it serves at most 1800
-MEDIA_TYPES = ("image", "video", "audio")
+MEDIA_TYPES: tuple[str, ...] = ("image", "video", "audio")  # the item types with media
 
 _OPTIONS = re.compile(r"[a-z_]+=[^/]*")  # original=true, width=450, transcode=true,quality=100, ...
 _TRANSCODE = "transcode=true,original=true,quality=100"

@@ -31,7 +31,7 @@ from crawler.archive import media_ledger as ml
 from crawler.archive.media_files import PartFile, finished_files, hash_file
 from crawler.archive.media_ledger import MediaLedger, MediaRef, ScanPoint
 from crawler.archive.reader import committed_blocks
-from crawler.archive.sniff import Format, sniff
+from crawler.archive.sniff import HEAD_BYTES, sniff
 from crawler.archive.state import SegmentRow, State
 from crawler.civitai.media import candidates
 from crawler.config import Config, MediaConfig
@@ -123,7 +123,6 @@ class _KeepShowing:
     """A progress display whose `stop` waits for the media stage: every other hook passes."""
 
     def __init__(self, inner: Progress) -> None:
-        self._inner = inner
         self.start, self.page, self.media = inner.start, inner.page, inner.media
         self.shard_done, self.shard_failed = inner.shard_done, inner.shard_failed
 
@@ -243,10 +242,12 @@ class MediaStage:
             try:
                 await self.downloader.fetch(url, _Expected(part, ref.type))
             except ApiError as error:
-                part.close()
-                (gone if _is_gone(error) else failed).append(str(error))
                 if _is_gone(error):
                     part.discard()
+                    gone.append(str(error))
+                else:
+                    part.close()  # kept: the next attempt continues it
+                    failed.append(str(error))
                 continue
             await self._finish(ref, part, url)
             return
@@ -263,9 +264,10 @@ class MediaStage:
     async def _adopt(self, ref: MediaRef, path: Path) -> None:
         stored = await asyncio.to_thread(hash_file, path)
         with path.open("rb") as stream:
-            fmt = sniff(stream.read(512)) or Format(path.suffix.lstrip("."), "application/octet-stream", "")
+            fmt = sniff(stream.read(HEAD_BYTES))  # renamed only after the sink's check: it is media
+        content_type = fmt.content_type if fmt is not None else "application/octet-stream"
         relative = path.relative_to(self.media.dir).as_posix()
-        self.ledger.done(ref.id, relative, stored.size, stored.sha256, fmt.content_type)
+        self.ledger.done(ref.id, relative, stored.size, stored.sha256, content_type)
         PartFile(self.media.dir, ref.id).discard()
         self.tally.file_done(stored.size)
 
@@ -297,8 +299,8 @@ class _Expected:
         fmt = sniff(self.part.head)
         why = None
         if fmt is None:
-            what = "an HTML page" if self.part.head.lstrip()[:1] == b"<" else f"{content_type or 'bytes'}"
-            why = f"{what} where an {self.kind} was due"
+            what = "an HTML page" if self.part.head.lstrip()[:1] == b"<" else content_type or "bytes"
+            why = f"{what} where the {self.kind} was due"
         elif self.kind == "video" and fmt.kind != "video":
             why = f"a still ({fmt.content_type}) where the video was due"
         if why is not None:

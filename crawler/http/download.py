@@ -75,10 +75,6 @@ class Downloader:
     def counters(self) -> Counters:
         return self._gate.counters
 
-    @property
-    def gate(self) -> RateGate:
-        return self._gate
-
     async def fetch(self, url: str, sink: Sink) -> Got:
         """The whole body of `url` in `sink`; the client's errors (NotFoundError for a 404,
         ShardError for other refusals, RetriesExhaustedError) when it cannot be had."""
