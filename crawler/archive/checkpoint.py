@@ -23,7 +23,7 @@ from crawler.archive import agreement
 from crawler.archive.compression import SUFFIXES
 from crawler.archive.fs import remove_partials
 from crawler.archive.segments import MAX_APPEND_LINES, SegmentWriter
-from crawler.archive.state import Cursor, PageCommit, State
+from crawler.archive.state import Cursor, PageCommit, ShardStatus, State
 from crawler.archive.steps import Compress, SegmentStep, finish_closed
 
 
@@ -64,6 +64,7 @@ class PageResult:
     new_items: int
     done: bool
     met: bool = False  # the page reached what the other end of the walk had walked
+    other_capped: bool = False  # the page capped this end, and the other end was capped before
 
 
 def segment_full(output: ArchiveSpec, items: int, size: int) -> bool:
@@ -122,7 +123,12 @@ class Checkpointer:
         )
         if self._segment_full():
             self._rotate()
-        return PageResult(new_items=len(fresh), done=next_cursor is None, met=met)
+        capped = walk.capped and next_cursor is None and not met
+        other_capped = capped and walk.other_end is not None and self._capped(walk.other_end)
+        return PageResult(new_items=len(fresh), done=next_cursor is None, met=met, other_capped=other_capped)
+
+    def _capped(self, key: str) -> bool:
+        return self._state.shard(key).status == ShardStatus.CAPPED
 
     def _segment_full(self) -> bool:
         return segment_full(self._output, self._writer.items, self._writer.size)

@@ -32,28 +32,27 @@ def other_end(shard: Shard, row: ShardRow) -> str | None:
 
 def leaves_of(shards: Sequence[Shard], state: State) -> Iterator[Shard]:
     """The shards to walk: split ones as their children, two-ended ones with their other end."""
-    seen: set[str] = set()
-    for shard in _leaves(shards, state):
-        if shard.key not in seen:
-            seen.add(shard.key)
-            yield shard
+    return _leaves(shards, state, set())
 
 
-def _leaves(shards: Sequence[Shard], state: State) -> Iterator[Shard]:
+def _leaves(shards: Sequence[Shard], state: State, seen: set[str]) -> Iterator[Shard]:
     for shard in shards:
+        if shard.key in seen:
+            continue
+        seen.add(shard.key)
         row = state.shard(shard.key)
         if row.status == ShardStatus.SPLIT:
             children = split(shard)
             ends = not children
             children = children or ends_of(shard)
             state.enrol(((c.key, c.query) for c in children), ends=ends)
-            yield from _leaves(children, state)
+            yield from _leaves(children, state, seen)
             continue
         yield shard
         if row.ends:
             others = [e for e in ends_of(shard) if e.key != shard.key]
             state.enrol(((e.key, e.query) for e in others), ends=True)
-            yield from others
+            yield from _leaves(others, state, seen)  # an end capped after its other end is split
 
 
 def capped_lines(state: State, shards: Sequence[Shard]) -> list[str]:
@@ -61,12 +60,18 @@ def capped_lines(state: State, shards: Sequence[Shard]) -> list[str]:
     lines = []
     for shard in shards:
         row = state.shard(shard.key)
-        if row.status == ShardStatus.CAPPED:
+        if row.status == ShardStatus.CAPPED and not _split_at_other_end(shard, row, state):
             lines.append(
                 f"{describe(shard)}: capped: holds {row.items} images; more exist that no walk reaches "
                 "(the server stops every walk at walk_cap positions, from either end)"
             )
     return lines
+
+
+def _split_at_other_end(shard: Shard, row: ShardRow, state: State) -> bool:
+    """A capped end whose other end, capped too, was split: its children reach the rest."""
+    other = other_end(shard, row)
+    return other is not None and state.shard(other).status == ShardStatus.SPLIT
 
 
 def sfw_warnings(state: State, shards: Sequence[Shard]) -> list[str]:
