@@ -1,7 +1,7 @@
 """`harvest`: the parser and `main`. Turns every HarvestError into one line and an exit status.
 
-Each subcommand lives in a module of its own (`run`, `status`, `verify`, `repair`, `export`,
-`sql`, `demo`);
+Each subcommand lives in a module of its own (`run`, `status`, `verify`, `repair`, `media`,
+`refresh`, `export`, `sql`, `demo`);
 this module parses the command line, sets up logging from it and dispatches.
 """
 
@@ -20,6 +20,7 @@ from crawler import __version__
 from crawler.cli import logs
 from crawler.cli.logs import DEFAULT_PROGRESS_EVERY, LOG_FORMATS, LogOptions, StderrHandler
 from crawler.cli.media import cmd_media
+from crawler.cli.refresh import cmd_refresh, duration
 from crawler.cli.repair import cmd_repair
 from crawler.cli.run import cmd_run
 from crawler.cli.status import cmd_status
@@ -168,6 +169,22 @@ def build_parser() -> argparse.ArgumentParser:
     media.add_argument(
         "--retry-gone", action="store_true", help="ask again for media the CDN said was gone (404/410)"
     )
+    fresh = sub.add_parser(
+        "refresh",
+        parents=[running],
+        help="observe the harvested images again (stats, levels, gone) into refresh segments",
+        description="Ask the API again for the ids the output dir holds, 100 a request (ids=), under "
+        "the [api] budget and cooldown, and append one observation per id (stats, nsfwLevel, "
+        "browsingLevel, or gone: hidden or deleted) to refresh-NNNNNN.ndjson. Exactly once per "
+        "pass; rerun the same command after any interruption to resume the pass.",
+    )
+    fresh.add_argument("config", type=Path, help="TOML config file")
+    fresh.add_argument(
+        "--older-than",
+        type=duration,
+        metavar="AGE",
+        help="only ids whose latest observation (or first sight) is older than AGE: 7d, 12h, 30m, 2w",
+    )
     _add_export(sub, common)
     _add_sql(sub, common)
     demo = sub.add_parser(
@@ -309,6 +326,8 @@ def _dispatch(args: argparse.Namespace, watcher: Callable[[], Progress]) -> int:
         return cmd_run(config, api_key(os.environ), watcher())
     if args.command == "media":
         return cmd_media(config, watcher(), retry_gone=args.retry_gone)
+    if args.command == "refresh":
+        return cmd_refresh(config, api_key(os.environ), watcher(), args.older_than)
     if args.command == "status":
         return cmd_status(config)
     if args.command == "repair":
