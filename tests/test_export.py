@@ -14,6 +14,7 @@ import gzip
 import json
 import math
 import re
+import sqlite3
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -162,14 +163,33 @@ def expected_row(line: bytes, segment: str, number: int) -> dict[str, Any]:
         **dict.fromkeys(("query", "shard")),
         "segment": segment,
         "line": number,
-        **dict.fromkeys(("media_path", "media_size", "media_sha256", "media_content_type")),
+        **dict.fromkeys(("media_path", "media_size", "media_sha256", "media_content_type", "media_status")),
     }
 
 
 def expected_rows(out: Path) -> dict[int, dict[str, Any]]:
+    """The rows of every committed line, with the shard that wrote it and its media, read from the
+    state's tables the plain way."""
     with State.open(out, create=False) as state:
         lines = list(committed_lines(out, state))
-    rows = [expected_row(line.data.rstrip(b"\n"), line.segment, line.number) for line in lines]
+    with sqlite3.connect(out / "harvest.sqlite") as conn:
+        runs = conn.execute(
+            "SELECT segment, first_line, lines, shard, query FROM runs JOIN shards ON key = shard"
+        ).fetchall()
+        media = {
+            r[0]: r[1:]
+            for r in conn.execute("SELECT id, path, size, sha256, content_type, status FROM media")
+        }
+    rows = []
+    for line in lines:
+        row = expected_row(line.data.rstrip(b"\n"), line.segment, line.number)
+        [(shard, query)] = [
+            (r[3], r[4]) for r in runs if r[0] == line.segment and r[1] <= line.number < r[1] + r[2]
+        ]
+        row["shard"], row["query"] = shard, query
+        names = ("media_path", "media_size", "media_sha256", "media_content_type", "media_status")
+        row.update(zip(names, media.get(row["id"], (None,) * 5), strict=True))
+        rows.append(row)
     return {row["id"]: row for row in rows}
 
 
@@ -336,7 +356,7 @@ def test_export_holds_every_served_value_typed_by_the_schema(tmp_path: Path) -> 
     assert f"exported {len(want)} new images to 1 parquet file(s)" in export(cfg)
     table = read_parquet(out / "export")
     assert table.schema.equals(SCHEMA, check_metadata=False)
-    assert table.schema.metadata[b"civitai-harvest.schema"] == b"1"
+    assert table.schema.metadata[b"civitai-harvest.schema"] == b"2"
     assert_rows_equal(by_id(table.to_pylist()), want)
     # The hostile items, spelled out: exact digits, lone surrogates, wrong types made null.
     big, cut, odd, legacy = (want[i] for i in (77000001, 77000002, 77000003, 77000004))
@@ -349,6 +369,9 @@ def test_export_holds_every_served_value_typed_by_the_schema(tmp_path: Path) -> 
     )
     assert odd["meta"].startswith('{"steps": "20"')  # as stored, spaces and all
     assert legacy["prompt"] == "nested by the legacy path" and legacy["seed"] == "42"
+    # Each line names the shard whose page wrote it: the raw items were served to one version each.
+    assert "modelVersionId=5001" in big["shard"] and "modelVersionId=5003" in legacy["shard"]
+    assert {r["query"] for r in want.values()} == {"query-1"}
     # The file: zstd-compressed, and the same rows through DuckDB's own Parquet reader.
     column = pq.ParquetFile(parquet_files(out / "export")[0]).metadata.row_group(0).column(0)
     assert column.compression == "ZSTD"

@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Self
+from typing import Self, TypeVar
 
 import orjson
 
@@ -22,6 +22,7 @@ from crawler.archive.fs import diagnose_write_failure, refuse_symlink
 from crawler.errors import StateError
 
 STATE_FILE = "harvest.sqlite"
+_S = TypeVar("_S", bound="State")
 Cursor = str | int
 
 
@@ -152,6 +153,26 @@ class State:
             state.close()
             raise
         return state
+
+    def sharing(self, cls: type[_S]) -> _S:
+        """This state's connection seen through another of its ledgers (`RefreshLedger`, ...);
+        closing either closes both."""
+        return cls(self._conn, self.path)
+
+    def runs(self, segment: str) -> list[tuple[int, int, str, str]]:
+        """Which shard wrote which lines of `segment`: (first line, lines, shard, query), in line
+        order. Lines written before state version 5, or adopted by a repair, have none."""
+        rows = self._conn.execute(
+            "SELECT first_line, lines, shard, COALESCE(shards.query, '') FROM runs "
+            "LEFT JOIN shards ON shards.key = runs.shard WHERE segment=? ORDER BY first_line",
+            (segment,),
+        )
+        return [(int(a), int(b), str(c), str(d)) for a, b, c, d in rows]
+
+    def media_table(self) -> list[tuple[object, ...]]:
+        """Every row of the media ledger: id, type, status, path, size, sha256, content_type, url, error."""
+        query = "SELECT id, type, status, path, size, sha256, content_type, url, error FROM media ORDER BY id"
+        return self._conn.execute(query).fetchall()
 
     def __enter__(self) -> Self:
         return self
