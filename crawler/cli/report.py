@@ -107,7 +107,8 @@ def _print_refresh(summary: RunSummary, config: Config, out: TextIO) -> None:
     assert tally is not None
     state = "complete" if tally.complete else "in progress"
     if not tally.due:
-        print(f"harvest: refresh: nothing is due; {tally.pass_no} passes so far -> {config.output.dir}", file=out)
+        passes = f"{tally.pass_no} passes so far"
+        print(f"harvest: refresh: nothing is due; {passes} -> {config.output.dir}", file=out)
         return
     print(
         f"harvest: refresh pass {tally.pass_no} ({'resumed, ' if tally.resumed else ''}{state}): "

@@ -147,11 +147,12 @@ def _export(out_dir: Path, state: State, folder: Path, fmt: str, full: bool, fil
     _sweep_latest(folder, set(manifest.latest.values()))
     if not images.parts and not observed.parts and not full and fmt in manifest.formats:
         return Result(folder, fmt, full, (), 0, images.previous.rows, 0.0)  # nothing new: nothing changes
-    con = typed.connect(_media(state) if images.parts else None)
+    con = typed.connect(media_table(state) if images.parts else None)
     try:
         written = _write_family(out_dir, images, folder, fmt, file_mb, con)
         seen = _write_family(out_dir, observed, folder, fmt, file_mb, con)
-        latest = _latest(folder, fmt, observed, seen, manifest.latest.get(fmt), con)
+        previous_latest = manifest.latest.get(fmt)
+        latest = _latest(folder, fmt, observed, seen, previous_latest, con)
     finally:
         con.close()
     manifest.formats[fmt] = written
@@ -159,6 +160,8 @@ def _export(out_dir: Path, state: State, folder: Path, fmt: str, full: bool, fil
     if latest is not None:
         manifest.latest[fmt] = latest
     manifest.save(folder)
+    if latest is not None and previous_latest is not None and previous_latest.name != latest.name:
+        (folder / LATEST_DIR / previous_latest.name).unlink(missing_ok=True)  # replaced
     if full:
         _remove(folder, images.previous.files)
         _remove(folder / OBSERVATIONS_DIR, observed.previous.files)
@@ -187,8 +190,8 @@ def _write_family(
     return Exported(SCHEMA_VERSION, [*plan.done.files, *written], marks, _utc_now())
 
 
-def _media(state: State) -> pa.Table:
-    """The media ledger as the rows' media_* come from it."""
+def media_table(state: State) -> pa.Table:
+    """The media ledger as rows of MEDIA_SCHEMA: what the rows' media_* come from."""
     return _table(state.media_table(), MEDIA_SCHEMA)
 
 
