@@ -98,8 +98,9 @@ class RefreshLedger(State):
                 self._conn.execute("INSERT INTO refresh_todo SELECT id FROM seen")
             else:
                 self._conn.execute(
-                    "INSERT INTO refresh_todo SELECT seen.id FROM seen LEFT JOIN observed "
-                    "ON observed.id = seen.id WHERE COALESCE(observed.at, seen.at, 0) < ?",
+                    "INSERT INTO refresh_todo SELECT seen.id FROM seen "
+                    "LEFT JOIN observed ON observed.id = seen.id LEFT JOIN first_seen ON first_seen.id = seen.id "
+                    "WHERE COALESCE(observed.at, first_seen.at, 0) < ?",
                     (cutoff,),
                 )
             todo = int(self._conn.execute("SELECT count(*) FROM refresh_todo").fetchone()[0])

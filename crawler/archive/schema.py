@@ -128,10 +128,10 @@ def _v5_refresh(conn: sqlite3.Connection) -> None:
     steps, kept apart from the item segments; the latest observation per id; the ids the open
     refresh pass has still to observe.
 
-    `seen.at` is a new column (null for ids seen before this step, or adopted by a repair):
-    older code inserts ids only and never reads it. Everything else is a new table.
+    New tables only, as in step 3: `seen` stays as the first step made it. An id seen before
+    this step, or adopted by a repair, has no `first_seen` row (it counts as seen long ago).
     """
-    conn.execute("ALTER TABLE seen ADD COLUMN at REAL")
+    conn.execute("CREATE TABLE first_seen (id INTEGER PRIMARY KEY, at REAL NOT NULL) WITHOUT ROWID")
     conn.execute(
         """CREATE TABLE runs (
     segment TEXT NOT NULL,

@@ -359,9 +359,8 @@ class State:
         status = ShardStatus.ACTIVE if not done else ShardStatus.CAPPED if page.capped else ShardStatus.DONE
         now = time.time()
         with self._transaction():
-            self._conn.executemany(
-                "INSERT INTO seen (id, at) VALUES (?, ?)", ((i, now) for i in page.new_ids)
-            )
+            self._conn.executemany("INSERT INTO seen (id) VALUES (?)", ((i,) for i in page.new_ids))
+            self._conn.executemany("INSERT INTO first_seen VALUES (?, ?)", ((i, now) for i in page.new_ids))
             if page.new_ids:  # which shard wrote these lines (the export's `shard` and `query`)
                 self._conn.execute(
                     "INSERT INTO runs VALUES "
