@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import gzip
+import hashlib
 import json
 import math
 import re
@@ -36,6 +37,7 @@ from crawler.export.schema import SCHEMA, STATS_KEYS, markdown_table
 from crawler.export.sql import names_images
 from crawler.testing import configs
 from crawler.testing.fakeapi import Dataset, ServerOptions, ServerThread
+from crawler.testing.fakeapi.cdnfiles import CdnOptions
 from crawler.testing.fakeapi.dataset import DatasetSpec
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -496,6 +498,8 @@ def test_sql_views_over_the_archive(tmp_path: Path) -> None:
     shards = sql(cfg, "SELECT query, status, items FROM shards ORDER BY key")
     assert [s["status"] for s in shards] == ["done"] * 3 and sum(s["items"] for s in shards) == len(parquet)
     assert sql(cfg, "SELECT count(*) AS n FROM media") == [{"n": 0}]
+    assert sql(cfg, "SELECT count(*) AS n FROM observations") == [{"n": 0}]  # no refresh yet
+    assert sql(cfg, "SELECT count(gone) AS n FROM images") == [{"n": 0}]
     assert sql(cfg, "SELECT sum(items) AS n FROM segments") == [{"n": len(parquet)}]
     monthly = sql(
         cfg,
@@ -552,3 +556,45 @@ def test_sql_errors_are_one_line_and_exit_2(tmp_path: Path) -> None:
 
 def test_the_readme_shows_the_schema_as_it_is() -> None:
     assert markdown_table() in (ROOT / "README.md").read_text()
+
+
+# -- media -----------------------------------------------------------------------------
+
+
+def test_media_columns_carry_the_ledger_and_sql_shows_it_as_it_is_now(tmp_path: Path) -> None:
+    from test_media import media_config, media_dataset, media_rows
+
+    with ServerThread(media_dataset(), options=ServerOptions(cdn=CdnOptions(seed=3))) as api:
+        cfg = media_config(tmp_path / "c.toml", api, download=False)
+        assert harvest("run", cfg).code == 0
+        out = tmp_path / "out"
+        export(cfg, "--to", str(tmp_path / "before"))  # before any media: the columns are null
+        before = read_parquet(tmp_path / "before").to_pylist()
+        assert {(r["media_path"], r["media_status"]) for r in before} == {(None, None)}
+        fetched = harvest("media", cfg)
+        assert fetched.code == 0, fetched.stderr
+    export(cfg)
+    ledger = media_rows(out)
+    rows = by_id(read_parquet(out / "export").to_pylist())
+    assert_rows_equal(rows, expected_rows(out))
+    done = [r for r in rows.values() if r["media_status"] == "done"]
+    assert done and {r["media_status"] for r in rows.values()} <= {"done", "gone", None}
+    for row in done:
+        data = (out / "media" / row["media_path"]).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == row["media_sha256"] == ledger[row["id"]]["sha256"]
+        assert (
+            len(data) == row["media_size"] and row["media_content_type"] == ledger[row["id"]]["content_type"]
+        )
+    # The export written before the media keeps its nulls (incremental: nothing new); `harvest sql`
+    # joins the ledger as it is now.
+    assert "nothing new" in export(cfg, "--to", str(tmp_path / "before"))
+    query = "SELECT id, media_path, media_sha256, media_status FROM images ORDER BY id"
+    now = sql(cfg, query)
+    assert [r["id"] for r in now] == sorted(rows)
+    for r in now:
+        assert (r["media_path"], r["media_sha256"], r["media_status"]) == (
+            rows[r["id"]]["media_path"],
+            rows[r["id"]]["media_sha256"],
+            rows[r["id"]]["media_status"],
+        )
+    assert sql(cfg, "SELECT count(*) AS n FROM media WHERE status = 'done'") == [{"n": len(done)}]

@@ -161,7 +161,9 @@ def test_a_second_pass_observes_again_and_older_than_picks_what_is_due(tmp_path:
         aged = ids[:30]
         with sqlite3.connect(out / "harvest.sqlite") as conn:
             conn.executemany("UPDATE observed SET at = at - 2 * 86400 WHERE id=?", ((i,) for i in aged))
-            conn.executemany("UPDATE first_seen SET at = at - 2 * 86400 WHERE id=?", ((i,) for i in added[:5]))
+            conn.executemany(
+                "UPDATE first_seen SET at = at - 2 * 86400 WHERE id=?", ((i,) for i in added[:5])
+            )
         data.react(aged[:3], heart=7)
         result = harvest("refresh", cfg, "--older-than", "1d")
         assert result.code == ExitCode.OK, result.stderr

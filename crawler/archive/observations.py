@@ -99,7 +99,8 @@ class RefreshLedger(State):
             else:
                 self._conn.execute(
                     "INSERT INTO refresh_todo SELECT seen.id FROM seen "
-                    "LEFT JOIN observed ON observed.id = seen.id LEFT JOIN first_seen ON first_seen.id = seen.id "
+                    "LEFT JOIN observed ON observed.id = seen.id "
+                    "LEFT JOIN first_seen ON first_seen.id = seen.id "
                     "WHERE COALESCE(observed.at, first_seen.at, 0) < ?",
                     (cutoff,),
                 )
