@@ -33,7 +33,7 @@ from crawler import exactjson
 from crawler.archive.reader import committed_lines
 from crawler.archive.state import State
 from crawler.export import lines, typed
-from crawler.export.schema import SCHEMA, STATS_KEYS, markdown_table
+from crawler.export.schema import OBSERVATION_COLUMNS, SCHEMA, STATS_KEYS, markdown_table
 from crawler.export.sql import names_images
 from crawler.testing import configs
 from crawler.testing.fakeapi import Dataset, ServerOptions, ServerThread
@@ -555,7 +555,9 @@ def test_sql_errors_are_one_line_and_exit_2(tmp_path: Path) -> None:
 
 
 def test_the_readme_shows_the_schema_as_it_is() -> None:
-    assert markdown_table() in (ROOT / "README.md").read_text()
+    readme = (ROOT / "README.md").read_text()
+    assert markdown_table() in readme
+    assert markdown_table(OBSERVATION_COLUMNS, "what it is") in readme
 
 
 # -- media -----------------------------------------------------------------------------

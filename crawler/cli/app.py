@@ -38,7 +38,7 @@ exit status:
   1    the run cannot go on (API key rejected, region blocked, disk full, state broken)
   2    bad config, usage or CIVITAI_API_KEY: nothing was requested
   3    some shards failed (rerun the same command to resume), or are capped (images out of reach),
-       or some media files failed (a rerun tries them again)
+       or some media files failed (a rerun tries them again), or a refresh batch failed for good
   4    another harvest holds the output dir
   130  interrupted by SIGINT, 143 by SIGTERM; committed work is kept, rerun to resume
 
@@ -200,9 +200,10 @@ def _add_export(
     export = sub.add_parser(
         "export",
         parents=[common],
-        help="write the harvested images as typed Parquet (or gzipped JSON lines) files",
+        help="write the harvested images (and refresh observations) as typed Parquet or gzipped JSON lines",
         description="Write the images of a config's harvest as typed Parquet files (or gzipped JSON "
-        "lines): only what is new since the last export into the same dir, unless --full. "
+        "lines): only what is new since the last export into the same dir, unless --full. The "
+        "observations of harvest refresh go to observations/, the latest per id to latest/ (Parquet). "
         "The columns are listed in the README.",
     )
     export.add_argument("config", type=Path, help="TOML config file")
@@ -224,10 +225,13 @@ def _add_sql(
     sql = sub.add_parser(
         "sql",
         parents=[common],
-        help="query the harvest with SQL (embedded DuckDB): images, media, shards, segments",
+        help="query the harvest with SQL (embedded DuckDB): images, media, observations, latest, shards, "
+        "segments",
         description="Run SQL over a config's harvest in an embedded DuckDB. Views: images (the export's "
-        "columns, from the committed lines), media (empty until media is downloaded), shards and "
-        "segments (from the state).",
+        "columns, from the committed lines, with media_* as the media ledger says now and the latest "
+        "observation of harvest refresh: observed_at, gone, latest_stats, latest_nsfwLevel, "
+        "latest_browsingLevel), media (the media ledger), observations (every observation of harvest "
+        "refresh), latest (the latest per id), shards and segments (from the state).",
     )
     sql.add_argument("config", type=Path, help="TOML config file")
     sql.add_argument("query", help='the SQL, e.g. "SELECT baseModel, count(*) FROM images GROUP BY 1"')

@@ -120,8 +120,10 @@ def _announce(current: RefreshPass, older_than: float | None) -> None:
         log.info("refresh pass %d: resumed, %d ids left to observe", current.number, current.todo)
         if older_than is not None:
             log.info("refresh: --older-than applies to the next pass; this one resumes as it began")
-    else:
+    elif current.open:
         log.info("refresh pass %d: %d ids to observe", current.number, current.todo)
+    else:
+        log.info("refresh: nothing is due (no id observed or first seen longer ago than asked)")
 
 
 async def _observe(
