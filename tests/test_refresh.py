@@ -141,6 +141,8 @@ def test_refresh_records_what_the_api_serves_now_and_never_touches_the_items(tmp
     assert summary["command"] == "refresh" and summary["ok"] is True
     assert summary["refresh"]["observed"] == len(ids) and summary["refresh"]["gone"] == len(gone)
     assert f"{len(ids)} of {len(ids)} ids observed, {len(gone)} gone" in result.stderr
+    status = harvest("status", cfg)
+    assert f"refresh: pass 1 complete; {len(ids)} ids observed, {len(gone)} gone" in status.stdout
     verify = harvest("verify", cfg)
     assert verify.code == ExitCode.OK, verify.stdout + verify.stderr
     assert f"{len(ids)} images in 1 segment" in verify.stdout  # the refresh segment is not an item segment

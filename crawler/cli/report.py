@@ -13,6 +13,7 @@ import orjson
 from crawler.archive import agreement
 from crawler.archive.fs import create_new
 from crawler.archive.media_ledger import MediaCounts, MediaLedger
+from crawler.archive.observations import RefreshLedger
 from crawler.archive.state import ShardStatus, State
 from crawler.config import Config
 from crawler.crawl.pipeline import RunSummary
@@ -187,6 +188,15 @@ def print_status(state: MediaLedger, config: Config, out: TextIO = sys.stdout) -
         f"pass {pass_no} {open_}",
         file=out,
     )
+    refresh = state.sharing(RefreshLedger)
+    current = refresh.refresh_pass()
+    if current.number:
+        observed, gone = refresh.observed_count()
+        where = f"in progress, {current.todo} ids left" if current.open else "complete"
+        print(
+            f"refresh: pass {current.number} {where}; {observed} ids observed, {gone} gone when last seen",
+            file=out,
+        )
     media = state.counts()
     if media != MediaCounts() or config.media.download:
         stopped = f", {media.fetching} stopped part way" if media.fetching else ""
