@@ -147,9 +147,11 @@ def _export(out_dir: Path, state: State, folder: Path, fmt: str, full: bool, fil
     _sweep_latest(folder, set(manifest.latest.values()))
     if not images.parts and not observed.parts and not full and fmt in manifest.formats:
         return Result(folder, fmt, full, (), 0, images.previous.rows, 0.0)  # nothing new: nothing changes
-    con = typed.connect(media_table(state) if images.parts else None)
+    media = media_table(state) if images.parts else None
+    con = typed.connect(media)
     try:
-        written = _write_family(out_dir, images, folder, fmt, file_mb, con)
+        with_media = media is not None and len(media) > 0
+        written = _write_family(out_dir, images, folder, fmt, file_mb, con, with_media)
         seen = _write_family(out_dir, observed, folder, fmt, file_mb, con)
         previous_latest = manifest.latest.get(fmt)
         latest = _latest(folder, fmt, observed, seen, previous_latest, con)
@@ -172,7 +174,13 @@ def _export(out_dir: Path, state: State, folder: Path, fmt: str, full: bool, fil
 
 
 def _write_family(
-    out_dir: Path, plan: _Plan, folder: Path, fmt: str, file_mb: float, con: duckdb.DuckDBPyConnection
+    out_dir: Path,
+    plan: _Plan,
+    folder: Path,
+    fmt: str,
+    file_mb: float,
+    con: duckdb.DuckDBPyConnection,
+    media: bool = False,
 ) -> Exported:
     """The family's files after this export: those kept, and those written from its new parts."""
     if not plan.parts:
@@ -182,7 +190,7 @@ def _write_family(
     target = folder / plan.family.sub
     sink = _files(fmt, target, max(numbers, default=0) + 1, int(file_mb * 2**20), con, plan.family)
     try:
-        marks = _write(out_dir, plan.source, plan.parts, plan.done.segments, sink, con, plan.family)
+        marks = _write(out_dir, plan.source, plan.parts, plan.done.segments, sink, con, plan.family, media)
         written = sink.close()
     except BaseException:
         sink.abort()
@@ -256,6 +264,7 @@ def _write(
     sink: Files,
     con: duckdb.DuckDBPyConnection,
     family: _Family = _IMAGES,
+    media: bool = False,
 ) -> dict[str, Mark]:
     """The committed lines of each segment past its mark into `sink`; the new marks.
 
@@ -276,7 +285,7 @@ def _write(
         if block.segment not in runs:
             runs.clear()
             runs[block.segment] = _runs(state, block.segment)
-        return typed.rows(con, block, runs[block.segment])
+        return typed.rows(con, block, runs[block.segment], media)
 
     counts: Counter[str] = Counter()
     with ThreadPoolExecutor(1, "export-read") as reader, ThreadPoolExecutor(1, "export-write") as writer:

@@ -29,7 +29,6 @@ from crawler.export.schema import (
     GENERATION,
     MEDIA_SCHEMA,
     OBSERVATION_SCHEMA,
-    RUNS_SCHEMA,
     SCHEMA,
     STATS_KEYS,
 )
@@ -69,10 +68,10 @@ def _structure(spec: object) -> str:
 
 _STATS = ", ".join(f"{k} := j_int(t.stats.{k})" for k in STATS_KEYS)
 
-# After `meta`: where the line came from (the shard whose page wrote it, from the state's
-# `runs`: `runs_now`, the runs of the block's segment) and where it is; then its media, as the
-# media ledger (`media_now`) records it.
-QUERY = f"""
+# After `meta`: where the line came from (`query`, `shard`: null here, filled from the state's
+# runs by `rows`, in Arrow: a join in SQL costs more) and where it is; then its media, as the
+# media ledger (`media_now`) records it (joined only when it has rows: `$media`).
+_QUERY = f"""
 WITH a AS (
     SELECT n, line, json_transform(line, '{_structure(_ITEM)}') AS t FROM lines
 ), b AS (
@@ -80,10 +79,6 @@ WITH a AS (
 ), c AS (
     SELECT *, CASE WHEN g0.id IS NOT NULL AND starts_with(g0.meta::VARCHAR, '{{')
         THEN json_transform(g0.meta, '{_structure(_GEN)}') ELSE g0 END AS g FROM b
-), d AS (
-    SELECT c.*, CASE WHEN c.n < r.first_line + r.lines THEN r.query END AS r_query,
-        CASE WHEN c.n < r.first_line + r.lines THEN r.shard END AS r_shard
-    FROM c ASOF LEFT JOIN runs_now r ON c.n >= r.first_line
 )
 SELECT
     j_int(t.id) AS id, j_str(t.url) AS url, j_str(t.hash) AS hash,
@@ -101,12 +96,19 @@ SELECT
         name := j_str(x.name), type := j_str(x.type), weight := j_num(x.weight), hash := j_str(x.hash)
     )) AS resources,
     t.meta::VARCHAR AS meta,
-    r_query AS query, r_shard AS shard, $segment AS segment, n AS line,
-    m.path AS media_path, m.size AS media_size, m.sha256 AS media_sha256,
-    m.content_type AS media_content_type, m.status AS media_status,
+    NULL::VARCHAR AS query, NULL::VARCHAR AS shard, $segment AS segment, n AS line,
+    $media_columns,
     json(line)::VARCHAR = line AS canonical
-FROM d LEFT JOIN media_now m ON m.id = j_int(d.t.id)
+FROM c $media_join
 """
+_MEDIA = ("path", "size", "sha256", "content_type", "status")
+QUERY = _QUERY.replace("$media_columns", ", ".join(f"m.{c} AS media_{c}" for c in _MEDIA)).replace(
+    "$media_join", "LEFT JOIN media_now m ON m.id = j_int(c.t.id)"
+)
+QUERY_NO_MEDIA = _QUERY.replace(
+    "$media_columns",
+    ", ".join(f"NULL::{'BIGINT' if c == 'size' else 'VARCHAR'} AS media_{c}" for c in _MEDIA),
+).replace("$media_join", "")
 
 # An observation line of `harvest refresh` (archive/observations.py) as a row of OBSERVATION_SCHEMA.
 _OBSERVATION = {
@@ -137,17 +139,34 @@ def connect(media: pa.Table | None = None) -> duckdb.DuckDBPyConnection:
     return con
 
 
-def rows(con: duckdb.DuckDBPyConnection, block: Block, runs: pa.Table | None = None) -> pa.Table:
-    """The block's lines as rows of `SCHEMA`, in line order; `runs` (RUNS_SCHEMA, ordered by
+def rows(
+    con: duckdb.DuckDBPyConnection, block: Block, runs: pa.Table | None = None, media: bool = False
+) -> pa.Table:
+    """The block's lines as rows of `SCHEMA`, in line order; `media`: join the connection's media
+    ledger (`connect(media)`; without it media_* are null); `runs` (RUNS_SCHEMA, ordered by
     first_line) says which shard wrote which lines of the block's segment."""
-    con.register("runs_now", RUNS_SCHEMA.empty_table() if runs is None else runs)
-    try:
-        table = _typed(con, block, QUERY)
-    finally:
-        con.unregister("runs_now")
+    table = _typed(con, block, QUERY if media else QUERY_NO_MEDIA)
+    if runs is not None and len(runs):
+        query, shard = _origins(block, runs)
+        table = table.set_column(table.schema.get_field_index("query"), "query", query)
+        table = table.set_column(table.schema.get_field_index("shard"), "shard", shard)
     _check_ids(table, block)
     table = _exact_meta(table, block)
     return table.cast(SCHEMA)
+
+
+def _origins(block: Block, runs: pa.Table) -> tuple[pa.Array, pa.Array]:
+    """The query and shard of each line of the block: the run (first_line, lines) holding it."""
+    first, count = block.first, len(block)
+    index: list[int | None] = [None] * count
+    for k, (start, lines) in enumerate(
+        zip(runs.column("first_line").to_pylist(), runs.column("lines").to_pylist(), strict=True)
+    ):
+        lo, hi = max(start, first), min(start + lines, first + count)
+        if lo < hi:
+            index[lo - first : hi - first] = [k] * (hi - lo)
+    picks = pa.array(index, pa.int32())
+    return pc.take(runs.column("query"), picks), pc.take(runs.column("shard"), picks)
 
 
 def observation_rows(con: duckdb.DuckDBPyConnection, block: Block) -> pa.Table:
