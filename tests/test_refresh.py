@@ -8,6 +8,7 @@ kill -9, and the export and `harvest sql` must carry the latest observation.
 
 from __future__ import annotations
 
+import gzip
 import os
 import random
 import signal
@@ -26,6 +27,7 @@ import pytest
 from conftest import HARVEST, harvest, make_dataset, write_config
 from crawler.archive.compression import open_segment
 from crawler.errors import ExitCode
+from crawler.export.schema import OBSERVATION_SCHEMA
 from crawler.testing.fakeapi import Dataset, FakeServer
 from crawler.testing.fakeapi.background import ServerThread
 
@@ -328,6 +330,8 @@ def test_export_and_sql_carry_the_latest_observation(tmp_path: Path) -> None:
         exported = harvest("export", cfg)
         assert exported.code == ExitCode.OK, exported.stderr
         assert f"exported {2 * len(ids)} new observations" in exported.stderr
+        as_json = harvest("export", cfg, "--format", "jsonl.gz", "--to", tmp_path / "json")
+        assert as_json.code == ExitCode.OK, as_json.stderr
     want = served_now(data, ids)
     folder = out / "export"
     # pyarrow: the latest observation per id, and every observation
@@ -342,6 +346,9 @@ def test_export_and_sql_carry_the_latest_observation(tmp_path: Path) -> None:
             assert (row["nsfwLevel"], row["browsingLevel"]) == (item["nsfwLevel"], item["browsingLevel"])
     assert pq.read_table(folder / "observations").num_rows == 2 * len(ids)
     assert sorted(p.name for p in (folder / "latest").iterdir()) == ["latest.parquet"]
+    [packed] = (tmp_path / "json" / "observations").glob("observations-*.jsonl.gz")
+    lines = gzip.decompress(packed.read_bytes()).splitlines()
+    assert len(lines) == 2 * len(ids) and set(orjson.loads(lines[0])) == set(OBSERVATION_SCHEMA.names)
     # DuckDB over the same files: the images joined with the latest observation
     with duckdb.connect() as con:
         rows = con.execute(
