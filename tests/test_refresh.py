@@ -148,6 +148,15 @@ def test_refresh_records_what_the_api_serves_now_and_never_touches_the_items(tmp
     verify = harvest("verify", cfg)
     assert verify.code == ExitCode.OK, verify.stdout + verify.stderr
     assert f"{len(ids)} images in 1 segment" in verify.stdout  # the refresh segment is not an item segment
+    assert f"{len(ids)} observations in 1 refresh segment(s): sound" in verify.stdout
+    refresh = out / "refresh-000001.ndjson"
+    with refresh.open("r+b") as f:  # cut outside the harvest
+        f.truncate(refresh.stat().st_size - 10)
+    broken = harvest("verify", cfg)
+    assert broken.code == ExitCode.ERROR and "refresh-000001.ndjson" in broken.stdout
+    assert f"{len(ids)} images in 1 segment(s) under {out}: sound" in broken.stdout
+    again = harvest("refresh", cfg)  # the agreement check: nothing is cut, the state is not trusted
+    assert again.code == ExitCode.ERROR and "harvest repair" in again.stderr
 
 
 def test_a_second_pass_observes_again_and_older_than_picks_what_is_due(tmp_path: Path) -> None:

@@ -6,6 +6,11 @@ writes them as new files; `full` writes everything again as new files, and the
 old ones are removed once the new manifest is in place. Only committed lines are
 read (never an uncommitted tail), so a harvest may run meanwhile: what it commits
 later goes to the next export.
+
+The observations of `harvest refresh` are exported beside the images in the same way
+(their own files under `observations/`, their own marks over the refresh segments),
+and `latest/latest.parquet`, the latest observation per id, is made again from the
+last one and the new observations whenever there are new ones.
 """
 
 from __future__ import annotations
