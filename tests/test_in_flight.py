@@ -1,16 +1,19 @@
 """Issue 11: the whole rate budget at real latency, through the real CLI against a slow fake.
 
 With `concurrency` unset, the run keeps about rate x p90 latency requests in flight,
-more than there are shards, by walking big shards from both ends at once; an explicit
-`concurrency` is never exceeded. Every image comes back exactly once either way.
+more than there are shards, by walking shards from both ends at once and a shard too
+big for its two walkers as halves; an explicit `concurrency` is never exceeded. Every
+image comes back exactly once either way.
 """
 
 from __future__ import annotations
 
-import json
+import signal
+import subprocess
+import time
 from pathlib import Path
 
-from conftest import harvest, ids_of, make_dataset, read_items, write_config
+from conftest import HARVEST, harvest, ids_of, make_dataset, read_items, write_config
 from crawler.testing.fakeapi import Dataset, ImageQuery, ServerOptions, ServerThread
 from crawler.testing.fakeapi.server import Latency
 
@@ -27,9 +30,7 @@ def everything(dataset: Dataset, versions: list[int]) -> set[int]:
 
 
 def model_query() -> list[dict[str, object]]:
-    """Shards that cannot be split (one level, one type): a second walker is their other end.
-    (A shard that can be split gets none: at the walk cap it would be split while its other
-    end walks on, every request of that end spent twice.)"""
+    """Shards that cannot be halved (one level, one type): a second walker is their other end."""
     return [{"modelId": MODEL, "browsingLevel": 1, "type": "image", "sort": "Newest", "limit": 100}]
 
 
@@ -46,20 +47,64 @@ def test_auto_concurrency_keeps_more_requests_in_flight_than_shards(tmp_path: Pa
     assert len(ids) == len(set(ids)) and set(ids) == everything(dataset, [5001, 5002])
 
 
-def test_a_skewed_models_big_shard_gets_more_walkers_and_comes_back_exactly_once(tmp_path: Path) -> None:
-    dataset = make_dataset({5001: 4000, 5002: 600, 5003: 300, 5004: 200})
+def all_levels(dataset: Dataset, versions: list[int]) -> set[int]:
+    found: set[int] = set()
+    for version in versions:
+        found |= set(dataset.walk_ids(ImageQuery(model_version_id=version, levels=31, sort="Newest")))
+    return found
+
+
+def splittable_query() -> list[dict[str, object]]:
+    """Every level: a shard can be halved (PG against the rest) when it is too big for two walkers."""
+    return [{"modelId": MODEL, "browsingLevel": 31, "sort": "Newest", "limit": 100}]
+
+
+SKEWED = {5001: 20000, 5002: 600, 5003: 300, 5004: 200}
+
+
+def test_a_skewed_models_big_shard_is_walked_as_halves_and_comes_back_exactly_once(tmp_path: Path) -> None:
+    dataset = make_dataset(SKEWED, overlap=0.0)
     with ServerThread(dataset, options=SLOW) as api:
-        cfg = write_config(tmp_path / "c.toml", api.base_url, model_query(), concurrency="auto")
+        plain_cfg = write_config(tmp_path / "p.toml", api.base_url, splittable_query(), out="plain")
+        assert harvest("run", plain_cfg).code == 0  # concurrency 4, 4 shards: one walker each
+        plain = len(api.log.for_path("/api/v1/images"))
+        cfg = write_config(tmp_path / "c.toml", api.base_url, splittable_query(), concurrency="auto")
+        result = harvest("run", cfg)
+        requests = len(api.log.for_path("/api/v1/images")) - plain
+        again = harvest("run", cfg)
+    assert result.code == 0, result.stderr
+    halved = [line for line in result.stderr.splitlines() if "walking it as 2 halves" in line]
+    assert halved and all("modelVersionId=5001" in line for line in halved), result.stderr
+    ids = ids_of(read_items(tmp_path / "out"))
+    assert len(ids) == len(set(ids)) and set(ids) == all_levels(dataset, list(SKEWED))
+    assert requests <= 1.1 * plain, f"{requests} requests, plain walks {plain}"
+    assert again.code == 0 and "0 new images" in again.stderr, again.stderr
+    assert harvest("verify", cfg).code == 0
+
+
+def halves_answered(api: ServerThread) -> list[object]:
+    """Pages of the PG half (the other half may be halved again at once)."""
+    return [r for r in api.log.for_path("/api/v1/images") if r.query.get("browsingLevel") == "1"]
+
+
+def test_a_kill_while_halves_are_walked_resumes_them_and_writes_each_image_once(tmp_path: Path) -> None:
+    dataset = make_dataset(SKEWED, overlap=0.0)
+    with ServerThread(dataset, options=SLOW) as api:
+        cfg = write_config(tmp_path / "c.toml", api.base_url, splittable_query(), concurrency="auto")
+        proc = subprocess.Popen([HARVEST, "run", str(cfg)], stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while len(halves_answered(api)) < 4 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)  # killed while the halves are being walked
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+        assert proc.returncode == -signal.SIGKILL
+        status = harvest("status", cfg)
         result = harvest("run", cfg)
     assert result.code == 0, result.stderr
-    big = [line for line in result.stderr.splitlines() if "other end too" in line]
-    assert big and all("modelVersionId=5001" in line for line in big), result.stderr
-    summary = json.loads((tmp_path / "out" / "last-run.json").read_text())
-    assert summary["shards"] == 5  # four versions and the big one's other end
+    assert "browsingLevel=1&" in status.stdout, status.stdout  # the halves, as the state holds them
     ids = ids_of(read_items(tmp_path / "out"))
-    assert len(ids) == len(set(ids)) and set(ids) == everything(dataset, [5001, 5002, 5003, 5004])
-    again = harvest("verify", cfg)
-    assert again.code == 0, again.stderr
+    assert len(ids) == len(set(ids)) and set(ids) == all_levels(dataset, list(SKEWED))
+    assert harvest("verify", cfg).code == 0
 
 
 def test_an_explicit_concurrency_is_never_exceeded(tmp_path: Path) -> None:

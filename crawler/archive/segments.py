@@ -31,8 +31,6 @@ SEGMENT_SUFFIX = ".ndjson"
 MAX_APPEND_LINES = 200
 
 
-
-
 @dataclass(frozen=True, slots=True)
 class SegmentKind:
     """One family of segments in an output dir: the items (`images-`), or the observations of

@@ -271,14 +271,19 @@ class State:
             (key, depth, ends, depth, ends),
         )
 
-    def _mark_met(self, *keys: str) -> None:
-        """The two ends of a walk met: neither is capped, and nothing lies out of reach between them."""
-        for key in keys:
-            self._conn.execute("UPDATE walks SET met=1 WHERE shard=?", (key,))
+    def _mark_met(self, key: str, other: str) -> None:
+        """The two ends of a walk met: neither is capped, nothing lies out of reach between them,
+        and the other end, if still walking, is done too (what lies past its cursor is walked)."""
+        for each in (key, other):
+            self._conn.execute("UPDATE walks SET met=1 WHERE shard=?", (each,))
             self._conn.execute(
                 "UPDATE shards SET status=? WHERE key=? AND status=?",
-                (ShardStatus.DONE, key, ShardStatus.CAPPED),
+                (ShardStatus.DONE, each, ShardStatus.CAPPED),
             )
+        self._conn.execute(
+            "UPDATE shards SET status=?, cursor=NULL, finished=finished+1 WHERE key=? AND status=?",
+            (ShardStatus.DONE, other, ShardStatus.ACTIVE),
+        )
 
     def finish_unwalked(self, key: str) -> str:
         """A shard with nothing to walk this pass keeps the outcome of its last walk; returns it."""
@@ -321,6 +326,9 @@ class State:
         return complete
 
     # -- shards ---------------------------------------------------------------
+
+    def knows(self, key: str) -> bool:
+        return self._conn.execute(f"SELECT 1 FROM {_SHARDS} WHERE key=?", (key,)).fetchone() is not None
 
     def shard(self, key: str) -> ShardRow:
         row = self._conn.execute(

@@ -14,6 +14,7 @@ never imports the HTTP client.
 
 from __future__ import annotations
 
+import datetime
 import enum
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -97,6 +98,8 @@ class Endpoint:
     id_key: str  # the item field that identifies an item
     expansion: Expansion | None
     partitions: Callable[[Mapping[str, str]], list[tuple[str, str]]]  # see `split`
+    halving: Callable[[Mapping[str, str]], list[tuple[str, str]]]  # see `halve`
+    time_key: str  # the item field holding when it was made (ISO 8601), for size estimates
     guards: tuple[str, ...]  # item fields that must equal the shard's parameter of that name
     sort_key: str
     frontiers: Mapping[str, Frontier]  # by sort; any other sort walks everything
@@ -203,6 +206,24 @@ class Endpoint:
         for name, value in self.partitions(dict(params)):
             children.append((*((k, v) for k, v in params if k != name), (name, value)))
         return children
+
+    def halve(self, params: Iterable[tuple[str, str]]) -> list[WireParams]:
+        """Like `split`, but into two parts at most (for more walkers, not for the cap), or []."""
+        params = tuple(params)
+        return [
+            (*((k, v) for k, v in params if k != name), (name, value))
+            for name, value in self.halving(dict(params))
+        ]
+
+    def item_time(self, item: Mapping[str, Any]) -> float | None:
+        """When the item was made, in seconds since the epoch; None when it does not say."""
+        raw = item.get(self.time_key)
+        if not isinstance(raw, str):
+            return None
+        try:
+            return datetime.datetime.fromisoformat(raw).timestamp()
+        except ValueError:
+            return None
 
     def from_ends(self, params: Iterable[tuple[str, str]]) -> list[WireParams]:
         """The same query walked from each of its two ends (newest first, oldest first)."""

@@ -135,6 +135,16 @@ def _partitions(params: Mapping[str, str]) -> list[tuple[str, str]]:
     return []
 
 
+def _halving(params: Mapping[str, str]) -> list[tuple[str, str]]:
+    """The lowest browsing level against the others: PG holds about half of most models' images,
+    so the two halves are near even; a single level is not halved."""
+    levels = params.get("browsingLevel")
+    bits = [bit for bit in LEVEL_BITS if levels is not None and int(levels) & bit]
+    if len(bits) < 2:
+        return []
+    return [("browsingLevel", str(bits[0])), ("browsingLevel", str(sum(bits[1:])))]
+
+
 def _cursor_offset(cursor: Cursor) -> int | None:
     """The search feed's `"<offset>|<ms>"` says how deep it points; bare ids and `feed:` do not."""
     if isinstance(cursor, str):
@@ -176,6 +186,8 @@ IMAGES = Endpoint(
         nothing="model {} lists no published versions",
     ),
     partitions=_partitions,
+    halving=_halving,
+    time_key="createdAt",
     guards=("postId", "username"),
     sort_key="sort",
     frontiers=MappingProxyType({"Newest": Frontier.STOP_WHEN_KNOWN, "Oldest": Frontier.CONTINUE_FROM_TAIL}),

@@ -1,10 +1,10 @@
 """How the walked shards cover the configured queries, and what they leave uncovered.
 
-A planned shard is walked as itself, or, once split (it timed out or reached the
-walk cap), as its children; a shard that cannot be split and reached the cap is
-walked from its two ends, each end a shard of its own. `leaves_of` finds the
-shards to walk; `capped_lines` and `sfw_warnings` say, after a run, what could not
-be reached and what looks like the SFW-only host.
+A planned shard is walked as itself, or, once split (it timed out, reached the
+walk cap or was too big for its walkers), as its children; a shard that cannot be
+split and reached the cap is walked from its two ends, each end a shard of its
+own. `leaves_of` finds the shards to walk; `capped_lines` and `sfw_warnings` say,
+after a run, what could not be reached and what looks like the SFW-only host.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from collections.abc import Iterator, Sequence
 
 from crawler.archive.state import ShardRow, ShardStatus, State
 from crawler.civitai.images import IMAGES, MATURE_LEVELS, SFW_HOST_AFTER
-from crawler.crawl.shards import Shard, describe, make_shard, split
+from crawler.crawl.shards import Shard, describe, halves, make_shard, split
 
 MATURE_HOST = "https://civitai.red/api/v1"
 
@@ -42,7 +42,7 @@ def _leaves(shards: Sequence[Shard], state: State, seen: set[str]) -> Iterator[S
         seen.add(shard.key)
         row = state.shard(shard.key)
         if row.status == ShardStatus.SPLIT:
-            children = split(shard)
+            children = _children(shard, state)
             ends = not children
             children = children or ends_of(shard)
             state.enrol(((c.key, c.query) for c in children), ends=ends)
@@ -53,6 +53,13 @@ def _leaves(shards: Sequence[Shard], state: State, seen: set[str]) -> Iterator[S
             others = [e for e in ends_of(shard) if e.key != shard.key]
             state.enrol(((e.key, e.query) for e in others), ends=True)
             yield from _leaves(others, state, seen)  # an end capped after its other end is split
+
+
+def _children(shard: Shard, state: State) -> list[Shard]:
+    """What a split shard was split into: its halves (for more walkers) if the state knows the
+    second of them (no partition for the cap makes that one), else its partition."""
+    two = halves(shard)
+    return two if two and state.knows(two[1].key) else split(shard)
 
 
 def capped_lines(state: State, shards: Sequence[Shard]) -> list[str]:

@@ -99,5 +99,10 @@ def split(shard: Shard) -> list[Shard]:
     return [make_shard(shard.query, params) for params in IMAGES.split(shard.params)]
 
 
+def halves(shard: Shard) -> list[Shard]:
+    """Two child shards that together select exactly what `shard` selects, or [] if none."""
+    return [make_shard(shard.query, params) for params in IMAGES.halve(shard.params)]
+
+
 def with_limit(params: WireParams, limit: int) -> WireParams:
     return tuple((k, str(limit) if k == "limit" else v) for k, v in params)

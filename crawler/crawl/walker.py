@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -34,9 +35,11 @@ from crawler.civitai.endpoint import Page
 from crawler.civitai.images import IMAGES
 from crawler.crawl.api import CivitaiApi
 from crawler.crawl.plan import PageSize, WalkPlan
-from crawler.crawl.shards import Shard, check_items, describe, make_shard, split, with_limit
+from crawler.crawl.shards import Shard, check_items, describe, halves, make_shard, split, with_limit
+from crawler.crawl.sizing import Pair, Sizes
 from crawler.crawl.stall import StallGuard
 from crawler.errors import CursorGoneError, CursorLoopError, SearchTimeoutError, ShardError
+from crawler.http.gate import PRIORITY
 
 log = logging.getLogger("harvest")
 
@@ -106,6 +109,7 @@ class Walker:
     walk_cap: int
     max_pages_without_new: int
     crew: Crew = field(default_factory=Crew)
+    sizes: Sizes = field(default_factory=Sizes)
 
 
 @dataclass(slots=True)
@@ -122,28 +126,42 @@ class _Walk:
     met: bool = False
     other_capped: bool = False  # this end's last page found the other end capped too
     other_end: str | None = None  # the shard walking this one's query from its other end
+    pair: Pair | None = None  # sized as it goes, when both ends are walked from their heads
+    halved: bool = False  # stopped: the shard is walked as halves instead
 
 
-async def walk(shard: Shard, plan: WalkPlan, walker: Walker) -> None:
-    """Walk `shard` as `plan` says; failures go on the queue, never up."""
-    async with asyncio.TaskGroup() as helpers:  # the other end, when one is started on the way
-        try:
-            await _walk(shard, plan, walker, helpers)
-        except ShardError as exc:
-            exc.shard = exc.shard or shard.key
-            await walker.queue.put(Failed(shard, str(exc), exc))
+async def walk(shard: Shard, plan: WalkPlan, walker: Walker, *, both_ends: bool = False) -> None:
+    """Walk `shard` as `plan` says (`both_ends`: with its other end from the start); failures
+    go on the queue, never up."""
+    walk_: _Walk | None = None
+    try:
+        async with asyncio.TaskGroup() as helpers:  # the other end, when one is started on the way
+            try:
+                walk_ = await _walk(shard, plan, walker, helpers, both_ends)
+            except ShardError as exc:
+                exc.shard = exc.shard or shard.key
+                await walker.queue.put(Failed(shard, str(exc), exc))
+    finally:
+        walker.sizes.close(shard.key)
+    if walk_ is not None and walk_.halved and walk_.pair is not None and walk_.pair.key == shard.key:
+        await _walk_halves(shard, walk_.pair.other, walker)  # both ends have stopped
 
 
-async def _walk(shard: Shard, plan: WalkPlan, walker: Walker, helpers: asyncio.TaskGroup) -> None:
+async def _walk(
+    shard: Shard, plan: WalkPlan, walker: Walker, helpers: asyncio.TaskGroup, both_ends: bool
+) -> _Walk:
     restarts = 0
     while True:
         walk_ = _Walk(plan.start, plan.depth, other_end=plan.other_end)
+        walk_.pair = walker.sizes.pairs.get(shard.key) if plan.start is None else None
         walker.crew.active += 1
         try:
+            if both_ends and walk_.other_end is None:
+                await _start_other_end(shard, walker, walk_, helpers)
             await _follow(shard, plan, walker, walk_, helpers)
         except SearchTimeoutError:
             await _walk_children(shard, walker, "timing out")
-            return
+            return walk_
         except CursorGoneError as gone:
             restarts += 1
             if restarts > CURSOR_RESTARTS:
@@ -159,12 +177,13 @@ async def _walk(shard: Shard, plan: WalkPlan, walker: Walker, helpers: asyncio.T
                 known_from=max(walk_.depth, plan.known_from),
                 other_end=walk_.other_end,
             )
+            walker.sizes.close(shard.key)  # a walk from the head again: its first stretch is gone
             continue
         finally:
             walker.crew.active -= 1
         if walk_.capped and not walk_.met:
             await _beyond_the_cap(shard, replace(plan, other_end=walk_.other_end), walker, walk_)
-        return
+        return walk_
 
 
 async def _follow(
@@ -174,7 +193,11 @@ async def _follow(
     size = PageSize(int(shard.value("limit") or 200))
     stall = StallGuard(walker.max_pages_without_new)
     while True:
+        if walk_.pair is not None and (walk_.pair.halve or walk_.pair.met):
+            walk_.halved = walk_.pair.halve and not walk_.pair.met
+            return  # met: the state has marked this end done with the other
         walk_.used.add(repr(walk_.cursor))
+        PRIORITY.set(_urgency(walk_))
         try:
             page = await walker.client.images(
                 with_limit(shard.params, size.current), walk_.cursor, TIMEOUTS_PER_LIMIT
@@ -197,6 +220,7 @@ async def _follow(
         walk_.cursor = page.next_cursor
         if _wants_other_end(shard, plan, walker, walk_):
             await _start_other_end(shard, walker, walk_, helpers)
+        _size(shard, walker, walk_, page, size.configured)
 
 
 # -- more walkers --------------------------------------------------------------
@@ -222,11 +246,50 @@ def _ends(shard: Shard) -> list[Shard]:
 
 async def _start_other_end(shard: Shard, walker: Walker, walk_: _Walk, helpers: asyncio.TaskGroup) -> None:
     other = next(e for e in _ends(shard) if e != shard)
-    why = "%s: %d images deep, walkers to spare: walking it from its other end too"
-    log.info(why, describe(shard), walk_.depth)
+    if walk_.depth:
+        why = "%s: %d images deep, walkers to spare: walking it from its other end too"
+        log.info(why, describe(shard), walk_.depth)
     walk_.other_end = other.key
     await walker.queue.put(Ends(shard, other, [i for ids in walk_.deepest for i in ids]))
+    walk_.pair = walker.sizes.open(shard.key, other.key, int(shard.value("limit") or 200))
     helpers.create_task(walk(other, WalkPlan(None, False, other_end=shard.key), walker))
+
+
+# -- halves --------------------------------------------------------------------
+# Two ends walked from their heads say, after a page each, about how much lies
+# between them (`sizing`); a shard with far more pages than its two walkers can
+# take before the rest of the run is done is walked as halves instead, each from
+# both ends. The pages walked so far are kept (their images are known, not
+# written again); the halves walk them once more, a page or two per end.
+
+
+def _urgency(walk_: _Walk) -> float:
+    """Whose requests go first: a lone walker, or an end not sized yet (nothing says it is
+    small), then the ends with most pages ahead of them. A lone walker has one request in
+    flight at most, so going first never takes more than its share."""
+    left = walk_.pair.pages_left() if walk_.pair is not None else None
+    return math.inf if left is None else left / 2
+
+
+def _size(shard: Shard, walker: Walker, walk_: _Walk, page: Page, limit: int) -> None:
+    pair = walk_.pair
+    if pair is None:
+        return
+    walker.sizes.page(pair, shard.key, page.items)
+    if halves(shard) and walker.sizes.decide(pair, walker.client.in_flight_target, walker.crew.active):
+        left = pair.pages_left() or 0
+        log.info("%s: about %.0f pages left, too many for two walkers", describe(shard), left)
+
+
+async def _walk_halves(shard: Shard, other_end: str, walker: Walker) -> None:
+    children = halves(shard)
+    other = next(e for e in _ends(shard) if e.key == other_end)
+    log.info("%s: walking it as %d halves, each from both ends", describe(shard), len(children))
+    await walker.queue.put(Split(shard, children, ends=True))  # before any page of theirs
+    await walker.queue.put(Split(other, []))  # the other end's walk is over: its halves walk it
+    async with asyncio.TaskGroup() as group:
+        for child in children:
+            group.create_task(walk(child, WalkPlan(None, False), walker, both_ends=True))
 
 
 def _check_loop(walk_: _Walk, page: Page) -> None:
@@ -255,6 +318,8 @@ async def _hand_on(shard: Shard, plan: WalkPlan, walker: Walker, walk_: _Walk, p
         return False
     result = await committed
     walk_.met, walk_.other_capped = result.met, result.other_capped
+    if result.met and walk_.pair is not None:
+        walk_.pair.met = True  # the other end stops before its next request
     return result.done
 
 

@@ -25,6 +25,10 @@ A pause the server demands is said at WARNING when it begins ("the server asked
 for a pause of 2 s (HTTP 503)"): once per pause, not once per worker whose answer
 arrives while it is in force.
 
+Waiting requests are served by priority (the context's `PRIORITY`, highest first,
+then first come): a walk with most pages ahead sets it, so the run's longest walks
+are never the ones left waiting and the run does not end on one slow serial tail.
+
 Time comes from an injectable `Clock`; the pacer, being aiolimiter, reads the
 event loop's clock, so tests that fake one fake both.
 """
@@ -33,6 +37,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextvars
+import heapq
+import itertools
 import logging
 import math
 import random
@@ -47,6 +54,38 @@ from crawler.http.clock import Clock, MonotonicClock, seconds_text
 from crawler.http.outcomes import Kind, Outcome
 
 log = logging.getLogger("harvest")
+
+# How urgent the requests of the current task are (higher first; equal: first come, first served).
+PRIORITY: contextvars.ContextVar[float] = contextvars.ContextVar("request_priority", default=0.0)
+
+
+class _Waiters:
+    """Futures waiting for a turn, served highest `PRIORITY` first, then in arrival order."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, asyncio.Future[None]]] = []
+        self._arrivals = itertools.count()
+
+    def __bool__(self) -> bool:
+        return bool(self._heap)
+
+    def add(self) -> asyncio.Future[None]:
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._heap, (-PRIORITY.get(), next(self._arrivals), waiter))
+        return waiter
+
+    def remove(self, waiter: asyncio.Future[None]) -> None:
+        self._heap = [entry for entry in self._heap if entry[2] is not waiter]
+        heapq.heapify(self._heap)
+
+    def wake_next(self) -> bool:
+        """Hand the turn to the first waiter still waiting; False if there is none."""
+        while self._heap:
+            waiter = heapq.heappop(self._heap)[2]
+            if not waiter.done():
+                waiter.set_result(None)
+                return True
+        return False
 
 
 @dataclass(slots=True)
@@ -92,13 +131,16 @@ class Pacer:
 
     `AsyncLimiter(1, 1/rate)` spaces request starts evenly with no initial burst.
     aiolimiter cannot change a limiter's rate, so a new rate gets a new limiter; a
-    waiter whose turn came from a replaced limiter queues again on the current
-    one, so no request is sent at a stale rate.
+    turn that came from a replaced limiter is taken again on the current one, so
+    no request is sent at a stale rate. One dispatcher takes the turns and hands
+    each to the most urgent waiter (`PRIORITY`).
     """
 
     def __init__(self, rate: float) -> None:
         self._rate = rate
         self.limiter = AsyncLimiter(1, 1 / rate)
+        self._waiters = _Waiters()
+        self._dispatcher: asyncio.Task[None] | None = None
 
     @property
     def rate(self) -> float:
@@ -111,6 +153,18 @@ class Pacer:
             self.limiter = AsyncLimiter(1, 1 / value)
 
     async def acquire(self) -> None:
+        waiter = self._waiters.add()
+        loop = asyncio.get_running_loop()
+        if self._dispatcher is None or self._dispatcher.done() or self._dispatcher.get_loop() is not loop:
+            self._dispatcher = loop.create_task(self._dispatch())
+        await waiter  # cancelled: the dispatcher skips it
+
+    async def _dispatch(self) -> None:
+        while self._waiters:
+            await self._turn()
+            self._waiters.wake_next()
+
+    async def _turn(self) -> None:
         while True:
             limiter = self.limiter
             await limiter.acquire()
@@ -180,7 +234,7 @@ class Aimd:
 class Slots:
     """A semaphore whose size may change at any time (the in-flight target).
 
-    Waiters are served first come, first served; a smaller limit takes effect as
+    Waiters are served by `PRIORITY`, then first come, first served; a smaller limit takes effect as
     turns end (nothing in flight is interrupted), a larger one wakes waiters at once.
     """
 
@@ -188,7 +242,7 @@ class Slots:
         self._limit = max(1, limit)
         self.used = 0
         self.peak = 0  # most turns ever held at once
-        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._waiters = _Waiters()
 
     @property
     def limit(self) -> int:
@@ -203,14 +257,13 @@ class Slots:
         if self.used < self._limit and not self._waiters:
             self._take()
             return
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
+        waiter = self._waiters.add()
         try:
             await waiter  # the slot is handed over with the result (see _wake)
         except asyncio.CancelledError:
             if waiter.done() and not waiter.cancelled():
                 self.release()  # handed a slot, then cancelled before it ran: give it back
-            elif waiter in self._waiters:
+            else:
                 self._waiters.remove(waiter)
             raise
 
@@ -223,11 +276,8 @@ class Slots:
         self.peak = max(self.peak, self.used)
 
     def _wake(self) -> None:
-        while self._waiters and self.used < self._limit:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                self._take()
-                waiter.set_result(None)
+        while self.used < self._limit and self._waiters.wake_next():
+            self._take()
 
 
 class InFlight:

@@ -1,0 +1,124 @@
+"""How much is left of each two-ended walk, and whether one is too big for its two walkers.
+
+The API says nothing of a query's size, but its items say when they were made. Two
+walks of one query from its two ends (newest first, oldest first) have, after one
+page each, walked a stretch of time at each end: the images per second there,
+times the time still between the two walks, is about how many images are left.
+
+A run whose budget needs W requests in flight, with R pages left in all, keeps
+every walker busy to the end only if no walker has much more than R / W pages
+ahead of it; a walk with far more would be the run's serial tail. Such a shard is
+walked as halves instead (each from both ends: four walkers), once, as early as its
+size is known; small shards never are, and the halvings of a run together cost at
+most a few percent of its requests (each walks a page or two again).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from crawler.civitai.images import IMAGES
+
+SLACK = 1.3  # pages a walker may have ahead beyond the run's average before its shard is halved
+MIN_PAGES = 8  # pages per walker below which a shard is never halved
+HALVING_COST = 3  # requests a halving adds: the pages walked before it, a partial page, a meeting
+OVERHEAD = 0.04  # of the run's pages, at most, spent on halvings
+DECIDE_WITHIN = 4  # pages of a pair: later, halving it costs too much walked again
+
+
+@dataclass(slots=True)
+class _EndWalked:
+    """The stretch of time one end has walked: from its first item to its latest."""
+
+    start: float | None = None
+    reached: float | None = None
+    items: int = 0
+
+    def page(self, items: Sequence[dict[str, Any]]) -> None:
+        times = [t for t in (IMAGES.item_time(i) for i in items) if t is not None]
+        if not times:
+            return
+        if self.start is None:
+            self.start = times[0]
+        self.reached = times[-1]
+        self.items += len(times)
+
+    @property
+    def span(self) -> float:
+        return abs(self.reached - self.start) if self.start is not None and self.reached is not None else 0.0
+
+
+@dataclass(slots=True)
+class Pair:
+    """A query walked from both ends in this run, from their heads."""
+
+    key: str  # the shard that started the other end's walk (it walks the halves, if any)
+    other: str  # the other end's shard
+    limit: int  # images a page
+    ends: dict[str, _EndWalked] = field(default_factory=dict)
+    pages: int = 0  # walked by both ends
+    decided: bool = False
+    halve: bool = False  # both walks stop; the shard is walked as halves
+    met: bool = False  # one end met the other: both walks are over
+
+    def page(self, end: str, items: Sequence[dict[str, Any]]) -> None:
+        self.ends.setdefault(end, _EndWalked()).page(items)
+        self.pages += 1
+
+    def pages_left(self) -> float | None:
+        """Pages between the two ends' walks, estimated; None until both ends have walked a stretch."""
+        if len(self.ends) < 2:
+            return None
+        first, second = self.ends.values()
+        walked = first.span + second.span
+        if first.start is None or second.start is None or walked <= 0:
+            return None
+        gap = abs(first.start - second.start) - walked
+        return max(0.0, gap) * (first.items + second.items) / walked / self.limit
+
+
+@dataclass(slots=True)
+class Sizes:
+    """Every live two-ended walk of the run, for the decision to halve one."""
+
+    pairs: dict[str, Pair] = field(default_factory=dict)  # by each end's shard key
+    walked: int = 0  # pages the pairs have walked, live or not
+    halvings: int = 0
+
+    def open(self, key: str, other: str, limit: int) -> Pair:
+        self.pairs[key] = self.pairs[other] = pair = Pair(key, other, limit)
+        return pair
+
+    def page(self, pair: Pair, end: str, items: Sequence[dict[str, Any]]) -> None:
+        pair.page(end, items)
+        self.walked += 1
+
+    def close(self, key: str) -> None:
+        """The walk of `key` is over; a pair it started is no longer live."""
+        pair = self.pairs.get(key)
+        if pair is not None and pair.key == key:
+            self.pairs.pop(pair.key, None)
+            self.pairs.pop(pair.other, None)
+
+    def live(self) -> list[Pair]:
+        return list({id(p): p for p in self.pairs.values()}.values())
+
+    def decide(self, pair: Pair, in_flight: int, walkers: int) -> bool:
+        """Once `pair`'s size is known: whether to halve it. `walkers`: the walks fetching now;
+        those not sized yet are counted at the sized ones' average. Asked again at each page,
+        as more pairs are sized, for the first `DECIDE_WITHIN` pages of the pair; yes only once."""
+        own = pair.pages_left()
+        if pair.decided or own is None:
+            return False
+        pair.decided = pair.pages >= DECIDE_WITHIN
+        known = [p for p in (q.pages_left() for q in self.live()) if p is not None]
+        per_walker = own / 2
+        average = sum(known) / (2 * len(known))
+        left = sum(known) + max(0, walkers - 2 * len(known)) * average
+        affordable = (self.halvings + 1) * HALVING_COST <= OVERHEAD * (left + self.walked)
+        pair.halve = affordable and per_walker >= MIN_PAGES and per_walker > SLACK * left / max(1, in_flight)
+        self.halvings += pair.halve
+        pair.decided |= pair.halve
+        return pair.halve
