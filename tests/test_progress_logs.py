@@ -68,7 +68,7 @@ def test_json_logs_are_json_lines_only_and_keep_the_summary(tmp_path: Path, api:
     (summary,) = [r for r in records if r.get("event") == "summary"]
     written = len(read_items(tmp_path / "out"))
     assert summary["level"] == "INFO" and f"{written} new images" in summary["msg"]
-    assert summary["new_items"] == written and summary["shards_done"] == summary["shards"] == 3
+    assert summary["new_items"] == written and summary["shards_done"] == summary["shards"] >= 3
     assert summary["requests"] >= summary["pages"] > 0 and summary["ok"] is True
     assert summary["output_dir"] == str(tmp_path / "out")
 
@@ -91,7 +91,7 @@ def test_progress_lines_off_a_terminal(tmp_path: Path, slow_api: FakeServer, log
         records = [r for r in json_records(result.stderr) if r.get("event") == "progress"]
         assert records and all(r["level"] == "INFO" and PROGRESS.search(r["msg"]) for r in records)
         last = records[-1]
-        assert last["shards"] == 2 and 0 <= last["shards_done"] <= 2
+        assert last["shards"] >= 2 and 0 <= last["shards_done"] <= last["shards"]  # + other ends
         assert 0 <= last["new_items"] <= written and last["requests"] >= last["pages"]
         assert {"items_per_second", "retries", "rate_limited", "elapsed_seconds"} <= last.keys()
         return
@@ -102,7 +102,7 @@ def test_progress_lines_off_a_terminal(tmp_path: Path, slow_api: FakeServer, log
     for earlier, later in zip(figures, figures[1:], strict=False):
         assert all(b >= a for a, b in zip(earlier, later, strict=True))  # totals only grow
     done, shards, new, pages, requests, _, _ = figures[-1]
-    assert shards == 2 and done <= 2 and new <= written and 0 < pages <= requests
+    assert shards >= 2 and done <= shards and new <= written and 0 < pages <= requests  # + other ends
 
 
 def test_quiet_prints_no_info_lines(tmp_path: Path, slow_api: FakeServer) -> None:

@@ -167,6 +167,7 @@ class _Committer:
     ) -> None:
         self._sink, self._state, self._summary, self._progress = sink, state, summary, progress
         self._shards = shards  # grows when a shard is split
+        self._done: set[str] = set()
 
     async def consume(self, queue: asyncio.Queue[Any]) -> None:
         while (message := await queue.get()) is not _STOP:
@@ -220,9 +221,18 @@ class _Committer:
         self._progress.page(message.shard.key, result.new_items, len(page.items))
         log.debug("%s: %d new of %d", describe(message.shard), result.new_items, len(page.items))
         if result.done:
-            self._summary.shards_done += 1
-            self._progress.shard_done(message.shard.key)
-            log.info("shard %s done", describe(message.shard))
+            self._shard_done(message.shard)
+        other = next((s for s in self._shards if s.key == message.other_end), None)
+        if result.met and other is not None:  # the other end is done with this one
+            self._shard_done(other)
+
+    def _shard_done(self, shard: Shard) -> None:
+        if shard.key in self._done:
+            return
+        self._done.add(shard.key)
+        self._summary.shards_done += 1
+        self._progress.shard_done(shard.key)
+        log.info("shard %s done", describe(shard))
 
 
 async def uncancellable(work: Awaitable[T], then: Callable[[T], None]) -> None:

@@ -15,6 +15,7 @@ most a few percent of its requests (each walks a page or two again).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +26,7 @@ SLACK = 1.3  # pages a walker may have ahead beyond the run's average before its
 MIN_PAGES = 8  # pages per walker below which a shard is never halved
 HALVING_COST = 3  # requests a halving adds: the pages walked before it, a partial page, a meeting
 OVERHEAD = 0.04  # of the run's pages, at most, spent on halvings
+CLOSE_PAGES = 1.0  # less than this between the ends: one end walks the rest alone
 DECIDE_WITHIN = 4  # pages of a pair: later, halving it costs too much walked again
 
 
@@ -62,10 +64,22 @@ class Pair:
     decided: bool = False
     halve: bool = False  # both walks stop; the shard is walked as halves
     met: bool = False  # one end met the other: both walks are over
+    sized: asyncio.Event = field(default_factory=asyncio.Event)  # both ends walked a stretch, or one ended
 
     def page(self, end: str, items: Sequence[dict[str, Any]]) -> None:
         self.ends.setdefault(end, _EndWalked()).page(items)
         self.pages += 1
+        if self.pages_left() is not None:
+            self.sized.set()
+
+    def stops(self, end: str) -> bool:
+        """Whether the walk of `end` stops before its next request: the pair is halved, or has
+        met, or is so near to meeting that one more page of the other end will (its request,
+        in flight at the meeting, would be spent on what is walked already)."""
+        if self.halve or self.met:
+            return True
+        left = self.pages_left()
+        return end == self.other and left is not None and left < CLOSE_PAGES
 
     def pages_left(self) -> float | None:
         """Pages between the two ends' walks, estimated; None until both ends have walked a stretch."""
@@ -96,8 +110,11 @@ class Sizes:
         self.walked += 1
 
     def close(self, key: str) -> None:
-        """The walk of `key` is over; a pair it started is no longer live."""
+        """The walk of `key` is over: its pair will not be sized by it; a pair it started is
+        no longer live."""
         pair = self.pairs.get(key)
+        if pair is not None:
+            pair.sized.set()
         if pair is not None and pair.key == key:
             self.pairs.pop(pair.key, None)
             self.pairs.pop(pair.other, None)

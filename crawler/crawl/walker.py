@@ -193,9 +193,9 @@ async def _follow(
     size = PageSize(int(shard.value("limit") or 200))
     stall = StallGuard(walker.max_pages_without_new)
     while True:
-        if walk_.pair is not None and (walk_.pair.halve or walk_.pair.met):
+        if walk_.pair is not None and walk_.pair.stops(shard.key):
             walk_.halved = walk_.pair.halve and not walk_.pair.met
-            return  # met: the state has marked this end done with the other
+            return  # else the state marks this end done when the other meets it
         walk_.used.add(repr(walk_.cursor))
         PRIORITY.set(_urgency(walk_))
         try:
@@ -220,7 +220,8 @@ async def _follow(
         walk_.cursor = page.next_cursor
         if _wants_other_end(shard, plan, walker, walk_):
             await _start_other_end(shard, walker, walk_, helpers)
-        _size(shard, walker, walk_, page, size.configured)
+        _size(shard, walker, walk_, page)
+        await _until_sized(shard, walker, walk_)
 
 
 # -- more walkers --------------------------------------------------------------
@@ -271,7 +272,7 @@ def _urgency(walk_: _Walk) -> float:
     return math.inf if left is None else left / 2
 
 
-def _size(shard: Shard, walker: Walker, walk_: _Walk, page: Page, limit: int) -> None:
+def _size(shard: Shard, walker: Walker, walk_: _Walk, page: Page) -> None:
     pair = walk_.pair
     if pair is None:
         return
@@ -279,6 +280,19 @@ def _size(shard: Shard, walker: Walker, walk_: _Walk, page: Page, limit: int) ->
     if halves(shard) and walker.sizes.decide(pair, walker.client.in_flight_target, walker.crew.active):
         left = pair.pages_left() or 0
         log.info("%s: about %.0f pages left, too many for two walkers", describe(shard), left)
+
+
+async def _until_sized(shard: Shard, walker: Walker, walk_: _Walk) -> None:
+    """The end that started its pair waits for the other end's first page before it walks on:
+    if the shard is halved, each page walked now is walked again by a half."""
+    pair = walk_.pair
+    if pair is None or pair.key != shard.key or not halves(shard) or pair.sized.is_set():
+        return
+    walker.crew.active -= 1
+    try:
+        await pair.sized.wait()
+    finally:
+        walker.crew.active += 1
 
 
 async def _walk_halves(shard: Shard, other_end: str, walker: Walker) -> None:
