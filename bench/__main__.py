@@ -536,8 +536,8 @@ def scenario_real_latency(sizes: Sizes, reps: int, keep: bool) -> dict[str, Any]
         for kind in runs:
             spec = s7_spec(sizes.s7_images, kind)
             with WorkDir(keep) as wd:
-                with Server(spec, wd) as server:  # plain walks: one walker per shard, no latency
-                    plain = harvest_run(wd, server, concurrency=S1_VERSIONS)
+                with Server(spec, wd) as server:  # plain walks: one walker (concurrency 1), no latency
+                    plain = harvest_run(wd, server, concurrency=1)
             with WorkDir(keep) as wd:
                 with Server(spec, wd, args=limited) as server:
                     config = write_config(

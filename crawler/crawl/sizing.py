@@ -8,9 +8,10 @@ times the time still between the two walks, is about how many images are left.
 A run whose budget needs W requests in flight, with R pages left in all, keeps
 every walker busy to the end only if no walker has much more than R / W pages
 ahead of it; a walk with far more would be the run's serial tail. Such a shard is
-walked as halves instead (each from both ends: four walkers), once, as early as its
-size is known; small shards never are, and the halvings of a run together cost at
-most a few percent of its requests (each walks a page or two again).
+walked as halves instead (each from both ends: four walkers; a half may be halved
+again), as early as its size is known; small shards never are, and the halvings of
+a run together cost at most a few percent of its requests (each walks a page or two
+again).
 """
 
 from __future__ import annotations
