@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 
 from conftest import HARVEST, harvest, ids_of, make_dataset, read_items, write_config
-from crawler.testing.fakeapi import Dataset, ImageQuery, ServerOptions, ServerThread
-from crawler.testing.fakeapi.server import Latency
+from crawler.testing.fakeapi import Dataset, FakeServer, ImageQuery, ServerOptions, ServerThread
+from crawler.testing.fakeapi.server import Latency, RequestRecord
 
 MODEL = 500
 SLOW = ServerOptions(latency=Latency(median=0.03, p95=0.1, seed=3))
@@ -82,7 +82,7 @@ def test_a_skewed_models_big_shard_is_walked_as_halves_and_comes_back_exactly_on
     assert harvest("verify", cfg).code == 0
 
 
-def halves_answered(api: ServerThread) -> list[object]:
+def halves_answered(api: FakeServer) -> list[RequestRecord]:
     """Pages of the PG half (the other half may be halved again at once)."""
     return [r for r in api.log.for_path("/api/v1/images") if r.query.get("browsingLevel") == "1"]
 
