@@ -240,9 +240,9 @@ class MediaStage:
                 self.ledger.trying(ref.id, url)
                 source = url
             try:
-                await self.downloader.fetch(url, _Expected(part, ref.type))
+                await self.downloader.fetch(url, Expected(part, ref.type))
             except ApiError as error:
-                if _is_gone(error):
+                if is_gone(error):
                     part.discard()
                     gone.append(str(error))
                 else:
@@ -283,12 +283,12 @@ class MediaStage:
         log.warning("media %d failed: %s", ref.id, why)
 
 
-def _is_gone(error: ApiError) -> bool:
+def is_gone(error: ApiError) -> bool:
     status = error.outcome.status if error.outcome is not None else None
     return isinstance(error, NotFoundError) or status in _GONE_STATUSES
 
 
-class _Expected:
+class Expected:
     """The sink of one attempt: the `.part` file, and what the item's type says it must hold."""
 
     def __init__(self, part: PartFile, kind: str) -> None:
@@ -306,6 +306,20 @@ class _Expected:
         if why is not None:
             self.part.discard()  # never continued: the next attempt starts over
         return why
+
+
+def committed_refs(
+    out_dir: Path, ledger: MediaLedger, point: ScanPoint
+) -> Iterator[tuple[ScanPoint, list[MediaRef]]]:
+    """Per block of committed lines past `point`: the point at the block's end, and what
+    every line of it says of its media (of any type: the caller picks)."""
+    for segment in ledger.segments():
+        if segment.name < point.segment:
+            continue
+        start = point.offset if segment.name == point.segment else 0
+        for block_start, block in _blocks(out_dir, ledger, segment, start):
+            refs = [ref for _, ref in _refs(block, block_start) if ref is not None]
+            yield ScanPoint(point.types, segment.name, block_start + len(block)), refs
 
 
 def _blocks(

@@ -1,0 +1,164 @@
+"""One task of the Ray media engine: a batch of items' files fetched and put where they belong.
+
+It runs in a Ray worker process, on any node of the cluster, and knows nothing of
+Ray or of the state: it gets the items (id, URL, type), the media settings with
+this worker's share of the CDN budget, and where files go; it returns how each
+item ended (`MediaResult`: key, size, SHA-256, content type, or why not) and its
+gate's counters. The coordinator records the results (`crawler.crawl.media_ray`).
+
+The same steps as the single-process stage (`crawler.crawl.media`): the URLs an
+item's type calls for, streamed to a `.part` under the worker's own `RateGate`,
+checked (an image or a video, a video where one was due), fsynced and renamed to
+its deterministic name `<millions>/<thousands>/<id>.<ext>`, then handed to the
+target. A task may run more than once (Ray retries a task whose worker died): each
+attempt starts every file afresh, and writes the same name with the same bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import aiohttp
+
+from crawler.archive import media_ledger as ml
+from crawler.archive.media_files import PartFile, Stored, finished_files, hash_file
+from crawler.archive.media_ledger import MediaRef, MediaResult
+from crawler.archive.sniff import HEAD_BYTES, sniff
+from crawler.civitai.media import candidates
+from crawler.config import MediaConfig
+from crawler.crawl.media import Expected, downloader_for, is_gone
+from crawler.errors import ApiError
+from crawler.http.download import Downloader
+from crawler.http.gate import Counters
+
+
+class Target(Protocol):
+    """Where a worker's finished files go."""
+
+    def part_root(self) -> Path:
+        """The folder `.part` files grow in (and finished files are renamed into, before `put`)."""
+        ...
+
+    def already(self, image_id: int) -> Path | None:
+        """A finished file of `image_id` an earlier attempt left (renamed, never reported)."""
+        ...
+
+    async def put(self, stored: Stored) -> str:
+        """Make the finished file at `part_root()/stored.path` the target's; its key there."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class LocalTarget:
+    """The media dir itself (every worker sees it: one machine, or a shared file system)."""
+
+    dir: Path
+
+    def part_root(self) -> Path:
+        return self.dir
+
+    def already(self, image_id: int) -> Path | None:
+        found = finished_files(self.dir, image_id)
+        return found[0] if found else None
+
+    async def put(self, stored: Stored) -> str:
+        return stored.path  # renamed into place already
+
+
+@dataclass(frozen=True, slots=True)
+class TaskSpec:
+    """What one Ray task fetches, and how: `media` carries this worker's share of the budget."""
+
+    refs: tuple[MediaRef, ...]
+    media: MediaConfig
+    target: Target
+    max_wait: float
+
+
+@dataclass(frozen=True, slots=True)
+class TaskResult:
+    """How each item of a task ended, and what the task's CDN gate counted."""
+
+    results: tuple[MediaResult, ...]
+    counters: Counters = field(default_factory=Counters)
+    worker: str = ""  # host:pid, for the coordinator's debug log
+
+
+def run_task(spec: TaskSpec) -> TaskResult:
+    """Fetch every item of `spec` (the body of a Ray task: synchronous, its own event loop)."""
+    return asyncio.run(_run(spec))
+
+
+async def _run(spec: TaskSpec) -> TaskResult:
+    media = spec.media
+    connector = aiohttp.TCPConnector(limit=media.concurrency)
+    async with aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar()) as session:
+        downloader = downloader_for(session, media, spec.max_wait)
+        fetcher = _Fetcher(media, spec.target, downloader)
+        results = await _each(fetcher, spec.refs, media.concurrency)
+        return TaskResult(tuple(results), downloader.counters, f"{socket.gethostname()}:{os.getpid()}")
+
+
+async def _each(fetcher: _Fetcher, refs: Sequence[MediaRef], concurrency: int) -> list[MediaResult]:
+    """`fetcher.fetch` over `refs`, `concurrency` at a time, results in the order of `refs`."""
+    results: list[MediaResult | None] = [None] * len(refs)
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for index in range(len(refs)):
+        queue.put_nowait(index)
+
+    async def work() -> None:
+        while not queue.empty():
+            index = queue.get_nowait()
+            results[index] = await fetcher.fetch(refs[index])
+
+    async with asyncio.TaskGroup() as group:
+        for _ in range(min(concurrency, len(refs))):
+            group.create_task(work())
+    return [r for r in results if r is not None]
+
+
+class _Fetcher:
+    def __init__(self, media: MediaConfig, target: Target, downloader: Downloader) -> None:
+        self.media, self.target, self.downloader = media, target, downloader
+
+    async def fetch(self, ref: MediaRef) -> MediaResult:
+        found = self.target.already(ref.id)
+        if found is not None:
+            return await self._adopt(ref, found)
+        part = PartFile(self.target.part_root(), ref.id)
+        gone: list[str] = []
+        failed: list[str] = []
+        for url in candidates(ref.url, ref.type, self.media.variant, self.media.video_base):
+            part.discard()  # afresh: what another attempt (or URL) left is not known to be this one's
+            try:
+                await self.downloader.fetch(url, Expected(part, ref.type))
+            except ApiError as error:
+                (gone if is_gone(error) else failed).append(str(error))
+                part.discard()
+                continue
+            return await self._finish(ref, part, url)
+        if gone and not failed:
+            return MediaResult(ref.id, ml.GONE, error=gone[-1])
+        return MediaResult(ref.id, ml.FAILED, error=failed[-1])
+
+    async def _finish(self, ref: MediaRef, part: PartFile, url: str) -> MediaResult:
+        fmt = sniff(part.head)
+        assert fmt is not None, "the sink refuses what is not media"
+        stored = await asyncio.to_thread(part.finish, fmt.ext)  # fsync and rename: off the loop
+        key = await self.target.put(stored)
+        return MediaResult(ref.id, ml.DONE, key, stored.size, stored.sha256, fmt.content_type, url)
+
+    async def _adopt(self, ref: MediaRef, path: Path) -> MediaResult:
+        stored = await asyncio.to_thread(hash_file, path)
+        with path.open("rb") as stream:
+            fmt = sniff(stream.read(HEAD_BYTES))  # renamed only after the sink's check: it is media
+        content_type = fmt.content_type if fmt is not None else "application/octet-stream"
+        relative = path.relative_to(self.target.part_root()).as_posix()
+        key = await self.target.put(Stored(relative, stored.size, stored.sha256))
+        return MediaResult(ref.id, ml.DONE, key, stored.size, stored.sha256, content_type)
