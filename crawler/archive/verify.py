@@ -12,11 +12,14 @@ page in flight would look like a problem.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from crawler.archive import agreement
+from crawler.archive.observations import RefreshLedger
 from crawler.archive.reader import Line, loads, segment_lines
+from crawler.archive.segments import OBSERVATIONS
 from crawler.archive.state import SegmentRow, State
 from crawler.errors import StateError
 
@@ -42,14 +45,63 @@ def verify(out_dir: Path, state: State) -> Report:
     for segment in segments:
         report.segments += 1
         if segment.file in on_disk:  # a missing one is among the disagreements
-            _check_segment(out_dir, segment, seen, report)
+            _check_segment(out_dir, segment, lambda line: _check_line(line, seen), report)
     expected = state.seen_count()
     if len(seen) != expected:
         report.problems.append(f"the files hold {len(seen)} distinct ids, the state {expected}")
     return report
 
 
-def _check_segment(out_dir: Path, segment: SegmentRow, seen: set[int], report: Report) -> None:
+def verify_observations(out_dir: Path, ledger: RefreshLedger) -> Report:
+    """The refresh segments against their rows in the state: the same file checks as the item
+    segments, every line an observation, no id twice in one pass (passes follow one another in
+    the files), and every observed id's latest observation recorded."""
+    report = Report()
+    segments = ledger.segments()
+    report.problems += agreement.disagreements(out_dir, segments, OBSERVATIONS)
+    on_disk = agreement.segment_entries(out_dir, OBSERVATIONS)
+    passes = _Passes()
+    for segment in segments:
+        report.segments += 1
+        if segment.file in on_disk:
+            _check_segment(out_dir, segment, passes.check, report)
+    observed, _ = ledger.observed_count()
+    if len(passes.ids) != observed:
+        report.problems.append(f"the refresh segments observe {len(passes.ids)} ids, the state {observed}")
+    return report
+
+
+@dataclass(slots=True)
+class _Passes:
+    ids: set[int] = field(default_factory=set)  # every id observed
+    current: int = 0
+    in_pass: set[int] = field(default_factory=set)
+
+    def check(self, line: Line) -> str | None:
+        if not line.data.endswith(b"\n"):
+            return "torn line (no newline)"
+        try:
+            item = loads(line.data)
+        except ValueError:
+            return "not JSON"
+        image_id = item.get("id") if isinstance(item, dict) else None
+        pass_no = item.get("pass") if isinstance(item, dict) else None
+        if not isinstance(image_id, int) or not isinstance(pass_no, int) or isinstance(image_id, bool):
+            return "not an observation (an integer id and pass)"
+        if pass_no < self.current:
+            return f"pass {pass_no} after pass {self.current}"
+        if pass_no > self.current:
+            self.current, self.in_pass = pass_no, set()
+        if image_id in self.in_pass:
+            return f"id {image_id} observed twice in pass {pass_no}"
+        self.in_pass.add(image_id)
+        self.ids.add(image_id)
+        return None
+
+
+def _check_segment(
+    out_dir: Path, segment: SegmentRow, check_line: Callable[[Line], str | None], report: Report
+) -> None:
     count = size = 0
     try:
         for line in segment_lines(out_dir, segment):
@@ -61,7 +113,7 @@ def _check_segment(out_dir: Path, segment: SegmentRow, seen: set[int], report: R
                 break
             count += 1
             size += len(line.data)
-            problem = _check_line(line, seen)
+            problem = check_line(line)
             if problem:
                 report.problems.append(f"{segment.file}:{line.number}: {problem}")
     except StateError as exc:  # a damaged compressed file: the counts below would only repeat it
