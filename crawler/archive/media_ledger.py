@@ -46,6 +46,8 @@ class MediaResult:
     content_type: str | None = None
     source: str | None = None  # the URL the bytes came from
     error: str | None = None  # why it is gone or failed
+    url: str | None = None  # s3://bucket/key when the file went straight to the object store
+    etag: str | None = None  # the store's ETag of it (with `url`)
 
 
 @dataclass(frozen=True, slots=True)

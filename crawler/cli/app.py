@@ -19,13 +19,14 @@ from pathlib import Path
 from crawler import __version__
 from crawler.cli import logs
 from crawler.cli.logs import DEFAULT_PROGRESS_EVERY, LOG_FORMATS, LogOptions, StderrHandler
-from crawler.cli.media import cmd_media
+from crawler.cli.media import ENGINES, cmd_media, positive
 from crawler.cli.refresh import cmd_refresh, duration
 from crawler.cli.repair import cmd_repair
 from crawler.cli.run import cmd_run
 from crawler.cli.status import cmd_status
 from crawler.cli.verify import cmd_verify
 from crawler.config import API_KEY_ENV, AUTO, ApiConfig, MediaConfig, OutputConfig, api_key, load_config
+from crawler.crawl.media_ray import TASK_ITEMS, RayOptions
 from crawler.crawl.watch import Progress
 from crawler.errors import ExitCode, HarvestError
 from crawler.export.options import DEFAULT_FILE_MB, FORMATS, SQL_OUTPUT_FORMATS
@@ -168,6 +169,33 @@ def build_parser() -> argparse.ArgumentParser:
     media.add_argument("config", type=Path, help="TOML config file")
     media.add_argument(
         "--retry-gone", action="store_true", help="ask again for media the CDN said was gone (404/410)"
+    )
+    media.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="local",
+        help="local: this process downloads (the default); ray: Ray workers download, this process "
+        "records (pip install 'civitai-harvest[ray]')",
+    )
+    media.add_argument(
+        "--address",
+        metavar="ADDR",
+        help="with --engine ray: the running Ray cluster to use (host:port of its head, or ray://...); "
+        "without it a local Ray is started for the run",
+    )
+    media.add_argument(
+        "--task-items",
+        type=positive,
+        default=TASK_ITEMS,
+        metavar="N",
+        help=f"with --engine ray: items per Ray task (default {TASK_ITEMS})",
+    )
+    media.add_argument(
+        "--workers",
+        type=positive,
+        metavar="N",
+        help="with --engine ray: tasks at once, each with 1/N of [media]'s budget (default: the "
+        "cluster's CPUs)",
     )
     fresh = sub.add_parser(
         "refresh",
@@ -329,7 +357,8 @@ def _dispatch(args: argparse.Namespace, watcher: Callable[[], Progress]) -> int:
     if args.command == "run":  # only a run sends the key: a bad one stops nothing else
         return cmd_run(config, api_key(os.environ), watcher())
     if args.command == "media":
-        return cmd_media(config, watcher(), retry_gone=args.retry_gone)
+        ray = RayOptions(args.address, args.task_items, args.workers)
+        return cmd_media(config, watcher(), retry_gone=args.retry_gone, engine=args.engine, ray=ray)
     if args.command == "refresh":
         return cmd_refresh(config, api_key(os.environ), watcher(), args.older_than)
     if args.command == "status":

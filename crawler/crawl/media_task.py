@@ -38,9 +38,25 @@ from crawler.http.download import Downloader
 from crawler.http.gate import Counters
 
 
-class Target(Protocol):
-    """Where a worker's finished files go."""
+@dataclass(frozen=True, slots=True)
+class Placed:
+    """Where a finished file ended up: its path under the media dir (the key under the store's
+    `media/` prefix), and the object's URL and ETag when it went to the store."""
 
+    path: str
+    url: str | None = None
+    etag: str | None = None
+
+
+class Target(Protocol):
+    """Where a worker's finished files go (pickled to the worker with the task)."""
+
+    def opened(self) -> OpenTarget:
+        """The target as one task attempt uses it, on the worker."""
+        ...
+
+
+class OpenTarget(Protocol):
     def part_root(self) -> Path:
         """The folder `.part` files grow in (and finished files are renamed into, before `put`)."""
         ...
@@ -49,8 +65,12 @@ class Target(Protocol):
         """A finished file of `image_id` an earlier attempt left (renamed, never reported)."""
         ...
 
-    async def put(self, stored: Stored) -> str:
-        """Make the finished file at `part_root()/stored.path` the target's; its key there."""
+    async def put(self, stored: Stored) -> Placed:
+        """Make the finished file at `part_root()/stored.path` the target's."""
+        ...
+
+    def close(self) -> None:
+        """The attempt is over (its scratch space, if any, goes)."""
         ...
 
 
@@ -60,6 +80,9 @@ class LocalTarget:
 
     dir: Path
 
+    def opened(self) -> LocalTarget:
+        return self
+
     def part_root(self) -> Path:
         return self.dir
 
@@ -67,8 +90,11 @@ class LocalTarget:
         found = finished_files(self.dir, image_id)
         return found[0] if found else None
 
-    async def put(self, stored: Stored) -> str:
-        return stored.path  # renamed into place already
+    async def put(self, stored: Stored) -> Placed:
+        return Placed(stored.path)  # renamed into place already
+
+    def close(self) -> None:
+        pass
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,15 +118,19 @@ class TaskResult:
 
 def run_task(spec: TaskSpec) -> TaskResult:
     """Fetch every item of `spec` (the body of a Ray task: synchronous, its own event loop)."""
-    return asyncio.run(_run(spec))
+    target = spec.target.opened()
+    try:
+        return asyncio.run(_run(spec, target))
+    finally:
+        target.close()
 
 
-async def _run(spec: TaskSpec) -> TaskResult:
+async def _run(spec: TaskSpec, target: OpenTarget) -> TaskResult:
     media = spec.media
     connector = aiohttp.TCPConnector(limit=media.concurrency)
     async with aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar()) as session:
         downloader = downloader_for(session, media, spec.max_wait)
-        fetcher = _Fetcher(media, spec.target, downloader)
+        fetcher = _Fetcher(media, target, downloader)
         results = await _each(fetcher, spec.refs, media.concurrency)
         return TaskResult(tuple(results), downloader.counters, f"{socket.gethostname()}:{os.getpid()}")
 
@@ -124,7 +154,7 @@ async def _each(fetcher: _Fetcher, refs: Sequence[MediaRef], concurrency: int) -
 
 
 class _Fetcher:
-    def __init__(self, media: MediaConfig, target: Target, downloader: Downloader) -> None:
+    def __init__(self, media: MediaConfig, target: OpenTarget, downloader: Downloader) -> None:
         self.media, self.target, self.downloader = media, target, downloader
 
     async def fetch(self, ref: MediaRef) -> MediaResult:
@@ -151,8 +181,8 @@ class _Fetcher:
         fmt = sniff(part.head)
         assert fmt is not None, "the sink refuses what is not media"
         stored = await asyncio.to_thread(part.finish, fmt.ext)  # fsync and rename: off the loop
-        key = await self.target.put(stored)
-        return MediaResult(ref.id, ml.DONE, key, stored.size, stored.sha256, fmt.content_type, url)
+        placed = await self.target.put(stored)
+        return _done(ref, placed, stored, fmt.content_type, url)
 
     async def _adopt(self, ref: MediaRef, path: Path) -> MediaResult:
         stored = await asyncio.to_thread(hash_file, path)
@@ -160,5 +190,19 @@ class _Fetcher:
             fmt = sniff(stream.read(HEAD_BYTES))  # renamed only after the sink's check: it is media
         content_type = fmt.content_type if fmt is not None else "application/octet-stream"
         relative = path.relative_to(self.target.part_root()).as_posix()
-        key = await self.target.put(Stored(relative, stored.size, stored.sha256))
-        return MediaResult(ref.id, ml.DONE, key, stored.size, stored.sha256, content_type)
+        placed = await self.target.put(Stored(relative, stored.size, stored.sha256))
+        return _done(ref, placed, stored, content_type, None)
+
+
+def _done(ref: MediaRef, placed: Placed, stored: Stored, content_type: str, url: str | None) -> MediaResult:
+    return MediaResult(
+        ref.id,
+        ml.DONE,
+        placed.path,
+        stored.size,
+        stored.sha256,
+        content_type,
+        source=url,
+        url=placed.url,
+        etag=placed.etag,
+    )
