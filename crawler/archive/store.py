@@ -26,8 +26,10 @@ when a store is first used, and its absence is a StoreError saying so.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
+import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -314,3 +316,19 @@ class ObjectStore:
                         Key=key,
                         UploadId=upload["UploadId"],
                     )
+
+
+@functools.lru_cache(maxsize=16)
+def _store_of(bucket: str, endpoint: str | None) -> ObjectStore:
+    return ObjectStore(StoreUrl(bucket))
+
+
+def store_of(url: str) -> ObjectStore:
+    """A store for reading a recorded `s3://bucket/key` URL (one client per bucket, kept)."""
+    bucket = url.removeprefix(SCHEME).split("/", 1)[0]
+    return _store_of(bucket, os.environ.get("AWS_ENDPOINT_URL"))
+
+
+def open_object(url: str) -> BinaryIO:
+    """A recorded object, open for reading (a StoreError naming it when it cannot be)."""
+    return store_of(url).open_url(url)

@@ -17,8 +17,9 @@ from pathlib import Path
 
 from crawler.archive import agreement
 from crawler.archive.reader import Line, loads, segment_lines
-from crawler.archive.state import SegmentRow, State
-from crawler.errors import StateError
+from crawler.archive.state import Kind, Publication, SegmentRow, State
+from crawler.archive.store import store_of
+from crawler.errors import StateError, StoreError
 
 
 @dataclass(slots=True)
@@ -37,22 +38,44 @@ def verify(out_dir: Path, state: State) -> Report:
     report = Report()
     seen: set[int] = set()
     segments = state.segments()
-    report.problems += agreement.disagreements(out_dir, segments)
+    published = state.publications(Kind.SEGMENT)
+    report.problems += agreement.disagreements(out_dir, segments, published)
     on_disk = agreement.segment_entries(out_dir)
     for segment in segments:
         report.segments += 1
-        if segment.file in on_disk:  # a missing one is among the disagreements
-            _check_segment(out_dir, segment, seen, report)
+        remote = published.get(segment.name) if segment.file not in on_disk else None
+        if remote is not None:
+            report.problems += _check_object(remote)
+        if segment.file in on_disk or remote is not None:  # a missing one is among the disagreements
+            _check_segment(out_dir, segment, seen, report, remote)
     expected = state.seen_count()
     if len(seen) != expected:
         report.problems.append(f"the files hold {len(seen)} distinct ids, the state {expected}")
     return report
 
 
-def _check_segment(out_dir: Path, segment: SegmentRow, seen: set[int], report: Report) -> None:
+def _check_object(published: Publication) -> list[str]:
+    """A published object is in the store with the size and ETag recorded."""
+    try:
+        found = store_of(published.url).head_url(published.url)
+    except StoreError as exc:
+        return [str(exc)]
+    if found is None:
+        return [f"{published.url}: missing from the store (the state recorded it published)"]
+    if (found.size, found.etag) != (published.size, published.etag):
+        return [
+            f"{published.url}: {found.size} bytes, ETag {found.etag} in the store; "
+            f"recorded {published.size} bytes, ETag {published.etag}"
+        ]
+    return []
+
+
+def _check_segment(
+    out_dir: Path, segment: SegmentRow, seen: set[int], report: Report, remote: Publication | None
+) -> None:
     count = size = 0
     try:
-        for line in segment_lines(out_dir, segment):
+        for line in segment_lines(out_dir, segment, remote):
             if not line.committed_in(segment) and not segment.closed:
                 # Past the commit of the active segment is only an uncommitted tail; in a
                 # closed one every line counts, so extra data shows as a count mismatch.
@@ -69,6 +92,8 @@ def _check_segment(out_dir: Path, segment: SegmentRow, seen: set[int], report: R
         report.lines += count
         return
     report.lines += count
+    if remote is not None:
+        report.notes.append(f"{segment.file}: read from the object store ({remote.url})")
     if count != segment.items:
         report.problems.append(f"{segment.file}: {count} lines, the state committed {segment.items}")
     if size != segment.size:
