@@ -91,6 +91,8 @@ def committed_blocks(
     `segment` is a snapshot: a harvest running meanwhile may append more (left out) or
     compress the segment (its plain file goes; the compressed one is read instead).
     """
+    if segment.size <= start:
+        return  # nothing committed past `start` (a segment named but never written has no file)
     stream = _open_committed(out_dir, state, segment)
     with stream:
         _skip(stream, start, segment)

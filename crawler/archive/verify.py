@@ -43,9 +43,9 @@ def verify(out_dir: Path, state: State) -> Report:
     on_disk = agreement.segment_entries(out_dir)
     for segment in segments:
         report.segments += 1
+        if segment.name in published:
+            report.problems += check_object(published[segment.name])
         remote = published.get(segment.name) if segment.file not in on_disk else None
-        if remote is not None:
-            report.problems += _check_object(remote)
         if segment.file in on_disk or remote is not None:  # a missing one is among the disagreements
             _check_segment(out_dir, segment, seen, report, remote)
     expected = state.seen_count()
@@ -54,7 +54,7 @@ def verify(out_dir: Path, state: State) -> Report:
     return report
 
 
-def _check_object(published: Publication) -> list[str]:
+def check_object(published: Publication) -> list[str]:
     """A published object is in the store with the size and ETag recorded."""
     try:
         found = store_of(published.url).head_url(published.url)
