@@ -176,11 +176,13 @@ class FaultProxy:
             self._held.set()
             while not self._release.is_set():  # the client waits mid-upload (or is killed)
                 await asyncio.sleep(0.01)
+        try:
+            body = await request.read()
+        except ConnectionError:  # the client was killed mid-upload
+            raise web.HTTPBadRequest() from None
         if self._take(self._fail, method, path, query):
-            await request.read()
             self.log.append(Passed(method, path, query, 500, injected=True))
             return web.Response(status=500, body=_INTERNAL_ERROR, content_type="application/xml")
-        body = await request.read()
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP}
         headers["Host"] = request.host
         async with self._session.request(

@@ -33,9 +33,20 @@ def _dataset() -> Dataset:
 
 
 def _config(
-    path: Path, api: FakeServer, store: ObjectStoreFixture, *, keep_local: bool = False, **media: Any
+    path: Path,
+    api: FakeServer,
+    store: ObjectStoreFixture,
+    *,
+    keep_local: bool = False,
+    segment_items: int = 25,
+    **media: Any,
 ) -> Path:
-    output = {"segment_items": 25, "compress": "zstd", "publish": store.url, "keep_local": keep_local}
+    output = {
+        "segment_items": segment_items,
+        "compress": "zstd",
+        "publish": store.url,
+        "keep_local": keep_local,
+    }
     table = {
         "download": True,
         "requests_per_second": 500,
@@ -162,7 +173,7 @@ def test_kill_mid_upload_then_resume_every_object_once(
     dataset = make_dataset({5001: 20}) if video_mb else _dataset()
     with ServerThread(dataset, options=options) as api:
         types = ["video"] if video_mb else ["image", "video"]
-        config = _config(tmp_path / "c.toml", api, objectstore, types=types)
+        config = _config(tmp_path / "c.toml", api, objectstore, types=types, segment_items=5)
         objectstore.proxy.hold_next(match)
         proc = _start(config)
         try:
