@@ -189,7 +189,11 @@ def _add_export(
         "The columns are listed in the README.",
     )
     export.add_argument("config", type=Path, help="TOML config file")
-    export.add_argument("--to", type=Path, metavar="DIR", help="the export dir (default: OUTPUT_DIR/export)")
+    export.add_argument(
+        "--to",
+        metavar="DIR",
+        help="the export dir (default: OUTPUT_DIR/export), or s3://bucket/prefix (see Object storage)",
+    )
     export.add_argument("--format", choices=FORMATS, default="parquet", help="file format (default: parquet)")
     export.add_argument("--full", action="store_true", help="export everything again, replacing the files")
     export.add_argument(
