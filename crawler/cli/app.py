@@ -66,6 +66,9 @@ _OUTPUT_HELP = {
     "segment_items": "close a segment after this many images (0: no limit)",
     "segment_mb": "close a segment once it holds this many MiB (0: no limit)",
     "compress": "closed segments: zstd, gzip or none",
+    "publish": 'closed segments and media files are uploaded to "s3://bucket/prefix" (None: not); '
+    "endpoint and credentials from AWS_* variables and ~/.aws only",
+    "keep_local": "false: local copies of published segments and media are deleted once recorded",
 }
 
 
