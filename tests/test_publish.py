@@ -213,6 +213,25 @@ def test_a_500_from_the_store_is_retried_and_one_that_lasts_stops_the_run(
         assert_published(api, tmp_path / "out", objectstore, keep_local=True)
 
 
+def test_publish_and_keep_local_turned_on_for_an_existing_archive(
+    objectstore: ObjectStoreFixture, tmp_path: Path
+) -> None:
+    with ServerThread(_dataset(), options=ServerOptions(cdn=CdnOptions(seed=3))) as api:
+        config = _config(tmp_path / "c.toml", api, objectstore, keep_local=True, types=["image"])
+        text = config.read_text()
+        config.write_text(text.replace(f'publish = "{objectstore.url}"\nkeep_local = true\n', ""))
+        assert harvest("run", config).code == ExitCode.OK  # no publish: nothing in the store
+        assert objectstore.sizes() == {}
+        config.write_text(text)  # publish, keeping the local copies
+        result = harvest("run", config)
+        assert result.code == ExitCode.OK, result.stderr
+        assert_published(api, tmp_path / "out", objectstore, keep_local=True)
+        config.write_text(text.replace("keep_local = true", "keep_local = false"))
+        result = harvest("run", config)
+        assert result.code == ExitCode.OK, result.stderr
+        assert_published(api, tmp_path / "out", objectstore, keep_local=False)
+
+
 def test_export_writes_parquet_to_the_store(objectstore: ObjectStoreFixture, tmp_path: Path) -> None:
     with ServerThread(_dataset(), options=ServerOptions(cdn=CdnOptions(seed=3))) as api:
         config = _config(tmp_path / "c.toml", api, objectstore, types=["image"])

@@ -250,7 +250,8 @@ class ObjectStore:
         found = self.head(relative)
         if found is not None and found.size == digest.size and found.etag == digest.etag:
             return found  # an earlier attempt got it there; nothing is uploaded twice
-        self._abort_unfinished(relative)  # what a killed multipart upload of this key left
+        if multipart(digest.size, digest.part_size):  # a single PUT leaves nothing when killed
+            self._abort_unfinished(relative)  # what a killed multipart upload of this key left
         with _mapped(f"{url}: upload failed"):
             self.fs.put_file(str(local), self._path(relative), chunksize=digest.part_size)
         return self._checked(relative, digest)
