@@ -39,11 +39,12 @@ def _config(
     *,
     keep_local: bool = False,
     segment_items: int = 25,
+    compress: str = "zstd",
     **media: Any,
 ) -> Path:
     output = {
         "segment_items": segment_items,
-        "compress": "zstd",
+        "compress": compress,
         "publish": store.url,
         "keep_local": keep_local,
     }
@@ -76,7 +77,7 @@ def assert_published(api: FakeServer, out: Path, store: ObjectStoreFixture, *, k
     else; with keep_local = false their local copies are gone."""
     assert api.cdn is not None
     objects = store.objects()
-    segments = [s for s in _rows(out, "segments") if s["closed"]]
+    segments = [{**s, "file": s["file"] or s["name"]} for s in _rows(out, "segments") if s["closed"]]
     media = [m for m in _rows(out, "media") if m["status"] == "done"]
     prefix = store.root.prefix
     expected = {f"{prefix}/{s['file']}" for s in segments} | {f"{prefix}/media/{m['path']}" for m in media}
@@ -217,7 +218,9 @@ def test_publish_and_keep_local_turned_on_for_an_existing_archive(
     objectstore: ObjectStoreFixture, tmp_path: Path
 ) -> None:
     with ServerThread(_dataset(), options=ServerOptions(cdn=CdnOptions(seed=3))) as api:
-        config = _config(tmp_path / "c.toml", api, objectstore, keep_local=True, types=["image"])
+        config = _config(
+            tmp_path / "c.toml", api, objectstore, keep_local=True, types=["image"], compress="none"
+        )
         text = config.read_text()
         config.write_text(text.replace(f'publish = "{objectstore.url}"\nkeep_local = true\n', ""))
         assert harvest("run", config).code == ExitCode.OK  # no publish: nothing in the store
@@ -230,6 +233,11 @@ def test_publish_and_keep_local_turned_on_for_an_existing_archive(
         result = harvest("run", config)
         assert result.code == ExitCode.OK, result.stderr
         assert_published(api, tmp_path / "out", objectstore, keep_local=False)
+        again = harvest("run", config)  # plain segments only in the store: the files still agree
+        assert again.code == ExitCode.OK, again.stderr
+    verify = harvest("verify", config)
+    assert verify.code == ExitCode.OK, verify.stdout + verify.stderr
+    assert "read from the object store" in verify.stdout
 
 
 def test_export_writes_parquet_to_the_store(objectstore: ObjectStoreFixture, tmp_path: Path) -> None:
