@@ -751,6 +751,9 @@ SHOWN = {
         ("harvest sql, again s", "sql_again_wall_s"),
         ("baseline (orjson loop) images/s", "baseline_items_per_s"),
         ("export / baseline", "export_vs_baseline"),
+        ("refresh ids/s (ids= batches of 100, unlimited rate)", "refresh_ids_per_s"),
+        ("refresh CPU us/id", "refresh_cpu_us_per_id"),
+        ("export of the refresh observations s", "observations_export_wall_s"),
     ],
     "9": [
         ("files fetched", "media_files"),

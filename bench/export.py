@@ -1,4 +1,4 @@
-"""Scenario 6, export: `harvest export` of a harvested archive, against the hand-written loop.
+"""Scenario 8, export: `harvest export` of a harvested archive, against the hand-written loop.
 
 A harvest of 1,000,000 images (100,000 with --quick; 6 versions, withMeta, segments
 of 100,000 closed as zstd) is made once with the real `harvest run`; then, each a
@@ -8,7 +8,9 @@ measured child process:
   images/s, CPU per image, peak RSS, Parquet bytes against the NDJSON bytes;
 - `harvest export` again with nothing new (the incremental no-op);
 - `harvest export --format jsonl.gz` (once) and `harvest sql` counting meta (once);
-- bench/export_baseline.py: orjson per line and a Python loop, one Parquet file (once).
+- bench/export_baseline.py: orjson per line and a Python loop, one Parquet file (once);
+- last, `harvest refresh` of every harvested id (ids= batches of 100 at unlimited rate: ids/s),
+  then the export of its observations (once).
 """
 
 from __future__ import annotations
@@ -60,6 +62,16 @@ def _sql(config: Path, query: str) -> Measured:
     return m
 
 
+def _refresh(config: Path, out: Path) -> tuple[Measured, int]:
+    """One `harvest refresh` pass over the whole harvest (ids= batches of 100, unlimited rate)."""
+    m = run_measured([HARVEST, "refresh", str(config)], timeout=1800)
+    if m.code != 0:
+        raise RuntimeError(f"harvest refresh exited {m.code}: {m.stderr[-3000:]}")
+    observed = int(json.loads((out / "last-run.json").read_text())["refresh"]["observed"])
+    log(f"  [8] refresh: {observed} ids in {m.wall:.2f} s = {observed / m.wall:.0f} ids/s")
+    return m, observed
+
+
 def _manifest(folder: Path, fmt: str) -> dict[str, Any]:
     data: dict[str, Any] = json.loads((folder / "manifest.json").read_text())["formats"][fmt]
     return data
@@ -79,12 +91,11 @@ def _record(m: Measured, rows: int) -> dict[str, Any]:
 
 def scenario_export(images: int, reps: int, keep: bool) -> dict[str, Any]:
     spec = dataset_spec(split_versions(images, VERSIONS))
-    with WorkDir(keep) as wd:
-        with Server(spec, wd) as server:
-            config = write_config(wd / "harvest.toml", server.base_url, harvest_query(), concurrency=VERSIONS)
-            text = config.read_text().replace("[output]\n", '[output]\ncompress = "zstd"\n')
-            config.write_text(text)
-            run_harvest(config, timeout=1800, server=server)
+    with WorkDir(keep) as wd, Server(spec, wd) as server:
+        config = write_config(wd / "harvest.toml", server.base_url, harvest_query(), concurrency=VERSIONS)
+        text = config.read_text().replace("[output]\n", '[output]\ncompress = "zstd"\n')
+        config.write_text(text)
+        run_harvest(config, timeout=1800, server=server)
         out = wd / "out"
         folder = out / "export"
         runs = []
@@ -96,7 +107,7 @@ def scenario_export(images: int, reps: int, keep: bool) -> dict[str, Any]:
             rec["files"] = len(manifest["files"])
             runs.append(rec)
             log(
-                f"  [6] rep {rep + 1}/{reps}: {rec['items']} images in {rec['wall_s']:.2f} s = "
+                f"  [8] rep {rep + 1}/{reps}: {rec['items']} images in {rec['wall_s']:.2f} s = "
                 f"{rec['items_per_s']:.0f}/s, {rec['cpu_us_per_item']:.1f} us CPU/image, "
                 f"peak RSS {rec['peak_rss_mib']:.0f} MiB, other load {rec['other_load_cores']:.2f} cores"
             )
@@ -114,6 +125,8 @@ def scenario_export(images: int, reps: int, keep: bool) -> dict[str, Any]:
         if baseline.code != 0:
             raise RuntimeError(f"export_baseline.py exited {baseline.code}: {baseline.stderr[-3000:]}")
         base_items = json.loads(baseline.stdout.strip().splitlines()[-1])["items"]
+        refresh, observed = _refresh(config, out)  # last: the exports above hold no observations
+        observations = _export(config)  # the observations of that pass, and latest.parquet
     rate = statistics.median([r["items_per_s"] for r in runs])
     seconds_per_million = 1e6 / rate
     parquet = statistics.median([r["parquet_bytes"] for r in runs])
@@ -142,6 +155,12 @@ def scenario_export(images: int, reps: int, keep: bool) -> dict[str, Any]:
         "baseline_items_per_s": base["items_per_s"],
         "baseline_cpu_us_per_item": base["cpu_us_per_item"],
         "export_vs_baseline": rate / base["items_per_s"],
+        "refresh_ids": observed,
+        "refresh_wall_s": round(refresh.wall, 2),
+        "refresh_ids_per_s": round(observed / refresh.wall, 1) if refresh.wall else None,
+        "refresh_cpu_us_per_id": round(refresh.cpu / observed * 1e6, 2) if observed else None,
+        "refresh_peak_rss_mib": round(refresh.maxrss_mb, 1),
+        "observations_export_wall_s": round(observations.wall, 2),
     }
     targets = [
         _target(

@@ -91,7 +91,7 @@ def harvest(*args: str | Path, env: Mapping[str, str] | None = None, timeout: fl
 def read_items(out_dir: Path) -> list[dict[str, Any]]:
     """Every line of every segment, parsed; fails on a torn or non-JSON line."""
     items = []
-    for segment in sorted(out_dir.glob("*.ndjson")):
+    for segment in sorted(out_dir.glob("images-*.ndjson")):
         data = segment.read_bytes()
         assert not data or data.endswith(b"\n"), f"{segment.name} ends in a torn line"
         items += [orjson.loads(line) for line in data.splitlines()]

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import datetime as dt
 import gzip
+import hashlib
 import json
 import math
 import re
+import sqlite3
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,10 +33,11 @@ from crawler import exactjson
 from crawler.archive.reader import committed_lines
 from crawler.archive.state import State
 from crawler.export import lines, typed
-from crawler.export.schema import SCHEMA, STATS_KEYS, markdown_table
+from crawler.export.schema import OBSERVATION_COLUMNS, SCHEMA, STATS_KEYS, markdown_table
 from crawler.export.sql import names_images
 from crawler.testing import configs
 from crawler.testing.fakeapi import Dataset, ServerOptions, ServerThread
+from crawler.testing.fakeapi.cdnfiles import CdnOptions
 from crawler.testing.fakeapi.dataset import DatasetSpec
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -162,14 +165,33 @@ def expected_row(line: bytes, segment: str, number: int) -> dict[str, Any]:
         **dict.fromkeys(("query", "shard")),
         "segment": segment,
         "line": number,
-        **dict.fromkeys(("media_path", "media_size", "media_sha256", "media_content_type")),
+        **dict.fromkeys(("media_path", "media_size", "media_sha256", "media_content_type", "media_status")),
     }
 
 
 def expected_rows(out: Path) -> dict[int, dict[str, Any]]:
+    """The rows of every committed line, with the shard that wrote it and its media, read from the
+    state's tables the plain way."""
     with State.open(out, create=False) as state:
         lines = list(committed_lines(out, state))
-    rows = [expected_row(line.data.rstrip(b"\n"), line.segment, line.number) for line in lines]
+    with sqlite3.connect(out / "harvest.sqlite") as conn:
+        runs = conn.execute(
+            "SELECT segment, first_line, lines, shard, query FROM runs JOIN shards ON key = shard"
+        ).fetchall()
+        media = {
+            r[0]: r[1:]
+            for r in conn.execute("SELECT id, path, size, sha256, content_type, status FROM media")
+        }
+    rows = []
+    for line in lines:
+        row = expected_row(line.data.rstrip(b"\n"), line.segment, line.number)
+        [(shard, query)] = [
+            (r[3], r[4]) for r in runs if r[0] == line.segment and r[1] <= line.number < r[1] + r[2]
+        ]
+        row["shard"], row["query"] = shard, query
+        names = ("media_path", "media_size", "media_sha256", "media_content_type", "media_status")
+        row.update(zip(names, media.get(row["id"], (None,) * 5), strict=True))
+        rows.append(row)
     return {row["id"]: row for row in rows}
 
 
@@ -336,7 +358,7 @@ def test_export_holds_every_served_value_typed_by_the_schema(tmp_path: Path) -> 
     assert f"exported {len(want)} new images to 1 parquet file(s)" in export(cfg)
     table = read_parquet(out / "export")
     assert table.schema.equals(SCHEMA, check_metadata=False)
-    assert table.schema.metadata[b"civitai-harvest.schema"] == b"1"
+    assert table.schema.metadata[b"civitai-harvest.schema"] == b"2"
     assert_rows_equal(by_id(table.to_pylist()), want)
     # The hostile items, spelled out: exact digits, lone surrogates, wrong types made null.
     big, cut, odd, legacy = (want[i] for i in (77000001, 77000002, 77000003, 77000004))
@@ -349,6 +371,9 @@ def test_export_holds_every_served_value_typed_by_the_schema(tmp_path: Path) -> 
     )
     assert odd["meta"].startswith('{"steps": "20"')  # as stored, spaces and all
     assert legacy["prompt"] == "nested by the legacy path" and legacy["seed"] == "42"
+    # Each line names the shard whose page wrote it: the raw items were served to one version each.
+    assert "modelVersionId=5001" in big["shard"] and "modelVersionId=5003" in legacy["shard"]
+    assert {r["query"] for r in want.values()} == {"query-1"}
     # The file: zstd-compressed, and the same rows through DuckDB's own Parquet reader.
     column = pq.ParquetFile(parquet_files(out / "export")[0]).metadata.row_group(0).column(0)
     assert column.compression == "ZSTD"
@@ -473,6 +498,8 @@ def test_sql_views_over_the_archive(tmp_path: Path) -> None:
     shards = sql(cfg, "SELECT query, status, items FROM shards ORDER BY key")
     assert [s["status"] for s in shards] == ["done"] * 3 and sum(s["items"] for s in shards) == len(parquet)
     assert sql(cfg, "SELECT count(*) AS n FROM media") == [{"n": 0}]
+    assert sql(cfg, "SELECT count(*) AS n FROM observations") == [{"n": 0}]  # no refresh yet
+    assert sql(cfg, "SELECT count(gone) AS n FROM images") == [{"n": 0}]
     assert sql(cfg, "SELECT sum(items) AS n FROM segments") == [{"n": len(parquet)}]
     monthly = sql(
         cfg,
@@ -528,4 +555,48 @@ def test_sql_errors_are_one_line_and_exit_2(tmp_path: Path) -> None:
 
 
 def test_the_readme_shows_the_schema_as_it_is() -> None:
-    assert markdown_table() in (ROOT / "README.md").read_text()
+    readme = (ROOT / "README.md").read_text()
+    assert markdown_table() in readme
+    assert markdown_table(OBSERVATION_COLUMNS, "what it is") in readme
+
+
+# -- media -----------------------------------------------------------------------------
+
+
+def test_media_columns_carry_the_ledger_and_sql_shows_it_as_it_is_now(tmp_path: Path) -> None:
+    from test_media import media_config, media_dataset, media_rows
+
+    with ServerThread(media_dataset(), options=ServerOptions(cdn=CdnOptions(seed=3))) as api:
+        cfg = media_config(tmp_path / "c.toml", api, download=False)
+        assert harvest("run", cfg).code == 0
+        out = tmp_path / "out"
+        export(cfg, "--to", str(tmp_path / "before"))  # before any media: the columns are null
+        before = read_parquet(tmp_path / "before").to_pylist()
+        assert {(r["media_path"], r["media_status"]) for r in before} == {(None, None)}
+        fetched = harvest("media", cfg)
+        assert fetched.code == 0, fetched.stderr
+    export(cfg)
+    ledger = media_rows(out)
+    rows = by_id(read_parquet(out / "export").to_pylist())
+    assert_rows_equal(rows, expected_rows(out))
+    done = [r for r in rows.values() if r["media_status"] == "done"]
+    assert done and {r["media_status"] for r in rows.values()} <= {"done", "gone", None}
+    for row in done:
+        data = (out / "media" / row["media_path"]).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == row["media_sha256"] == ledger[row["id"]]["sha256"]
+        assert (
+            len(data) == row["media_size"] and row["media_content_type"] == ledger[row["id"]]["content_type"]
+        )
+    # The export written before the media keeps its nulls (incremental: nothing new); `harvest sql`
+    # joins the ledger as it is now.
+    assert "nothing new" in export(cfg, "--to", str(tmp_path / "before"))
+    query = "SELECT id, media_path, media_sha256, media_status FROM images ORDER BY id"
+    now = sql(cfg, query)
+    assert [r["id"] for r in now] == sorted(rows)
+    for r in now:
+        assert (r["media_path"], r["media_sha256"], r["media_status"]) == (
+            rows[r["id"]]["media_path"],
+            rows[r["id"]]["media_sha256"],
+            rows[r["id"]]["media_status"],
+        )
+    assert sql(cfg, "SELECT count(*) AS n FROM media WHERE status = 'done'") == [{"n": len(done)}]

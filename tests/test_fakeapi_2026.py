@@ -301,6 +301,23 @@ async def test_ids_lookup_subset_order_and_limit(http: aiohttp.ClientSession) ->
     assert cursor_ignored == (200, oldest)
 
 
+async def test_reactions_after_first_sight_are_served_and_sorted_by(http: aiohttp.ClientSession) -> None:
+    ds = Dataset(DatasetSpec.from_dict({**SPEC, "hidden_rate": 0}))
+    pool = ds.version_image_ids(72)[:8]
+    param = ",".join(map(str, pool))
+    async with serve(ds) as api:
+        url = f"{api.base_url}/images"
+        _, before = await get(http, url, ids=param, **ALL)
+        assert ds.react([pool[-1]], like=100_000, comment=2) == 1
+        _, after = await get(http, url, ids=param, **ALL)
+    was = {i["id"]: i["stats"] for i in before["items"]}
+    now = {i["id"]: i["stats"] for i in after["items"]}
+    assert now[pool[-1]]["likeCount"] == was[pool[-1]]["likeCount"] + 100_000
+    assert now[pool[-1]]["commentCount"] == was[pool[-1]]["commentCount"] + 2
+    assert all(now[i] == was[i] for i in pool[:-1]), "the others are as they were"
+    assert after["items"][0]["id"] == pool[-1], "the default sort (Most Reactions) follows the served counts"
+
+
 async def test_ids_takes_at_most_100(dataset: Dataset, http: aiohttp.ClientSession) -> None:
     async with serve(dataset) as api:
         url = f"{api.base_url}/images"

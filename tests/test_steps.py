@@ -138,7 +138,10 @@ def test_a_state_from_before_steps_were_recorded_completes_them(tmp_path: Path) 
         _fill(state, ArchiveSpec(tmp_path, segment_items=2, compress="zstd"))
         assert not (tmp_path / SEG1).exists()  # compressed and removed, as usual
     conn = sqlite3.connect(tmp_path / STATE_FILE, isolation_level=None)
-    for later in ("segment_steps", "walks", "end_ids", "shard_levels", "media", "published"):  # not in v1
+    later_tables = ["segment_steps", "walks", "end_ids", "shard_levels", "media"]
+    later_tables += ["first_seen", "runs", "refresh_segments", "refresh_steps", "observed", "refresh_todo"]
+    later_tables += ["published"]
+    for later in later_tables:  # what version 1 lacked
         conn.execute(f"DROP TABLE {later}")
     conn.execute("PRAGMA user_version = 1")
     conn.close()

@@ -42,29 +42,34 @@ from pathlib import Path
 
 from crawler.archive.compression import SUFFIXES
 from crawler.archive.fs import open_nofollow, symlink_error
-from crawler.archive.segments import MAX_APPEND_LINES, SEGMENT_FILE
+from crawler.archive.segments import IMAGES, MAX_APPEND_LINES, SegmentKind
 from crawler.archive.state import SegmentRow
 from crawler.errors import DisagreementError
 
 _CHUNK = 1 << 20
 
 
-def check(out_dir: Path, segments: Sequence[SegmentRow], published: Collection[str] = ()) -> None:
+def check(
+    out_dir: Path, segments: Sequence[SegmentRow], kind: SegmentKind = IMAGES, published: Collection[str] = ()
+) -> None:
     """Raise DisagreementError, naming the file, unless the files agree with `segments`
     (the state's) up to one uncommitted page; OutputError for a symlinked segment file.
+
+    Only the files of `kind` are looked at: the item segments and the observation
+    segments of `harvest refresh` are checked apart, each against its own rows.
     `published`: the names of segments in the object store (their local file may be gone)."""
-    found = disagreements(out_dir, segments, published)
+    found = disagreements(out_dir, segments, kind, published)
     if found:
         more = f" (and {len(found) - 1} more: `harvest verify` lists them)" if len(found) > 1 else ""
         raise DisagreementError(found[0] + more)
 
 
 def disagreements(
-    out_dir: Path, segments: Sequence[SegmentRow], published: Collection[str] = ()
+    out_dir: Path, segments: Sequence[SegmentRow], kind: SegmentKind = IMAGES, published: Collection[str] = ()
 ) -> list[str]:
     """Every way the files disagree with `segments`, one line each, naming the file."""
-    entries = segment_entries(out_dir)
-    found = list(_unknown(out_dir, entries, segments))
+    entries = segment_entries(out_dir, kind)
+    found = list(_unknown(out_dir, entries, segments, kind))
     for segment in segments:
         if segment.file not in entries and segment.closed and segment.name in published:
             continue  # only in the object store: `verify` checks it there
@@ -80,8 +85,8 @@ def missing(out_dir: Path, segments: Sequence[SegmentRow], published: Collection
     return [line for segment in segments for line in _missing(out_dir, segment, entries, published)]
 
 
-def segment_entries(out_dir: Path) -> dict[str, os.stat_result]:
-    """The segment files in `out_dir` (plain or compressed), by name, as they are (lstat).
+def segment_entries(out_dir: Path, kind: SegmentKind = IMAGES) -> dict[str, os.stat_result]:
+    """The segment files of `kind` in `out_dir` (plain or compressed), by name, as they are (lstat).
 
     A symlink among them is refused: the harvest neither writes nor reads through one.
     """
@@ -89,7 +94,8 @@ def segment_entries(out_dir: Path) -> dict[str, os.stat_result]:
         scan = list(os.scandir(out_dir))
     except FileNotFoundError:
         return {}
-    entries = {e.name: e.stat(follow_symlinks=False) for e in scan if SEGMENT_FILE.fullmatch(e.name)}
+    pattern = kind.pattern
+    entries = {e.name: e.stat(follow_symlinks=False) for e in scan if pattern.fullmatch(e.name)}
     for name, st in entries.items():
         if stat.S_ISLNK(st.st_mode):
             raise symlink_error(out_dir / name)
@@ -97,7 +103,7 @@ def segment_entries(out_dir: Path) -> dict[str, os.stat_result]:
 
 
 def _unknown(
-    out_dir: Path, entries: Mapping[str, os.stat_result], segments: Sequence[SegmentRow]
+    out_dir: Path, entries: Mapping[str, os.stat_result], segments: Sequence[SegmentRow], kind: SegmentKind
 ) -> Iterator[str]:
     """Segment files with data that the state does not name (invariant 1)."""
     known = {s.file for s in segments} | {s.name for s in segments}
@@ -105,7 +111,7 @@ def _unknown(
     for name, st in sorted(entries.items()):
         if name not in known and st.st_size > 0:
             yield (
-                f"{out_dir / name}: {st.st_size} bytes of images the state does not know of "
+                f"{out_dir / name}: {st.st_size} bytes of {kind.what} the state does not know of "
                 "(the state was lost, or is older than the files)"
             )
 

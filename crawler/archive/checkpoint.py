@@ -90,7 +90,7 @@ class Checkpointer:
         self._output = output
         self._steps = tuple(closed_segment_steps(output) if steps is None else steps)
         # Before anything is cut or removed.
-        agreement.check(output.dir, state.segments(), state.publications(Kind.SEGMENT))
+        agreement.check(output.dir, state.segments(), published=state.publications(Kind.SEGMENT))
         self._writer = SegmentWriter(output.dir, state.segments(), state.register_segment)
         self._finish_closed_segments()
 

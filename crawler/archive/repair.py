@@ -14,7 +14,11 @@ are the archive; the rebuilt state describes exactly them:
   walks every shard from its head, and the id index keeps each image once. The
   images of a segment that is gone are forgotten: the next run fetches them again;
 - closed-segment steps are not recorded, so the next run repeats them (each is
-  safe to repeat).
+  safe to repeat);
+- the observation segments of `harvest refresh` (`refresh-NNNNNN.ndjson`) are read the
+  same way and adopted as what they are: their sizes and lines, and the latest observation
+  per id; the refresh pass a crash interrupted is closed (the next refresh opens a new one).
+  The first sight of each id is not in the files: every id counts as due for a refresh.
 
 Nothing changes unless every file reads whole: a damaged compressed file, a line
 that is not an image with an integer id, or an id held twice stops the repair,
@@ -26,6 +30,7 @@ and points here again), never a half-built one.
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import shutil
 import time
@@ -36,8 +41,9 @@ from pathlib import Path
 from crawler.archive import agreement
 from crawler.archive.checkpoint import ArchiveSpec, segment_full
 from crawler.archive.fs import fsync_dir, open_nofollow, refuse_symlink
+from crawler.archive.observations import RefreshLedger
 from crawler.archive.reader import Line, loads, segment_lines
-from crawler.archive.segments import SEGMENT_FILE, segment_name, segment_number
+from crawler.archive.segments import IMAGES, OBSERVATIONS, SegmentKind
 from crawler.archive.state import STATE_FILE, Kind, SegmentRow, State
 from crawler.errors import HarvestError, StateError
 
@@ -53,6 +59,7 @@ class Found:
     row: SegmentRow
     ids: list[int]
     torn: int  # bytes of a torn last line, cut by the repair (the last plain segment only)
+    latest: dict[int, tuple[float, int, bool]] | None = None  # observations: id -> (at, pass, gone)
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,11 +80,15 @@ def repair(out_dir: Path, spec: ArchiveSpec) -> Repair:
     _refuse_published(out_dir)
     files = _segment_files(out_dir)
     found = [_read(out_dir, f, n == len(files) - 1, spec) for n, f in enumerate(files)]
+    seen_files = _segment_files(out_dir, OBSERVATIONS)
+    seen = [_read(out_dir, f, n == len(seen_files) - 1, spec, OBSERVATIONS) for n, f in enumerate(seen_files)]
     old = _old_state(out_dir)
-    _build(out_dir, found)
+    _build(out_dir, found, seen)
     backup = _set_aside(out_dir)
     _swap_in(out_dir)
     cut = _cut_torn(out_dir, found[-1]) if found and found[-1].torn else None
+    if seen and seen[-1].torn:
+        _cut_torn(out_dir, seen[-1])
     return Repair(
         segments=tuple(f.row for f in found),
         images=sum(f.row.items for f in found),
@@ -100,44 +111,51 @@ class _Files:
 _PREFERENCE = ("", ".zst", ".gz")  # plain first: it is whole whenever it is there
 
 
-def _segment_files(out_dir: Path) -> list[_Files]:
+def _segment_files(out_dir: Path, kind: SegmentKind = IMAGES) -> list[_Files]:
     """Each segment's files, in segment order."""
     by_number: dict[int, list[str]] = {}
-    for name in agreement.segment_entries(out_dir):  # a symlink among them is refused
-        by_number.setdefault(segment_number(name), []).append(name)
+    for name in agreement.segment_entries(out_dir, kind):  # a symlink among them is refused
+        by_number.setdefault(kind.number(name), []).append(name)
     files = []
     for number in sorted(by_number):
-        ranked = sorted(by_number[number], key=lambda n: _PREFERENCE.index(_suffix(n)))
+        ranked = sorted(by_number[number], key=lambda n: _PREFERENCE.index(_suffix(n, kind)))
         files.append(_Files(ranked[0], tuple(ranked[1:])))
     return files
 
 
-def _suffix(name: str) -> str:
-    match = SEGMENT_FILE.fullmatch(name)
+def _suffix(name: str, kind: SegmentKind) -> str:
+    match = kind.pattern.fullmatch(name)
     return (match.group(2) if match else None) or ""
 
 
-def _read(out_dir: Path, files: _Files, last: bool, spec: ArchiveSpec) -> Found:
+def _read(out_dir: Path, files: _Files, last: bool, spec: ArchiveSpec, kind: SegmentKind = IMAGES) -> Found:
     """One segment file read through: its ids, size and lines; StateError naming it if damaged."""
     file = files.read
-    name = segment_name(segment_number(file))
+    name = kind.name(kind.number(file))
     plain = file == name
     ids: list[int] = []
+    latest: dict[int, tuple[float, int, bool]] | None = {} if kind is OBSERVATIONS else None
     size = torn = 0
+    line_count = 0
     for line in segment_lines(out_dir, SegmentRow(name, 0, 0, True, file)):
         if not line.data.endswith(b"\n"):  # only ever the last line
             if not (last and plain):
                 raise StateError(f"{out_dir / file}:{line.number}: torn line (no newline)")
             torn = len(line.data)
             break
-        ids.append(_image_id(out_dir / file, line))
+        if latest is None:
+            ids.append(_image_id(out_dir / file, line))
+        else:
+            _observation(out_dir / file, line, latest)
         size += len(line.data)
+        line_count += 1
     twice = _first_twice(ids)
     if twice is not None:
         raise StateError(f"{out_dir / file}: holds id {twice} twice")
+    lines = len(ids) if latest is None else line_count
     # Closed unless it is the last, plain, not full, and was never compressed.
-    closed = not plain or bool(files.twins) or not last or segment_full(spec, len(ids), size)
-    return Found(SegmentRow(name, size, len(ids), closed, file), ids, torn)
+    closed = not plain or bool(files.twins) or not last or segment_full(spec, lines, size)
+    return Found(SegmentRow(name, size, lines, closed, file), ids, torn, latest)
 
 
 def _image_id(path: Path, line: Line) -> int:
@@ -149,6 +167,19 @@ def _image_id(path: Path, line: Line) -> int:
     if not isinstance(image_id, int) or isinstance(image_id, bool) or image_id not in _ID_RANGE:
         raise StateError(f"{path}:{line.number}: no integer id the archive can hold")
     return image_id
+
+
+def _observation(path: Path, line: Line, latest: dict[int, tuple[float, int, bool]]) -> None:
+    """One observation line into `latest` (id -> when, pass, gone), the latest kept."""
+    image_id = _image_id(path, line)
+    item = loads(line.data)
+    try:
+        at = dt.datetime.fromisoformat(str(item["observed_at"])).timestamp()
+        pass_no, gone = int(item["pass"]), bool(item["gone"])
+    except (KeyError, TypeError, ValueError):
+        raise StateError(f"{path}:{line.number}: not an observation (id, observed_at, pass, gone)") from None
+    if image_id not in latest or latest[image_id][:2] <= (at, pass_no):
+        latest[image_id] = (at, pass_no, gone)
 
 
 def _first_twice(ids: Sequence[int]) -> int | None:
@@ -202,7 +233,7 @@ def _forgotten(old: Sequence[SegmentRow], found: Sequence[Found]) -> list[str]:
     return lines
 
 
-def _build(out_dir: Path, found: Sequence[Found]) -> None:
+def _build(out_dir: Path, found: Sequence[Found], seen: Sequence[Found] = ()) -> None:
     """The new state, in WORK_DIR; a StateError (nothing changed) if an id is held twice."""
     work = out_dir / WORK_DIR
     refuse_symlink(work)
@@ -216,11 +247,24 @@ def _build(out_dir: Path, found: Sequence[Found]) -> None:
                         f"{out_dir / segment.row.file}: id {min(twice)} is also in an earlier segment"
                     )
                 new.adopt_segment(segment.row, segment.ids)
+            _adopt_observations(new.sharing(RefreshLedger), seen)
         if (work / (STATE_FILE + "-wal")).exists():  # closing folds the log into the file
             raise StateError(f"{work}: the new state was not closed cleanly; nothing was changed")
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
+
+
+def _adopt_observations(ledger: RefreshLedger, seen: Sequence[Found]) -> None:
+    latest: dict[int, tuple[float, int, bool]] = {}
+    for segment in seen:
+        ledger.adopt_segment(segment.row, ())
+        for image_id, value in (segment.latest or {}).items():
+            if image_id not in latest or latest[image_id][:2] <= value[:2]:
+                latest[image_id] = value
+    if seen:
+        last_pass = max((p for _, p, _ in latest.values()), default=0)
+        ledger.adopt_observed(((i, at, p, g) for i, (at, p, g) in latest.items()), last_pass)
 
 
 def _set_aside(out_dir: Path) -> Path | None:

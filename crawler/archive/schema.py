@@ -122,7 +122,54 @@ def _v4_media(conn: sqlite3.Connection) -> None:
     conn.execute("CREATE INDEX media_status ON media (status)")
 
 
-def _v5_published(conn: sqlite3.Connection) -> None:
+def _v5_refresh(conn: sqlite3.Connection) -> None:
+    """What `harvest refresh` and the export need beyond ids: when each id was first seen and
+    which shard's page wrote it; the observation segments (`refresh-NNNNNN.ndjson`) and their
+    steps, kept apart from the item segments; the latest observation per id; the ids the open
+    refresh pass has still to observe.
+
+    New tables only, as in step 3: `seen` stays as the first step made it. An id seen before
+    this step, or adopted by a repair, has no `first_seen` row (it counts as seen long ago).
+    """
+    conn.execute("CREATE TABLE first_seen (id INTEGER PRIMARY KEY, at REAL NOT NULL) WITHOUT ROWID")
+    conn.execute(
+        """CREATE TABLE runs (
+    segment TEXT NOT NULL,
+    first_line INTEGER NOT NULL,
+    lines INTEGER NOT NULL,
+    shard TEXT NOT NULL,
+    PRIMARY KEY (segment, first_line)
+) WITHOUT ROWID"""
+    )
+    conn.execute(
+        """CREATE TABLE refresh_segments (
+    name TEXT PRIMARY KEY,
+    size INTEGER NOT NULL,
+    items INTEGER NOT NULL,
+    closed INTEGER NOT NULL DEFAULT 0,
+    file TEXT
+)"""
+    )
+    conn.execute(
+        """CREATE TABLE refresh_steps (
+    segment TEXT NOT NULL,
+    step TEXT NOT NULL,
+    at REAL NOT NULL,
+    PRIMARY KEY (segment, step)
+) WITHOUT ROWID"""
+    )
+    conn.execute(
+        """CREATE TABLE observed (
+    id INTEGER PRIMARY KEY,
+    at REAL NOT NULL,
+    pass INTEGER NOT NULL,
+    gone INTEGER NOT NULL
+) WITHOUT ROWID"""
+    )
+    conn.execute("CREATE TABLE refresh_todo (id INTEGER PRIMARY KEY) WITHOUT ROWID")
+
+
+def _v6_published(conn: sqlite3.Connection) -> None:
     """What is in the object store (`[output] publish`): per closed segment or media file, the
     object's URL, size, ETag and SHA-256, and whether the local copy is still kept.
 
@@ -151,7 +198,8 @@ MIGRATIONS: tuple[Migration, ...] = (
     _v2_segment_steps,
     _v3_walks,
     _v4_media,
-    _v5_published,
+    _v5_refresh,
+    _v6_published,
 )
 LATEST = len(MIGRATIONS)  # the version this code reads and writes
 

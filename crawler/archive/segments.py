@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from crawler.archive.fs import describe, fsync_dir, open_nofollow
@@ -23,7 +24,6 @@ from crawler.errors import DisagreementError, OutputError
 
 SEGMENT_SUFFIX = ".ndjson"
 # Any segment file, plain or compressed, spelled exactly as `segment_name` spells its number.
-SEGMENT_FILE = re.compile(r"images-(\d{6}|[1-9]\d{6,})\.ndjson(\.zst|\.gz)?")
 
 # The most lines one append may hold: a page, and the API serves at most 200 items
 # a page (its largest `limit`). The walker refuses larger pages; `append` too. With
@@ -31,38 +31,71 @@ SEGMENT_FILE = re.compile(r"images-(\d{6}|[1-9]\d{6,})\.ndjson(\.zst|\.gz)?")
 MAX_APPEND_LINES = 200
 
 
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentKind:
+    """One family of segments in an output dir: the items (`images-`), or the observations of
+    `harvest refresh` (`refresh-`). Each family has its own numbers, its own rows in the state
+    and its own checks: a reader of one never sees the files of the other."""
+
+    prefix: str  # "images-"
+    what: str  # what a line holds, for messages: "images"
+
+    @property
+    def pattern(self) -> re.Pattern[str]:
+        """Any file of this family, plain or compressed, spelled exactly as `name` spells it."""
+        return re.compile(re.escape(self.prefix) + r"(\d{6}|[1-9]\d{6,})\.ndjson(\.zst|\.gz)?")
+
+    def name(self, number: int) -> str:
+        return f"{self.prefix}{number:06d}{SEGMENT_SUFFIX}"
+
+    def number(self, name: str) -> int:
+        return int(name.removeprefix(self.prefix).split(".", 1)[0])
+
+
+IMAGES = SegmentKind("images-", "images")
+OBSERVATIONS = SegmentKind("refresh-", "observations")
+SEGMENT_FILE = IMAGES.pattern  # the item segments' files; `refresh-` files never match it
+
+
 def segment_name(number: int) -> str:
-    return f"images-{number:06d}{SEGMENT_SUFFIX}"
+    return IMAGES.name(number)
 
 
 def segment_number(name: str) -> int:
-    return int(name.removeprefix("images-").split(".", 1)[0])
+    return IMAGES.number(name)
 
 
 class SegmentWriter:
     """Appends lines to the active segment of one output dir."""
 
     def __init__(
-        self, out_dir: Path, committed: Sequence[SegmentRow], register: Callable[[str], None]
+        self,
+        out_dir: Path,
+        committed: Sequence[SegmentRow],
+        register: Callable[[str], None],
+        kind: SegmentKind = IMAGES,
     ) -> None:
         self._dir = out_dir
         self._register = register
+        self._kind = kind
         self._fd: int | None = None
         last = committed[-1] if committed else None
         if last is not None and not last.closed:
             self.name, self.size, self.items = last.name, last.size, last.items
             self._fd = self._open_at_commit()
         else:
-            self._next(segment_number(last.name) + 1 if last else 1)
+            self._next(kind.number(last.name) + 1 if last else 1)
 
     def rotate(self) -> None:
         """Start the next segment; the current one is complete."""
         self._close_fd()
-        self._next(segment_number(self.name) + 1)
+        self._next(self._kind.number(self.name) + 1)
 
     def _next(self, number: int) -> None:
         """Make segment `number` the one appended to; its file is made by the first append."""
-        self.name, self.size, self.items = segment_name(number), 0, 0
+        self.name, self.size, self.items = self._kind.name(number), 0, 0
 
     def _open_at_commit(self) -> int:
         path = self.path

@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Self
+from typing import Self, TypeVar
 
 import orjson
 
@@ -22,6 +22,7 @@ from crawler.archive.fs import diagnose_write_failure, refuse_symlink
 from crawler.errors import StateError
 
 STATE_FILE = "harvest.sqlite"
+_S = TypeVar("_S", bound="State")
 Cursor = str | int
 
 
@@ -145,6 +146,11 @@ def _load_cursor(text: str | None) -> Cursor | None:
 class State:
     """The SQLite store of one output dir. Not thread-safe: one user at a time."""
 
+    # The tables of the segments this object writes and their closed-segment steps: the item
+    # segments here; `RefreshLedger` names the observation segments' own tables instead.
+    _SEGMENTS = "segments"
+    _STEPS = "segment_steps"
+
     def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
         self._conn = conn
         self.path = path
@@ -168,6 +174,26 @@ class State:
             state.close()
             raise
         return state
+
+    def sharing(self, cls: type[_S]) -> _S:
+        """This state's connection seen through another of its ledgers (`RefreshLedger`, ...);
+        closing either closes both."""
+        return cls(self._conn, self.path)
+
+    def runs(self, segment: str) -> list[tuple[int, int, str, str]]:
+        """Which shard wrote which lines of `segment`: (first line, lines, shard, query), in line
+        order. Lines written before state version 5, or adopted by a repair, have none."""
+        rows = self._conn.execute(
+            "SELECT first_line, lines, shard, COALESCE(shards.query, '') FROM runs "
+            "LEFT JOIN shards ON shards.key = runs.shard WHERE segment=? ORDER BY first_line",
+            (segment,),
+        )
+        return [(int(a), int(b), str(c), str(d)) for a, b, c, d in rows]
+
+    def media_table(self) -> list[tuple[object, ...]]:
+        """Every row of the media ledger: id, type, status, path, size, sha256, content_type, url, error."""
+        query = "SELECT id, type, status, path, size, sha256, content_type, url, error FROM media ORDER BY id"
+        return self._conn.execute(query).fetchall()
 
     def __enter__(self) -> Self:
         return self
@@ -352,8 +378,16 @@ class State:
         """Record one page: its new ids, the segment's size, the shard's next cursor."""
         done = page.next_cursor is None
         status = ShardStatus.ACTIVE if not done else ShardStatus.CAPPED if page.capped else ShardStatus.DONE
+        now = time.time()
         with self._transaction():
             self._conn.executemany("INSERT INTO seen (id) VALUES (?)", ((i,) for i in page.new_ids))
+            self._conn.executemany("INSERT INTO first_seen VALUES (?, ?)", ((i, now) for i in page.new_ids))
+            if page.new_ids:  # which shard wrote these lines (the export's `shard` and `query`)
+                self._conn.execute(
+                    "INSERT INTO runs VALUES "
+                    "(?, 1 + COALESCE((SELECT items FROM segments WHERE name=?), 0), ?, ?)",
+                    (page.segment, page.segment, len(page.new_ids), page.shard_key),
+                )
             self._conn.executemany(
                 "INSERT OR IGNORE INTO end_ids VALUES (?, ?)", ((page.shard_key, i) for i in page.walked_ids)
             )
@@ -376,7 +410,7 @@ class State:
                     _dump_cursor(page.page_cursor),
                     len(page.new_ids),
                     int(done),
-                    time.time(),
+                    now,
                     page.shard_key,
                 ),
             )
@@ -389,11 +423,12 @@ class State:
     # -- segments -------------------------------------------------------------
 
     def segments(self) -> list[SegmentRow]:
-        rows = self._conn.execute(f"SELECT {_SEGMENT_COLUMNS} FROM segments ORDER BY name").fetchall()
+        rows = self._conn.execute(f"SELECT {_SEGMENT_COLUMNS} FROM {self._SEGMENTS} ORDER BY name").fetchall()
         return [_segment_row(r) for r in rows]
 
     def segment(self, name: str) -> SegmentRow:
-        row = self._conn.execute(f"SELECT {_SEGMENT_COLUMNS} FROM segments WHERE name=?", (name,)).fetchone()
+        query = f"SELECT {_SEGMENT_COLUMNS} FROM {self._SEGMENTS} WHERE name=?"
+        row = self._conn.execute(query, (name,)).fetchone()
         if row is None:
             raise StateError(f"{self.path}: unknown segment {name}")
         return _segment_row(row)
@@ -402,35 +437,37 @@ class State:
         """Name a new, empty segment before its file is created: a segment file the state
         does not name is then never the harvest's own work in progress (`agreement`)."""
         with self._transaction():
-            self._conn.execute("INSERT OR IGNORE INTO segments (name, size, items) VALUES (?, 0, 0)", (name,))
+            self._conn.execute(
+                f"INSERT OR IGNORE INTO {self._SEGMENTS} (name, size, items) VALUES (?, 0, 0)", (name,)
+            )
 
     def close_segment(self, name: str) -> None:
         with self._transaction():
-            self._conn.execute("UPDATE segments SET closed=1 WHERE name=?", (name,))
+            self._conn.execute(f"UPDATE {self._SEGMENTS} SET closed=1 WHERE name=?", (name,))
 
     def adopt_segment(self, segment: SegmentRow, ids: Iterable[int]) -> None:
         """Record a segment found on disk and the ids it holds (`harvest repair`), in one
         transaction. An id already recorded is a StateError: the archive holds it twice."""
         with self._transaction():
             self._conn.execute(
-                "INSERT INTO segments (name, size, items, closed, file) VALUES (?, ?, ?, ?, ?)",
+                f"INSERT INTO {self._SEGMENTS} (name, size, items, closed, file) VALUES (?, ?, ?, ?, ?)",
                 (segment.name, segment.size, segment.items, int(segment.closed), segment.file),
             )
             self._conn.executemany("INSERT INTO seen (id) VALUES (?)", ((i,) for i in ids))
 
     def set_segment_file(self, name: str, file: str) -> None:
         with self._transaction():
-            self._conn.execute("UPDATE segments SET file=? WHERE name=?", (file, name))
+            self._conn.execute(f"UPDATE {self._SEGMENTS} SET file=? WHERE name=?", (file, name))
 
     def done_steps(self, segment: str) -> frozenset[str]:
         """The closed-segment steps recorded as complete for `segment`."""
-        rows = self._conn.execute("SELECT step FROM segment_steps WHERE segment=?", (segment,))
+        rows = self._conn.execute(f"SELECT step FROM {self._STEPS} WHERE segment=?", (segment,))
         return frozenset(r[0] for r in rows)
 
     def record_step(self, segment: str, step: str) -> None:
         with self._transaction():
             self._conn.execute(
-                "INSERT OR IGNORE INTO segment_steps VALUES (?, ?, ?)", (segment, step, time.time())
+                f"INSERT OR IGNORE INTO {self._STEPS} VALUES (?, ?, ?)", (segment, step, time.time())
             )
 
     # -- the object store ----------------------------------------------------------

@@ -12,11 +12,14 @@ page in flight would look like a problem.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from crawler.archive import agreement
+from crawler.archive.observations import RefreshLedger
 from crawler.archive.reader import Line, loads, segment_lines
+from crawler.archive.segments import OBSERVATIONS
 from crawler.archive.state import Kind, Publication, SegmentRow, State
 from crawler.archive.store import store_of
 from crawler.errors import StateError, StoreError
@@ -39,7 +42,7 @@ def verify(out_dir: Path, state: State) -> Report:
     seen: set[int] = set()
     segments = state.segments()
     published = state.publications(Kind.SEGMENT)
-    report.problems += agreement.disagreements(out_dir, segments, published)
+    report.problems += agreement.disagreements(out_dir, segments, published=published)
     on_disk = agreement.segment_entries(out_dir)
     for segment in segments:
         report.segments += 1
@@ -47,7 +50,7 @@ def verify(out_dir: Path, state: State) -> Report:
             report.problems += check_object(published[segment.name])
         remote = published.get(segment.name) if segment.file not in on_disk else None
         if segment.file in on_disk or remote is not None:  # a missing one is among the disagreements
-            _check_segment(out_dir, segment, seen, report, remote)
+            _check_segment(out_dir, segment, lambda line: _check_line(line, seen), report, remote)
     expected = state.seen_count()
     if len(seen) != expected:
         report.problems.append(f"the files hold {len(seen)} distinct ids, the state {expected}")
@@ -70,8 +73,64 @@ def check_object(published: Publication) -> list[str]:
     return []
 
 
+def verify_observations(out_dir: Path, ledger: RefreshLedger) -> Report:
+    """The refresh segments against their rows in the state: the same file checks as the item
+    segments (a published one checked in the store, and read from there when its local copy
+    is gone), every line an observation, no id twice in one pass (passes follow one another in
+    the files), and every observed id's latest observation recorded."""
+    report = Report()
+    segments = ledger.segments()
+    published = ledger.publications(Kind.SEGMENT)
+    report.problems += agreement.disagreements(out_dir, segments, OBSERVATIONS, published)
+    on_disk = agreement.segment_entries(out_dir, OBSERVATIONS)
+    passes = _Passes()
+    for segment in segments:
+        report.segments += 1
+        if segment.name in published:
+            report.problems += check_object(published[segment.name])
+        remote = published.get(segment.name) if segment.file not in on_disk else None
+        if segment.file in on_disk or remote is not None:
+            _check_segment(out_dir, segment, passes.check, report, remote)
+    observed, _ = ledger.observed_count()
+    if len(passes.ids) != observed:
+        report.problems.append(f"the refresh segments observe {len(passes.ids)} ids, the state {observed}")
+    return report
+
+
+@dataclass(slots=True)
+class _Passes:
+    ids: set[int] = field(default_factory=set)  # every id observed
+    current: int = 0
+    in_pass: set[int] = field(default_factory=set)
+
+    def check(self, line: Line) -> str | None:
+        if not line.data.endswith(b"\n"):
+            return "torn line (no newline)"
+        try:
+            item = loads(line.data)
+        except ValueError:
+            return "not JSON"
+        image_id = item.get("id") if isinstance(item, dict) else None
+        pass_no = item.get("pass") if isinstance(item, dict) else None
+        if not isinstance(image_id, int) or not isinstance(pass_no, int) or isinstance(image_id, bool):
+            return "not an observation (an integer id and pass)"
+        if pass_no < self.current:
+            return f"pass {pass_no} after pass {self.current}"
+        if pass_no > self.current:
+            self.current, self.in_pass = pass_no, set()
+        if image_id in self.in_pass:
+            return f"id {image_id} observed twice in pass {pass_no}"
+        self.in_pass.add(image_id)
+        self.ids.add(image_id)
+        return None
+
+
 def _check_segment(
-    out_dir: Path, segment: SegmentRow, seen: set[int], report: Report, remote: Publication | None
+    out_dir: Path,
+    segment: SegmentRow,
+    check_line: Callable[[Line], str | None],
+    report: Report,
+    remote: Publication | None,
 ) -> None:
     count = size = 0
     try:
@@ -84,7 +143,7 @@ def _check_segment(
                 break
             count += 1
             size += len(line.data)
-            problem = _check_line(line, seen)
+            problem = check_line(line)
             if problem:
                 report.problems.append(f"{segment.file}:{line.number}: {problem}")
     except StateError as exc:  # a damaged compressed file: the counts below would only repeat it

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 from typing import Any
 
 from crawler import checks
-from crawler.civitai.endpoint import Check, Cursor, Endpoint, Expansion, Frontier
+from crawler.civitai.endpoint import Check, Cursor, Endpoint, Expansion, Frontier, WireParams
 
 SORTS: tuple[str, ...] = ("Most Reactions", "Most Comments", "Most Collected", "Newest", "Oldest", "Random")
 PERIODS: tuple[str, ...] = ("Day", "Week", "Month", "Year", "AllTime")
@@ -29,6 +29,8 @@ MATURE_LEVELS = 4 | 8 | 16  # R, X, XXX: never served by the SFW host (civitai.c
 SFW_HOST_AFTER = 1000  # images of a mature query, none mature, before the SFW host is suspected
 LIST_KEYS: frozenset[str] = frozenset({"postId", "modelVersionId", "userId", "modelId", "username"})
 DEFAULT_LIMIT = 200  # the API's maximum: fewer requests for the same items
+LOOKUP_MAX = 100  # ids= takes at most this many ids (more is a zod 400)
+OBSERVED: tuple[str, ...] = ("nsfwLevel", "browsingLevel", "stats")  # what changes after first sight
 
 log = logging.getLogger("harvest")
 
@@ -146,6 +148,16 @@ def _cursor_gone(message: str) -> bool:
     """`This cursor can no longer be continued`, `... cannot be continued with these filters`,
     a numeric cursor beyond 32 bits: all mean walk again from the head, not a bad config."""
     return "cursor" in message.casefold()
+
+
+def lookup_params(ids: Sequence[int]) -> WireParams:
+    """The current state of up to LOOKUP_MAX images: `ids=` with a `limit` that holds them all
+    (the server's default is smaller) and every browsing level (an id filtered out by the levels
+    asked would look gone). The answer is a subset: hidden or deleted ids are absent; it is in
+    the default sort's order, never the request's, and carries no cursor (the legacy path)."""
+    if not 0 < len(ids) <= LOOKUP_MAX:
+        raise ValueError(f"{len(ids)} ids in one lookup; 1 to {LOOKUP_MAX}")
+    return (("ids", ",".join(str(i) for i in ids)), ("limit", str(LOOKUP_MAX)), ("browsingLevel", "31"))
 
 
 IMAGES = Endpoint(

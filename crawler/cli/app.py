@@ -1,7 +1,7 @@
 """`harvest`: the parser and `main`. Turns every HarvestError into one line and an exit status.
 
-Each subcommand lives in a module of its own (`run`, `status`, `verify`, `repair`, `export`,
-`sql`, `demo`);
+Each subcommand lives in a module of its own (`run`, `status`, `verify`, `repair`, `media`,
+`refresh`, `export`, `sql`, `demo`);
 this module parses the command line, sets up logging from it and dispatches.
 """
 
@@ -20,6 +20,7 @@ from crawler import __version__
 from crawler.cli import logs
 from crawler.cli.logs import DEFAULT_PROGRESS_EVERY, LOG_FORMATS, LogOptions, StderrHandler
 from crawler.cli.media import cmd_media
+from crawler.cli.refresh import cmd_refresh, duration
 from crawler.cli.repair import cmd_repair
 from crawler.cli.run import cmd_run
 from crawler.cli.status import cmd_status
@@ -37,7 +38,7 @@ exit status:
   1    the run cannot go on (API key rejected, region blocked, disk full, state broken)
   2    bad config, usage or CIVITAI_API_KEY: nothing was requested
   3    some shards failed (rerun the same command to resume), or are capped (images out of reach),
-       or some media files failed (a rerun tries them again)
+       or some media files failed (a rerun tries them again), or a refresh batch failed for good
   4    another harvest holds the output dir
   130  interrupted by SIGINT, 143 by SIGTERM; committed work is kept, rerun to resume
 
@@ -171,6 +172,22 @@ def build_parser() -> argparse.ArgumentParser:
     media.add_argument(
         "--retry-gone", action="store_true", help="ask again for media the CDN said was gone (404/410)"
     )
+    fresh = sub.add_parser(
+        "refresh",
+        parents=[running],
+        help="observe the harvested images again (stats, levels, gone) into refresh segments",
+        description="Ask the API again for the ids the output dir holds, 100 a request (ids=), under "
+        "the [api] budget and cooldown, and append one observation per id (stats, nsfwLevel, "
+        "browsingLevel, or gone: hidden or deleted) to refresh-NNNNNN.ndjson. Exactly once per "
+        "pass; rerun the same command after any interruption to resume the pass.",
+    )
+    fresh.add_argument("config", type=Path, help="TOML config file")
+    fresh.add_argument(
+        "--older-than",
+        type=duration,
+        metavar="AGE",
+        help="only ids whose latest observation (or first sight) is older than AGE: 7d, 12h, 30m, 2w",
+    )
     _add_export(sub, common)
     _add_sql(sub, common)
     demo = sub.add_parser(
@@ -186,9 +203,10 @@ def _add_export(
     export = sub.add_parser(
         "export",
         parents=[common],
-        help="write the harvested images as typed Parquet (or gzipped JSON lines) files",
+        help="write the harvested images (and refresh observations) as typed Parquet or gzipped JSON lines",
         description="Write the images of a config's harvest as typed Parquet files (or gzipped JSON "
-        "lines): only what is new since the last export into the same dir, unless --full. "
+        "lines): only what is new since the last export into the same dir, unless --full. The "
+        "observations of harvest refresh go to observations/, the latest per id to latest/ (Parquet). "
         "The columns are listed in the README.",
     )
     export.add_argument("config", type=Path, help="TOML config file")
@@ -214,10 +232,13 @@ def _add_sql(
     sql = sub.add_parser(
         "sql",
         parents=[common],
-        help="query the harvest with SQL (embedded DuckDB): images, media, shards, segments",
+        help="query the harvest with SQL (embedded DuckDB): images, media, observations, latest, shards, "
+        "segments",
         description="Run SQL over a config's harvest in an embedded DuckDB. Views: images (the export's "
-        "columns, from the committed lines), media (empty until media is downloaded), shards and "
-        "segments (from the state).",
+        "columns, from the committed lines, with media_* as the media ledger says now and the latest "
+        "observation of harvest refresh: observed_at, gone, latest_stats, latest_nsfwLevel, "
+        "latest_browsingLevel), media (the media ledger), observations (every observation of harvest "
+        "refresh), latest (the latest per id), shards and segments (from the state).",
     )
     sql.add_argument("config", type=Path, help="TOML config file")
     sql.add_argument("query", help='the SQL, e.g. "SELECT baseModel, count(*) FROM images GROUP BY 1"')
@@ -316,6 +337,8 @@ def _dispatch(args: argparse.Namespace, watcher: Callable[[], Progress]) -> int:
         return cmd_run(config, api_key(os.environ), watcher())
     if args.command == "media":
         return cmd_media(config, watcher(), retry_gone=args.retry_gone)
+    if args.command == "refresh":
+        return cmd_refresh(config, api_key(os.environ), watcher(), args.older_than)
     if args.command == "status":
         return cmd_status(config)
     if args.command == "repair":

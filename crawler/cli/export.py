@@ -35,14 +35,17 @@ def cmd_export(config: Config, to: str | None, fmt: str, full: bool, file_mb: fl
         except KeyboardInterrupt:
             print("harvest: export interrupted; nothing of it was kept (run it again)", file=sys.stderr)
             return ExitCode.SIGINT
+    seen = f"; {result.observations} new observations (refresh)" if result.observations else ""
+    total = f"{result.total_rows} images in {folder}"
     if not result.files:
-        print(f"harvest: nothing new to export; {result.total_rows} images in {folder}", file=sys.stderr)
+        what = f"exported {result.observations} new observations (refresh), no new images" if seen else ""
+        print(f"harvest: {what or 'nothing new to export'}; {total}", file=sys.stderr)
         return ExitCode.OK
     ratio = f" ({result.bytes / result.source_bytes:.0%} of the NDJSON)" if result.source_bytes else ""
     print(
         f"harvest: exported {result.rows} {'' if result.full else 'new '}images to {len(result.files)} "
         f"{fmt} file(s), {_size(result.bytes)} from {_size(result.source_bytes)} of NDJSON{ratio} "
-        f"in {result.seconds:.1f} s; {result.total_rows} images in {folder}",
+        f"in {result.seconds:.1f} s{seen}; {total}",
         file=sys.stderr,
     )
     return ExitCode.OK

@@ -13,6 +13,7 @@ import orjson
 from crawler.archive import agreement
 from crawler.archive.fs import create_new
 from crawler.archive.media_ledger import MediaCounts, MediaLedger
+from crawler.archive.observations import RefreshLedger
 from crawler.archive.state import Kind, ShardStatus, State
 from crawler.config import Config
 from crawler.crawl.pipeline import RunSummary
@@ -42,6 +43,7 @@ def summary_dict(summary: RunSummary, exit_code: int) -> dict[str, Any]:
         "levels_served": {key: _levels(counts) for key, counts in summary.levels.items()},
         "elapsed_seconds": round(summary.elapsed, 3),
         **({"media": media_dict(summary.media)} if summary.media is not None else {}),
+        **({"refresh": asdict(summary.refresh)} if summary.refresh is not None else {}),
     }
 
 
@@ -97,6 +99,29 @@ def print_summary(summary: RunSummary, config: Config, out: TextIO | None = None
         _print_harvest(summary, config, out)
     if summary.media is not None:
         _print_media(summary.media, config, out)
+    if summary.refresh is not None:
+        _print_refresh(summary, config, out)
+
+
+def _print_refresh(summary: RunSummary, config: Config, out: TextIO) -> None:
+    tally, c = summary.refresh, summary.counters
+    assert tally is not None
+    state = "complete" if tally.complete else "in progress"
+    if not tally.due:
+        passes = f"{tally.pass_no} passes so far"
+        print(f"harvest: refresh: nothing is due; {passes} -> {config.output.dir}", file=out)
+        return
+    print(
+        f"harvest: refresh pass {tally.pass_no} ({'resumed, ' if tally.resumed else ''}{state}): "
+        f"{tally.observed} of {tally.due} ids observed, {tally.gone} gone; {tally.batches} batches, "
+        f"{c.requests} requests, {c.retries} retries, {c.rate_limited} rate-limited; "
+        f"{summary.elapsed:.1f} s -> {config.output.dir}",
+        file=out,
+    )
+    for failure in summary.failures:
+        print(f"harvest: failed: {failure}", file=out)
+    if not tally.complete:
+        print(f"harvest: rerun `harvest refresh {config.path}` to finish the pass", file=out)
 
 
 def _print_media(media: MediaTally, config: Config, out: TextIO) -> None:
@@ -163,6 +188,15 @@ def print_status(state: MediaLedger, config: Config, out: TextIO = sys.stdout) -
         f"pass {pass_no} {open_}",
         file=out,
     )
+    refresh = state.sharing(RefreshLedger)
+    current = refresh.refresh_pass()
+    if current.number:
+        observed, gone = refresh.observed_count()
+        where = f"in progress, {current.todo} ids left" if current.open else "complete"
+        print(
+            f"refresh: pass {current.number} {where}; {observed} ids observed, {gone} gone when last seen",
+            file=out,
+        )
     media = state.counts()
     if media != MediaCounts() or config.media.download:
         stopped = f", {media.fetching} stopped part way" if media.fetching else ""

@@ -25,7 +25,7 @@ from crawler.archive.state import State
 from crawler.config import Config
 from crawler.errors import ConfigError, ExitCode
 from crawler.export.options import SQL_OUTPUT_FORMATS
-from crawler.export.sql import names_images, session
+from crawler.export.sql import names_cached, session
 
 OUTPUT_FORMATS = SQL_OUTPUT_FORMATS
 TABLE_ROWS = 1000  # a table shows this many rows at most; csv and json show all
@@ -42,7 +42,7 @@ def cmd_sql(config: Config, query: str, fmt: str) -> int:
 
 def _sql(config: Config, query: str, fmt: str) -> int:
     with State.open(config.output.dir, create=False) as state:
-        con = session(config.output.dir, state, images=names_images(query))
+        con = session(config.output.dir, state, images=names_cached(query))
     with con:
         try:
             cursor = con.execute(query)

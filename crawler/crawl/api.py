@@ -7,11 +7,13 @@ the shape the API promises is refused, which the client retries like a 5xx.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import aiohttp
 
 from crawler import exactjson
 from crawler.civitai.endpoint import Cursor, Page
-from crawler.civitai.images import IMAGES
+from crawler.civitai.images import IMAGES, lookup_params
 from crawler.config import ApiConfig
 from crawler.errors import BadRequestError, CursorGoneError
 from crawler.http.client import HttpClient, HttpSettings
@@ -49,6 +51,10 @@ class CivitaiApi:
             if cursor is not None and IMAGES.cursor_gone(str(refused)):
                 raise CursorGoneError(f"the server no longer continues the cursor: {refused}") from None
             raise
+
+    async def lookup(self, ids: Sequence[int]) -> Page:
+        """The current state of `ids` (at most LOOKUP_MAX): those still shown, in no useful order."""
+        return await self.http.get(IMAGES.path, lookup_params(ids), IMAGES.parse_page)
 
     async def model_version_ids(self, model_id: str) -> list[int]:
         expansion = IMAGES.expansion

@@ -26,7 +26,7 @@ from crawler.crawl.coverage import capped_lines, leaves_of, other_end, sfw_warni
 from crawler.crawl.plan import WalkPlan, plan_walk
 from crawler.crawl.shards import PlanFailure, Shard, describe, plan_shards
 from crawler.crawl.walker import Ends, Failed, Fetched, Split, Walker, walk_all
-from crawler.crawl.watch import MediaTally, NoProgress, Progress, ShardView
+from crawler.crawl.watch import MediaTally, NoProgress, Progress, RefreshTally, ShardView
 from crawler.errors import HarvestError
 from crawler.http.gate import Counters
 
@@ -51,6 +51,7 @@ class RunSummary:
     warnings: list[str] = field(default_factory=list)  # said at the end of the run (the SFW host)
     command: str = "run"  # the subcommand: "run", or "media" (the media stage alone)
     media: MediaTally | None = None  # what the media stage did, when it ran
+    refresh: RefreshTally | None = None  # what `harvest refresh` did (command "refresh")
 
     @property
     def ok(self) -> bool:
@@ -207,7 +208,7 @@ class _Committer:
         work = asyncio.to_thread(
             self._sink.commit, message.shard.key, message.cursor, page, page.next_cursor, note
         )
-        await _uncancellable(work, lambda result: self._account(message, note, result))
+        await uncancellable(work, lambda result: self._account(message, note, result))
 
     def _account(self, message: Fetched, note: WalkNote, result: PageResult) -> None:
         """What a committed page changed, in the summary and the display (also when cancelled)."""
@@ -227,7 +228,7 @@ class _Committer:
             log.info("shard %s done", describe(message.shard))
 
 
-async def _uncancellable(work: Awaitable[T], then: Callable[[T], None]) -> None:
+async def uncancellable(work: Awaitable[T], then: Callable[[T], None]) -> None:
     """Let a commit that has started finish, and be counted by `then`, even if the run is
     being cancelled.
 

@@ -55,6 +55,19 @@ class MediaTally:
         return (self.done / span, self.bytes / 1e6 / span) if span > 0 else (0.0, 0.0)
 
 
+@dataclass(slots=True)
+class RefreshTally:
+    """What one `harvest refresh` did."""
+
+    pass_no: int = 0
+    resumed: bool = False  # it continued a pass an earlier run began
+    due: int = 0  # ids the pass had left to observe when this run began
+    observed: int = 0  # observations this run wrote
+    gone: int = 0  # ... of ids absent from the answers (hidden or deleted)
+    batches: int = 0  # requests answered and committed
+    complete: bool = False  # the pass has observed every id it listed
+
+
 class Progress(Protocol):
     def start(self, shards: Sequence[ShardView], counters: Counters) -> None: ...
     def page(self, key: str, new_items: int, served: int) -> None: ...

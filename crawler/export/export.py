@@ -6,6 +6,11 @@ writes them as new files; `full` writes everything again as new files, and the
 old ones are removed once the new manifest is in place. Only committed lines are
 read (never an uncommitted tail), so a harvest may run meanwhile: what it commits
 later goes to the next export.
+
+The observations of `harvest refresh` are exported beside the images in the same way
+(their own files under `observations/`, their own marks over the refresh segments),
+and `latest/latest.parquet`, the latest observation per id, is made again from the
+last one and the new observations whenever there are new ones.
 """
 
 from __future__ import annotations
@@ -16,26 +21,34 @@ import logging
 import os
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TypeVar
 
 import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
 
+from crawler.archive.fs import PART_SUFFIX, fsync_dir
+from crawler.archive.observations import RefreshLedger
 from crawler.archive.state import SegmentRow, State
 from crawler.errors import ConfigError, LockedError, OutputError, StateError
 from crawler.export import lines, typed
-from crawler.export.files import Files, JsonLinesFiles, ParquetFiles, Written, file_number, strays
+from crawler.export.files import PREFIX, Files, JsonLinesFiles, ParquetFiles, Written, file_number, strays
 from crawler.export.manifest import Exported, Manifest, Mark
 from crawler.export.options import DEFAULT_FILE_MB
-from crawler.export.schema import SCHEMA_VERSION
+from crawler.export.schema import MEDIA_SCHEMA, OBSERVATION_SCHEMA, RUNS_SCHEMA, SCHEMA, SCHEMA_VERSION
 
 log = logging.getLogger("harvest")
 T = TypeVar("T")
 
 LOCK_FILE = ".export.lock"
+OBSERVATIONS_DIR = "observations"  # every observation of `harvest refresh`: observations-NNNNNN.*
+LATEST_DIR = "latest"  # the latest observation per id: one Parquet file, replaced by each export
+# Two names used in turn, so the new file never overwrites the one the manifest lists.
+LATEST_FILE, LATEST_NEXT = "latest.parquet", "latest-next.parquet"
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +62,7 @@ class Result:
     source_bytes: int  # bytes of the NDJSON lines they hold
     total_rows: int  # rows in the whole export now
     seconds: float
+    observations: int = 0  # observation rows (harvest refresh) written by this export
 
     @property
     def rows(self) -> int:
@@ -93,33 +107,158 @@ def export(
     return replace(result, seconds=clock() - started)
 
 
+@dataclass(frozen=True, slots=True)
+class _Family:
+    """One kind of exported rows: the images, or the observations of `harvest refresh`."""
+
+    prefix: str  # of its file names
+    sub: str  # its folder inside the export dir ("": the export dir itself)
+    schema: pa.Schema
+
+
+_IMAGES = _Family(PREFIX, "", SCHEMA)
+_OBSERVED = _Family("observations-", OBSERVATIONS_DIR, OBSERVATION_SCHEMA)
+
+
+@dataclass(slots=True)
+class _Plan:
+    """What one family's export will do: its previous files, the marks kept, the parts to read."""
+
+    family: _Family
+    source: State
+    previous: Exported
+    done: Exported
+    parts: list[tuple[SegmentRow, Mark]]
+
+    @property
+    def folder_names(self) -> set[str]:
+        return {f.name for f in self.previous.files}
+
+
+def _plan(family: _Family, source: State, exported: Exported | None, full: bool) -> _Plan:
+    previous = exported or Exported(SCHEMA_VERSION)
+    done = Exported(SCHEMA_VERSION) if full else previous
+    parts = list(_new_parts(source.segments(), done.segments))  # refuses before anything is written
+    return _Plan(family, source, previous, done, parts)
+
+
 def _export(out_dir: Path, state: State, folder: Path, fmt: str, full: bool, file_mb: float) -> Result:
     manifest = _manifest(folder, out_dir, fmt, full)
-    previous = manifest.formats.get(fmt, Exported(SCHEMA_VERSION))
-    done = Exported(SCHEMA_VERSION) if full else previous
-    parts = list(_new_parts(state.segments(), done.segments))  # refuses before anything is written
+    images = _plan(_IMAGES, state, manifest.formats.get(fmt), full)
+    observed = _plan(_OBSERVED, state.sharing(RefreshLedger), manifest.observations.get(fmt), full)
     suffix = _suffix(fmt)
-    _sweep(folder, suffix, {f.name for f in previous.files})
-    if not parts and not full and fmt in manifest.formats:
-        return Result(folder, fmt, full, (), 0, previous.rows, 0.0)  # nothing new: nothing changes
-    con = typed.connect()
-    numbers = [file_number(f.name, suffix) or 0 for f in previous.files]
-    sink = _files(fmt, folder, max(numbers, default=0) + 1, int(file_mb * 2**20), con)
+    for plan in (images, observed):
+        _sweep(folder / plan.family.sub, suffix, plan.folder_names, plan.family.prefix)
+    _sweep_latest(folder, set(manifest.latest.values()))
+    if not images.parts and not observed.parts and not full and fmt in manifest.formats:
+        return Result(folder, fmt, full, (), 0, images.previous.rows, 0.0)  # nothing new: nothing changes
+    media = media_table(state) if images.parts else None
+    con = typed.connect(media)
     try:
-        marks = _write(out_dir, state, parts, done.segments, sink, con)
+        with_media = media is not None and len(media) > 0
+        written = _write_family(out_dir, images, folder, fmt, file_mb, con, with_media)
+        seen = _write_family(out_dir, observed, folder, fmt, file_mb, con)
+        previous_latest = manifest.latest.get(fmt)
+        latest = _latest(folder, fmt, observed, seen, previous_latest, con)
+    finally:
+        con.close()
+    manifest.formats[fmt] = written
+    manifest.observations[fmt] = seen
+    if latest is not None:
+        manifest.latest[fmt] = latest
+    manifest.save(folder)
+    if latest is not None and previous_latest is not None and previous_latest.name != latest.name:
+        (folder / LATEST_DIR / previous_latest.name).unlink(missing_ok=True)  # replaced
+    if full:
+        _remove(folder, images.previous.files)
+        _remove(folder / OBSERVATIONS_DIR, observed.previous.files)
+    new_files = tuple(written.files[len(images.done.files) :])  # `done` keeps the files not replaced
+    source_bytes = sum(segment.size - mark.bytes for segment, mark in images.parts)
+    observations = sum(f.rows for f in seen.files[len(observed.done.files) :])
+    return Result(folder, fmt, full, new_files, source_bytes, written.rows, 0.0, observations)
+
+
+def _write_family(
+    out_dir: Path,
+    plan: _Plan,
+    folder: Path,
+    fmt: str,
+    file_mb: float,
+    con: duckdb.DuckDBPyConnection,
+    media: bool = False,
+) -> Exported:
+    """The family's files after this export: those kept, and those written from its new parts."""
+    if not plan.parts:
+        return plan.done
+    suffix = _suffix(fmt)
+    numbers = [file_number(f.name, suffix, plan.family.prefix) or 0 for f in plan.previous.files]
+    target = folder / plan.family.sub
+    sink = _files(fmt, target, max(numbers, default=0) + 1, int(file_mb * 2**20), con, plan.family)
+    try:
+        marks = _write(out_dir, plan.source, plan.parts, plan.done.segments, sink, con, plan.family, media)
         written = sink.close()
     except BaseException:
         sink.abort()
         raise
-    finally:
-        con.close()
-    now = Exported(SCHEMA_VERSION, [*done.files, *written], marks, _utc_now())
-    manifest.formats[fmt] = now
-    manifest.save(folder)
-    if full:
-        _remove(folder, previous.files)
-    source_bytes = sum(segment.size - mark.bytes for segment, mark in parts)
-    return Result(folder, fmt, full, tuple(written), source_bytes, now.rows, 0.0)
+    return Exported(SCHEMA_VERSION, [*plan.done.files, *written], marks, _utc_now())
+
+
+def media_table(state: State) -> pa.Table:
+    """The media ledger as rows of MEDIA_SCHEMA: what the rows' media_* come from."""
+    return _table(state.media_table(), MEDIA_SCHEMA)
+
+
+def _runs(state: State, segment: str) -> pa.Table:
+    return _table(state.runs(segment), RUNS_SCHEMA)
+
+
+def _table(rows: Sequence[Sequence[object]], schema: pa.Schema) -> pa.Table:
+    columns = [[row[i] for row in rows] for i in range(len(schema))]
+    return pa.table([pa.array(c, f.type) for c, f in zip(columns, schema, strict=True)], schema=schema)
+
+
+def _latest(
+    folder: Path,
+    fmt: str,
+    plan: _Plan,
+    exported: Exported,
+    previous: Written | None,
+    con: duckdb.DuckDBPyConnection,
+) -> Written | None:
+    """`latest/latest.parquet`: the latest observation per id, from the last one and what is new
+    (everything, when the observations were exported again whole). Parquet exports only."""
+    if fmt != "parquet" or not plan.parts:
+        return None
+    kept = {f.name for f in plan.done.files}
+    sources = [folder / OBSERVATIONS_DIR / f.name for f in exported.files if f.name not in kept]
+    if plan.done.files and previous is not None:
+        sources.append(folder / LATEST_DIR / previous.name)
+    elif plan.done.files:
+        sources += [folder / OBSERVATIONS_DIR / name for name in sorted(kept)]
+    listed = ", ".join("'" + str(p).replace("'", "''") + "'" for p in sources)
+    table = con.sql(
+        f"SELECT * FROM read_parquet([{listed}]) "
+        "QUALIFY row_number() OVER (PARTITION BY id ORDER BY pass DESC, observed_at DESC) = 1 ORDER BY id"
+    ).to_arrow_table()
+    name = LATEST_FILE if previous is None or previous.name != LATEST_FILE else LATEST_NEXT
+    return _write_whole(folder / LATEST_DIR, name, table.cast(OBSERVATION_SCHEMA))
+
+
+def _write_whole(target: Path, name: str, table: pa.Table) -> Written:
+    """One Parquet file, whole or absent (.part, fsync, rename)."""
+    target.mkdir(parents=True, exist_ok=True)
+    part = target / (name + PART_SUFFIX)
+    try:
+        with part.open("wb") as raw:
+            pq.write_table(table, raw, compression="zstd", compression_level=1)
+            raw.flush()
+            os.fsync(raw.fileno())
+            size = raw.tell()
+        os.replace(part, target / name)
+        fsync_dir(target)
+    except OSError as exc:
+        raise OutputError(f"{part}: cannot write: {exc.strerror or exc}") from None
+    return Written(name, len(table), size)
 
 
 def _write(
@@ -129,6 +268,8 @@ def _write(
     marks: dict[str, Mark],
     sink: Files,
     con: duckdb.DuckDBPyConnection,
+    family: _Family = _IMAGES,
+    media: bool = False,
 ) -> dict[str, Mark]:
     """The committed lines of each segment past its mark into `sink`; the new marks.
 
@@ -141,11 +282,21 @@ def _write(
         for segment, mark in parts:
             yield from lines.blocks(out_dir, state, segment, mark.bytes, mark.lines + 1)
 
+    runs: dict[str, pa.Table] = {}
+
+    def typed_rows(block: lines.Block) -> pa.Table:
+        if family is _OBSERVED:
+            return typed.observation_rows(con, block)
+        if block.segment not in runs:
+            runs.clear()
+            runs[block.segment] = _runs(state, block.segment)
+        return typed.rows(con, block, runs[block.segment], media)
+
     counts: Counter[str] = Counter()
     with ThreadPoolExecutor(1, "export-read") as reader, ThreadPoolExecutor(1, "export-write") as writer:
         pending: Future[None] | None = None
         for block in _ahead(blocks(), reader):
-            batch = sink.prepare(typed.rows(con, block))
+            batch = sink.prepare(typed_rows(block))
             if pending is not None:
                 pending.result()  # in order, and its error surfaces here
             pending = writer.submit(sink.write, batch)
@@ -206,21 +357,33 @@ def _manifest(folder: Path, out_dir: Path, fmt: str, full: bool) -> Manifest:
     return manifest
 
 
-def _files(fmt: str, folder: Path, first: int, max_bytes: int, con: duckdb.DuckDBPyConnection) -> Files:
+def _files(
+    fmt: str, folder: Path, first: int, max_bytes: int, con: duckdb.DuckDBPyConnection, family: _Family
+) -> Files:
     if fmt == "parquet":
-        return ParquetFiles(folder, first, max_bytes)
-    return JsonLinesFiles(folder, first, max_bytes, con)
+        return ParquetFiles(folder, first, max_bytes, family.schema, family.prefix)
+    return JsonLinesFiles(folder, first, max_bytes, con, family.schema, family.prefix)
 
 
 def _suffix(fmt: str) -> str:
     return {"parquet": ParquetFiles.suffix, "jsonl.gz": JsonLinesFiles.suffix}[fmt]
 
 
-def _sweep(folder: Path, suffix: str, listed: set[str]) -> None:
+def _sweep(folder: Path, suffix: str, listed: set[str], prefix: str = PREFIX) -> None:
     """Remove what an interrupted export left: files the manifest does not list."""
-    for path in strays(folder, suffix, listed):
+    for path in strays(folder, suffix, listed, prefix):
         log.info("export: removing %s (left by an interrupted export)", path.name)
         path.unlink(missing_ok=True)
+
+
+def _sweep_latest(folder: Path, listed: set[Written]) -> None:
+    """The latest file the manifest does not list (the one it replaced, or a `.part`)."""
+    keep = {f.name for f in listed}
+    target = folder / LATEST_DIR
+    for name in (LATEST_FILE, LATEST_NEXT):
+        for path in (target / name, target / (name + PART_SUFFIX)):
+            if path.name not in keep and path.exists():
+                path.unlink(missing_ok=True)
 
 
 def _remove(folder: Path, files: list[Written]) -> None:

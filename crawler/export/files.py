@@ -35,22 +35,26 @@ class Written:
     bytes: int
 
 
-def file_name(number: int, suffix: str) -> str:
-    return f"{PREFIX}{number:06d}{suffix}"
+def file_name(number: int, suffix: str, prefix: str = PREFIX) -> str:
+    return f"{prefix}{number:06d}{suffix}"
 
 
-def file_number(name: str, suffix: str) -> int | None:
+def file_number(name: str, suffix: str, prefix: str = PREFIX) -> int | None:
     """The number in one of our file names (a `.part` too), or None for any other file."""
     match = re.fullmatch(
-        re.escape(PREFIX) + r"(\d{6,})" + re.escape(suffix) + f"(?:{re.escape(PART_SUFFIX)})?", name
+        re.escape(prefix) + r"(\d{6,})" + re.escape(suffix) + f"(?:{re.escape(PART_SUFFIX)})?", name
     )
     return int(match.group(1)) if match else None
 
 
-def strays(folder: Path, suffix: str, listed: set[str]) -> list[Path]:
+def strays(folder: Path, suffix: str, listed: set[str], prefix: str = PREFIX) -> list[Path]:
     """Our files in `folder` that the manifest does not list: left by an interrupted export."""
+    if not folder.is_dir():
+        return []
     return sorted(
-        p for p in folder.iterdir() if file_number(p.name, suffix) is not None and p.name not in listed
+        p
+        for p in folder.iterdir()
+        if file_number(p.name, suffix, prefix) is not None and p.name not in listed
     )
 
 
@@ -78,8 +82,16 @@ class Files:
 
     suffix: ClassVar[str]
 
-    def __init__(self, folder: Path, first_number: int, max_bytes: int) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        first_number: int,
+        max_bytes: int,
+        schema: pa.Schema = SCHEMA,
+        prefix: str = PREFIX,
+    ) -> None:
         self.folder, self.number, self.max_bytes = folder, first_number, max_bytes
+        self.schema, self.prefix = schema, prefix
         self.written: list[Written] = []
         self._raw: BinaryIO | None = None
         self._encoder: Encoder | None = None
@@ -93,6 +105,7 @@ class Files:
             return
         try:
             if self._encoder is None:
+                self.folder.mkdir(parents=True, exist_ok=True)
                 self._raw = self._part().open("wb")
                 self._encoder = self.encoder(self._raw)
             self._encoder.write(batch.data)
@@ -125,7 +138,7 @@ class Files:
         raise NotImplementedError
 
     def _part(self) -> Path:
-        return self.folder / (file_name(self.number, self.suffix) + PART_SUFFIX)
+        return self.folder / (file_name(self.number, self.suffix, self.prefix) + PART_SUFFIX)
 
     def _finish(self) -> None:
         assert self._encoder is not None and self._raw is not None
@@ -134,7 +147,7 @@ class Files:
         os.fsync(self._raw.fileno())
         size = self._raw.tell()
         self._raw.close()
-        name = file_name(self.number, self.suffix)
+        name = file_name(self.number, self.suffix, self.prefix)
         os.replace(self._part(), self.folder / name)
         self.written.append(Written(name, self._rows, size))
         self.number, self._rows, self._raw, self._encoder = self.number + 1, 0, None, None
@@ -146,7 +159,7 @@ class ParquetFiles(Files):
     suffix = ".parquet"
 
     def encoder(self, raw: BinaryIO) -> Encoder:
-        return _ParquetEncoder(raw)
+        return _ParquetEncoder(raw, self.schema)
 
 
 # Columns with few distinct values, dictionary-encoded; the others (urls, prompts, meta, ids) are not:
@@ -155,9 +168,10 @@ _DICTIONARY = ["nsfwLevel", "type", "username", "baseModel", "sampler", "Size", 
 
 
 class _ParquetEncoder:
-    def __init__(self, raw: BinaryIO) -> None:
+    def __init__(self, raw: BinaryIO, schema: pa.Schema) -> None:
+        dictionary = [name for name in _DICTIONARY if name in schema.names]
         self._writer = pq.ParquetWriter(
-            raw, SCHEMA, compression="zstd", compression_level=1, use_dictionary=_DICTIONARY
+            raw, schema, compression="zstd", compression_level=1, use_dictionary=dictionary
         )
 
     def write(self, data: Any) -> None:
@@ -176,15 +190,22 @@ class JsonLinesFiles(Files):
     suffix = ".jsonl.gz"
 
     def __init__(
-        self, folder: Path, first_number: int, max_bytes: int, con: duckdb.DuckDBPyConnection
+        self,
+        folder: Path,
+        first_number: int,
+        max_bytes: int,
+        con: duckdb.DuckDBPyConnection,
+        schema: pa.Schema = SCHEMA,
+        prefix: str = PREFIX,
     ) -> None:
-        super().__init__(folder, first_number, max_bytes)
+        super().__init__(folder, first_number, max_bytes, schema, prefix)
         self._con = con
+        self._line = _json_line(schema)
 
     def prepare(self, table: pa.Table) -> Batch:
         self._con.register("export_rows", table)
         try:
-            lines = self._con.sql(f"SELECT {_JSON_LINE} AS j FROM export_rows").to_arrow_table().column("j")
+            lines = self._con.sql(f"SELECT {self._line} AS j FROM export_rows").to_arrow_table().column("j")
         finally:
             self._con.unregister("export_rows")
         return Batch(len(table), [_characters(chunk) for chunk in lines.chunks])
@@ -195,14 +216,15 @@ class JsonLinesFiles(Files):
 
 # One line per row: `createdAt` as ISO 8601 in UTC ("2024-05-01T12:00:00.123000Z"), every other
 # column as DuckDB writes its type in JSON (numbers, strings, lists, objects), then a newline.
-_JSON_LINE = "to_json(struct_pack({})) || chr(10)".format(
-    ", ".join(
-        f'"{f.name}" := strftime("{f.name}", \'%Y-%m-%dT%H:%M:%S.%fZ\')'
-        if pa.types.is_timestamp(f.type)
-        else f'"{f.name}" := "{f.name}"'
-        for f in SCHEMA
+def _json_line(schema: pa.Schema) -> str:
+    return "to_json(struct_pack({})) || chr(10)".format(
+        ", ".join(
+            f'"{f.name}" := strftime("{f.name}", \'%Y-%m-%dT%H:%M:%S.%fZ\')'
+            if pa.types.is_timestamp(f.type)
+            else f'"{f.name}" := "{f.name}"'
+            for f in schema
+        )
     )
-)
 
 
 def _characters(strings: pa.Array) -> pa.Buffer:

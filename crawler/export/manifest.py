@@ -48,7 +48,11 @@ class Exported:
 @dataclass(slots=True)
 class Manifest:
     source: str  # the output dir exported (resolved path)
-    formats: dict[str, Exported] = field(default_factory=dict)
+    formats: dict[str, Exported] = field(default_factory=dict)  # the images, per format
+    # The observations of `harvest refresh` (their own files and marks over the refresh
+    # segments), per format, and the file of the latest observation per id (Parquet only).
+    observations: dict[str, Exported] = field(default_factory=dict)
+    latest: dict[str, Written] = field(default_factory=dict)
 
     @classmethod
     def load(cls, folder: Path) -> Manifest | None:
@@ -60,14 +64,24 @@ class Manifest:
         except (OSError, orjson.JSONDecodeError) as exc:
             raise StateError(f"{path}: unreadable export manifest: {exc}; export again with --full") from None
         try:
-            return cls(str(data["source"]), {k: _exported(v) for k, v in data["formats"].items()})
+            return cls(
+                str(data["source"]),
+                {k: _exported(v) for k, v in data["formats"].items()},
+                {k: _exported(v) for k, v in data.get("observations", {}).items()},
+                {k: _written(v) for k, v in data.get("latest", {}).items()},
+            )
         except (KeyError, TypeError, ValueError) as exc:
             raise StateError(
                 f"{path}: unreadable export manifest ({exc!r}); export again with --full"
             ) from None
 
     def save(self, folder: Path) -> None:
-        data = {"source": self.source, "formats": {k: _plain(v) for k, v in self.formats.items()}}
+        data = {
+            "source": self.source,
+            "formats": {k: _plain(v) for k, v in self.formats.items()},
+            "observations": {k: _plain(v) for k, v in self.observations.items()},
+            "latest": {k: {"name": f.name, "rows": f.rows, "bytes": f.bytes} for k, f in self.latest.items()},
+        }
         body = orjson.dumps(data, option=orjson.OPT_INDENT_2) + b"\n"
 
         def fill(raw: BinaryIO) -> None:
@@ -82,10 +96,14 @@ class Manifest:
 def _exported(data: dict[str, Any]) -> Exported:
     return Exported(
         schema_version=int(data["schema_version"]),
-        files=[Written(str(f["name"]), int(f["rows"]), int(f["bytes"])) for f in data["files"]],
+        files=[_written(f) for f in data["files"]],
         segments={str(k): Mark(int(v["bytes"]), int(v["lines"])) for k, v in data["segments"].items()},
         exported_at=str(data.get("exported_at", "")),
     )
+
+
+def _written(data: dict[str, Any]) -> Written:
+    return Written(str(data["name"]), int(data["rows"]), int(data["bytes"]))
 
 
 def _plain(exported: Exported) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: query, shard and media_* filled; media_status; observations
 
 STATS_KEYS = ("likeCount", "heartCount", "laughCount", "cryCount", "dislikeCount", "commentCount")
 
@@ -76,8 +76,13 @@ COLUMNS: tuple[Column, ...] = (
         "`meta.resources`",
     ),
     Column("meta", pa.string(), "string (JSON)", "`meta` exactly as served (its bytes); null when null"),
-    Column("query", pa.string(), "string", "the query that found the image: always null today (see below)"),
-    Column("shard", pa.string(), "string", "the shard that found the image: always null today (see below)"),
+    Column("query", pa.string(), "string", "the query (its `name`) whose shard wrote the image's line"),
+    Column(
+        "shard",
+        pa.string(),
+        "string",
+        "that shard's key (`browsingLevel=31&modelVersionId=5001&sort=Newest`)",
+    ),
     Column(
         "segment",
         pa.string(),
@@ -85,10 +90,16 @@ COLUMNS: tuple[Column, ...] = (
         "the archive segment holding the image's line (`images-NNNNNN.ndjson`)",
     ),
     Column("line", pa.int64(), "int64", "the line's number in that segment, from 1"),
-    Column("media_path", pa.string(), "string", "reserved for downloaded media: null today"),
-    Column("media_size", pa.int64(), "int64", "reserved: null today"),
-    Column("media_sha256", pa.string(), "string", "reserved: null today"),
-    Column("media_content_type", pa.string(), "string", "reserved: null today"),
+    Column("media_path", pa.string(), "string", "`[media]`: the file, relative to the media dir"),
+    Column("media_size", pa.int64(), "int64", "`[media]`: its size in bytes"),
+    Column("media_sha256", pa.string(), "string", "`[media]`: its SHA-256 (hex)"),
+    Column("media_content_type", pa.string(), "string", '`[media]`: what its bytes are ("image/webp")'),
+    Column(
+        "media_status",
+        pa.string(),
+        "string",
+        '`[media]`: "done", "gone", "failed", "fetching"; null: not yet',
+    ),
 )
 
 # The columns read from `meta` (from `meta.meta` on the legacy path, which nests it).
@@ -103,29 +114,63 @@ GENERATION = (
     "Size",
     "resources",
 )
-# Columns the archive cannot fill today: which query or shard served an image is not
-# recorded (the state's `seen` table holds ids only), and media is not downloaded yet.
-UNKNOWN = ("query", "shard", "media_path", "media_size", "media_sha256", "media_content_type")
 
 SCHEMA = pa.schema(
     [pa.field(c.name, c.type) for c in COLUMNS],
     metadata={"civitai-harvest.schema": str(SCHEMA_VERSION)},
 )
 
-# `harvest sql`'s `media` view until media is downloaded: these columns, no rows.
+# The media ledger's rows, as the export joins them and `harvest sql` shows them (`media`).
 MEDIA_SCHEMA = pa.schema(
     [
         ("id", pa.int64()),
+        ("type", pa.string()),
+        ("status", pa.string()),
         ("path", pa.string()),
         ("size", pa.int64()),
         ("sha256", pa.string()),
         ("content_type", pa.string()),
+        ("url", pa.string()),
+        ("error", pa.string()),
     ]
+)
+MEDIA_COLUMNS = "id, type, status, path, size, sha256, content_type, url, error"
+
+# Which shard wrote which lines of a segment (from the state's `runs`), as the export joins them.
+RUNS_SCHEMA = pa.schema(
+    [("first_line", pa.int64()), ("lines", pa.int64()), ("shard", pa.string()), ("query", pa.string())]
+)
+
+# One observation of `harvest refresh` (the files under `observations/`, and `latest/`: the
+# latest observation per id). The observed fields are as served, typed like the image columns.
+OBSERVATION_COLUMNS: tuple[Column, ...] = (
+    Column("id", pa.int64(), "int64", "the image id"),
+    Column("observed_at", pa.timestamp("us", tz="UTC"), "timestamp[us, UTC]", "when the API answered"),
+    Column("pass", pa.int64(), "int64", "the refresh pass (1, 2, ...): each id once per pass"),
+    Column(
+        "gone", pa.bool_(), "bool", "absent from the answer: hidden or deleted (the API does not say which)"
+    ),
+    Column("nsfwLevel", pa.string(), "string", "`nsfwLevel` as observed; null when gone"),
+    Column("browsingLevel", pa.int64(), "int64", "`browsingLevel` as observed; null when gone"),
+    Column(
+        "stats",
+        _STATS,
+        "struct<" + ", ".join(f"{k}: int64" for k in STATS_KEYS) + ">",
+        "`stats` as observed; null when gone",
+    ),
+    Column(
+        "segment", pa.string(), "string", "the refresh segment holding the line (`refresh-NNNNNN.ndjson`)"
+    ),
+    Column("line", pa.int64(), "int64", "the line's number in that segment, from 1"),
+)
+OBSERVATION_SCHEMA = pa.schema(
+    [pa.field(c.name, c.type) for c in OBSERVATION_COLUMNS],
+    metadata={"civitai-harvest.schema": str(SCHEMA_VERSION)},
 )
 
 
-def markdown_table() -> str:
-    """The schema as the README's table shows it (a test keeps the two the same)."""
-    rows = ["| column | type | from the item |", "|---|---|---|"]
-    rows += [f"| `{c.name}` | `{c.shown}` | {c.source} |" for c in COLUMNS]
+def markdown_table(columns: tuple[Column, ...] = COLUMNS, source: str = "from the item") -> str:
+    """A schema as the README's table shows it (a test keeps the two the same)."""
+    rows = [f"| column | type | {source} |", "|---|---|---|"]
+    rows += [f"| `{c.name}` | `{c.shown}` | {c.source} |" for c in columns]
     return "\n".join(rows)

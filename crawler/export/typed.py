@@ -25,7 +25,13 @@ import pyarrow.compute as pc
 from crawler import exactjson
 from crawler.errors import StateError
 from crawler.export.lines import Block
-from crawler.export.schema import COLUMNS, GENERATION, SCHEMA, STATS_KEYS, UNKNOWN
+from crawler.export.schema import (
+    GENERATION,
+    MEDIA_SCHEMA,
+    OBSERVATION_SCHEMA,
+    SCHEMA,
+    STATS_KEYS,
+)
 
 # Typing one value from its JSON text (DuckDB writes it compactly, so the first
 # character tells its kind). Strings are unescaped by DuckDB's JSON reader.
@@ -61,16 +67,11 @@ def _structure(spec: object) -> str:
 
 
 _STATS = ", ".join(f"{k} := j_int(t.stats.{k})" for k in STATS_KEYS)
-_SQL_TYPES = {pa.string(): "VARCHAR", pa.int64(): "BIGINT"}
-# After `meta`: what the archive cannot tell yet (nulls of the column's type), and where the line is.
-_TAIL = ", ".join(
-    f"NULL::{_SQL_TYPES[c.type]} AS {c.name}"
-    if c.name in UNKNOWN
-    else {"segment": "$segment", "line": "n"}[c.name] + f" AS {c.name}"
-    for c in COLUMNS[[c.name for c in COLUMNS].index("meta") + 1 :]
-)
 
-QUERY = f"""
+# After `meta`: where the line came from (`query`, `shard`: null here, filled from the state's
+# runs by `rows`, in Arrow: a join in SQL costs more) and where it is; then its media, as the
+# media ledger (`media_now`) records it (joined only when it has rows: `$media`).
+_QUERY = f"""
 WITH a AS (
     SELECT n, line, json_transform(line, '{_structure(_ITEM)}') AS t FROM lines
 ), b AS (
@@ -95,40 +96,101 @@ SELECT
         name := j_str(x.name), type := j_str(x.type), weight := j_num(x.weight), hash := j_str(x.hash)
     )) AS resources,
     t.meta::VARCHAR AS meta,
-    {_TAIL},
+    NULL::VARCHAR AS query, NULL::VARCHAR AS shard, $segment AS segment, n AS line,
+    $media_columns,
     json(line)::VARCHAR = line AS canonical
-FROM c
+FROM c $media_join
+"""
+_MEDIA = ("path", "size", "sha256", "content_type", "status")
+QUERY = _QUERY.replace("$media_columns", ", ".join(f"m.{c} AS media_{c}" for c in _MEDIA)).replace(
+    "$media_join", "LEFT JOIN media_now m ON m.id = j_int(c.t.id)"
+)
+QUERY_NO_MEDIA = _QUERY.replace(
+    "$media_columns",
+    ", ".join(f"NULL::{'BIGINT' if c == 'size' else 'VARCHAR'} AS media_{c}" for c in _MEDIA),
+).replace("$media_join", "")
+
+# An observation line of `harvest refresh` (archive/observations.py) as a row of OBSERVATION_SCHEMA.
+_OBSERVATION = {
+    **dict.fromkeys(("id", "observed_at", "pass", "gone", "nsfwLevel", "browsingLevel"), "JSON"),
+    "stats": dict.fromkeys(STATS_KEYS, "JSON"),
+}
+OBSERVATION_QUERY = f"""
+WITH a AS (SELECT n, json_transform(line, '{_structure(_OBSERVATION)}') AS t FROM lines)
+SELECT j_int(t.id) AS id, TRY_CAST(j_str(t.observed_at) AS TIMESTAMPTZ) AS observed_at,
+    j_int(t.pass) AS pass, j_bool(t.gone) AS gone,
+    j_str(t.nsfwLevel) AS nsfwLevel, j_int(t.browsingLevel) AS browsingLevel,
+    CASE WHEN t.stats IS NOT NULL THEN struct_pack({_STATS}) END AS stats,
+    $segment AS segment, n AS line
+FROM a
 """
 
 
 _BATCH_ROWS = 4096
 
 
-def connect() -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB with the typing macros, timestamps read in UTC, every core in use."""
+def connect(media: pa.Table | None = None) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB with the typing macros, timestamps read in UTC, every core in use;
+    `media` (rows of MEDIA_SCHEMA: the media ledger) is what the image rows' media_* come from."""
     con = duckdb.connect(config={"threads": os.cpu_count() or 1})
     con.execute("SET TimeZone = 'UTC'")
     con.execute(_MACROS)
+    con.register("media_now", MEDIA_SCHEMA.empty_table() if media is None else media)
     return con
 
 
-def rows(con: duckdb.DuckDBPyConnection, block: Block) -> pa.Table:
-    """The block's lines as rows of `SCHEMA`, in line order."""
+def rows(
+    con: duckdb.DuckDBPyConnection, block: Block, runs: pa.Table | None = None, media: bool = False
+) -> pa.Table:
+    """The block's lines as rows of `SCHEMA`, in line order; `media`: join the connection's media
+    ledger (`connect(media)`; without it media_* are null); `runs` (RUNS_SCHEMA, ordered by
+    first_line) says which shard wrote which lines of the block's segment."""
+    table = _typed(con, block, QUERY if media else QUERY_NO_MEDIA)
+    if runs is not None and len(runs):
+        query, shard = _origins(block, runs)
+        table = table.set_column(table.schema.get_field_index("query"), "query", query)
+        table = table.set_column(table.schema.get_field_index("shard"), "shard", shard)
+    _check_ids(table, block)
+    table = _exact_meta(table, block)
+    return table.cast(SCHEMA)
+
+
+def _origins(block: Block, runs: pa.Table) -> tuple[pa.Array, pa.Array]:
+    """The query and shard of each line of the block: the run (first_line, lines) holding it."""
+    first, count = block.first, len(block)
+    index: list[int | None] = [None] * count
+    for k, (start, lines) in enumerate(
+        zip(runs.column("first_line").to_pylist(), runs.column("lines").to_pylist(), strict=True)
+    ):
+        lo, hi = max(start, first), min(start + lines, first + count)
+        if lo < hi:
+            index[lo - first : hi - first] = [k] * (hi - lo)
+    picks = pa.array(index, pa.int32())
+    return pc.take(runs.column("query"), picks), pc.take(runs.column("shard"), picks)
+
+
+def observation_rows(con: duckdb.DuckDBPyConnection, block: Block) -> pa.Table:
+    """A block of observation lines as rows of `OBSERVATION_SCHEMA`, in line order."""
+    table = _typed(con, block, OBSERVATION_QUERY)
+    _check_ids(table, block)
+    return table.cast(OBSERVATION_SCHEMA)
+
+
+def _typed(con: duckdb.DuckDBPyConnection, block: Block, query: str) -> pa.Table:
+    """`query` over the block's lines (table `lines`: n, line), its rows in line order."""
     numbers = pa.array(range(block.first, block.first + len(block)), pa.int64())
     # DuckDB scans an Arrow table one record batch per thread: several batches, every core busy.
-    table = pa.table({"n": numbers, "line": block.text}).to_batches(max_chunksize=_BATCH_ROWS)
-    con.register("lines", pa.Table.from_batches(table))
+    batches = pa.table({"n": numbers, "line": block.text}).to_batches(max_chunksize=_BATCH_ROWS)
+    con.register("lines", pa.Table.from_batches(batches))
     try:
-        table = con.sql(QUERY.replace("$segment", _literal(block.segment))).to_arrow_table()
+        table = con.sql(query.replace("$segment", _literal(block.segment))).to_arrow_table()
     except duckdb.Error as exc:
         raise _broken(con, block, exc) from None
     finally:
         con.unregister("lines")
     if not pc.all(pc.equal(table.column("line"), numbers)).as_py():
-        table = table.sort_by("line")  # DuckDB keeps the order; should it not, the rows are put back in it
-    _check_ids(table, block)
-    table = _exact_meta(table, block)
-    return table.cast(SCHEMA)
+        table = table.sort_by("line")  # joins may reorder the rows: they are put back in line order
+    return table
 
 
 def _literal(text: str) -> str:

@@ -307,6 +307,18 @@ _METRICS: dict[str, Callable[[int], int]] = {
 }
 
 
+def _served_reactions(s: Stats) -> int:
+    return s.reactions
+
+
+def _served_comments(s: Stats) -> int:
+    return s.comment
+
+
+def _served_collected(s: Stats) -> int:
+    return s.collected
+
+
 def _iso(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
 
@@ -353,6 +365,7 @@ class Dataset:
         self._step_ms = _SPAN_MS // max(spec.total_images * 3, 1)  # ids grow ~2.5 per image
         self._selections: dict[tuple[int, ImageQuery], array[int]] = {}
         self._post_members: list[array[int]] | None = None
+        self._reactions: dict[int, Stats] = {}  # reactions added live (react), on top of the seeded ones
         self._build()
 
     # -------------------------------------------------------- building
@@ -457,6 +470,30 @@ class Dataset:
         self._changed()
         return count
 
+    def react(
+        self,
+        ids: Iterable[int],
+        *,
+        like: int = 0,
+        heart: int = 0,
+        laugh: int = 0,
+        cry: int = 0,
+        comment: int = 0,
+    ) -> int:
+        """Add reactions and comments to images, as their viewers do after first sight (the sorts by
+        them follow); returns how many images changed."""
+        count = 0
+        for image_id in ids:
+            if self.index_of(image_id) is None:
+                continue
+            d = self._reactions.get(image_id, Stats(0, 0, 0, 0, 0, 0, 0))
+            self._reactions[image_id] = Stats(
+                d.cry + cry, d.laugh + laugh, d.like + like, 0, d.heart + heart, d.comment + comment, 0
+            )
+            count += 1
+        self._changed()
+        return count
+
     def _changed(self) -> None:
         self.generation += 1
         self._selections.clear()
@@ -505,7 +542,8 @@ class Dataset:
     def stats(self, image_id: int) -> Stats:
         h = self._stat_hash(image_id)
         like = _like(h)
-        return Stats(
+        d = self._reactions.get(image_id)
+        s = Stats(
             cry=(h >> 13) & 0x1F,
             laugh=(h >> 18) & 0x3F,
             like=like,
@@ -513,6 +551,17 @@ class Dataset:
             heart=like * ((h >> 24) & 0x3) // 4,
             comment=(h >> 26) & 0x1F,
             collected=(h >> 31) & 0xFF,
+        )
+        if d is None:
+            return s
+        return Stats(
+            s.cry + d.cry,
+            s.laugh + d.laugh,
+            s.like + d.like,
+            0,
+            s.heart + d.heart,
+            s.comment + d.comment,
+            s.collected,
         )
 
     def _stat_hash(self, image_id: int) -> int:
@@ -631,6 +680,12 @@ class Dataset:
         if q.sort == "Random":
             return array("i", sorted(rows, key=lambda i: mix64(ids[i] ^ seed)))
         metric, stat = _METRICS[q.sort], self._stat_hash
+        if self._reactions:  # some counts grew since they were seeded: sort by what is served
+            by: Callable[[Stats], int] = {
+                "Most Reactions": _served_reactions,
+                "Most Comments": _served_comments,
+            }.get(q.sort, _served_collected)
+            return array("i", sorted(rows, key=lambda i: (by(self.stats(ids[i])), ids[i]), reverse=True))
         return array("i", sorted(rows, key=lambda i: (metric(stat(ids[i])), ids[i]), reverse=True))
 
     # -------------------------------------------------------- rendering
