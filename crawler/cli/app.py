@@ -68,6 +68,9 @@ _OUTPUT_HELP = {
     "segment_items": "close a segment after this many images (0: no limit)",
     "segment_mb": "close a segment once it holds this many MiB (0: no limit)",
     "compress": "closed segments: zstd, gzip or none",
+    "publish": 'closed segments and media files are uploaded to "s3://bucket/prefix" (None: not); '
+    "endpoint and credentials from AWS_* variables and ~/.aws only",
+    "keep_local": "false: local copies of published segments and media are deleted once recorded",
 }
 
 
@@ -235,7 +238,11 @@ def _add_export(
         "The columns are listed in the README.",
     )
     export.add_argument("config", type=Path, help="TOML config file")
-    export.add_argument("--to", type=Path, metavar="DIR", help="the export dir (default: OUTPUT_DIR/export)")
+    export.add_argument(
+        "--to",
+        metavar="DIR",
+        help="the export dir (default: OUTPUT_DIR/export), or s3://bucket/prefix (see Object storage)",
+    )
     export.add_argument("--format", choices=FORMATS, default="parquet", help="file format (default: parquet)")
     export.add_argument("--full", action="store_true", help="export everything again, replacing the files")
     export.add_argument(
