@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import orjson
 
-from crawler.archive.state import State
+from crawler.archive.state import Kind, Publication, State
 
 FETCHING, DONE, GONE, FAILED = "fetching", "done", "gone", "failed"
 _SCAN_KEY = "media_scan"
@@ -115,8 +115,10 @@ class MediaLedger(State):
 
     def record(self, results: Sequence[MediaResult]) -> list[MediaResult]:
         """Record how items ended, in one transaction; a result for an item already `done` is
-        ignored (a retried task reports again what a first attempt recorded). Returns the
-        results that changed a row: each item is counted once, however often it is reported."""
+        ignored (a retried task reports again what a first attempt recorded). A file that went
+        straight to the object store (`url`) is recorded published in the same transaction,
+        with no local copy. Returns the results that changed a row: each item is counted
+        once, however often it is reported."""
         now = time.time()
         recorded: list[MediaResult] = []
         with self._transaction():
@@ -126,8 +128,22 @@ class MediaLedger(State):
                     "source=coalesce(?, source), error=?, updated=? WHERE id=? AND status != ?",
                     (r.status, r.path, r.size, r.sha256, r.content_type, r.source, r.error, now, r.id, DONE),
                 )
-                if cursor.rowcount:
-                    recorded.append(r)
+                if not cursor.rowcount:
+                    continue
+                recorded.append(r)
+                if r.status == DONE and r.url is not None:
+                    self._insert_published(
+                        Publication(
+                            Kind.MEDIA,
+                            str(r.id),
+                            r.path or "",
+                            r.url,
+                            r.size or 0,
+                            r.etag or "",
+                            r.sha256 or "",
+                            local=False,
+                        )
+                    )
         return recorded
 
     def source(self, image_id: int) -> str | None:

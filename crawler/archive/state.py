@@ -475,20 +475,24 @@ class State:
     def record_published(self, item: Publication) -> None:
         """Record an object that is in the store and checked (replacing an older record)."""
         with self._transaction():
-            self._conn.execute(
-                "INSERT OR REPLACE INTO published VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    item.kind,
-                    item.name,
-                    item.file,
-                    item.url,
-                    item.size,
-                    item.etag,
-                    item.sha256,
-                    int(item.local),
-                    time.time(),
-                ),
-            )
+            self._insert_published(item)
+
+    def _insert_published(self, item: Publication) -> None:
+        """`record_published`'s row, inside a transaction the caller holds."""
+        self._conn.execute(
+            "INSERT OR REPLACE INTO published VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                item.kind,
+                item.name,
+                item.file,
+                item.url,
+                item.size,
+                item.etag,
+                item.sha256,
+                int(item.local),
+                time.time(),
+            ),
+        )
 
     def publication(self, kind: str, name: str) -> Publication | None:
         row = self._conn.execute(

@@ -33,9 +33,10 @@ from typing import Any
 
 from crawler.archive import media_ledger as ml
 from crawler.archive.media_ledger import MediaLedger, MediaRef, MediaResult
+from crawler.archive.media_publish import MediaPublisher
 from crawler.config import Config, MediaConfig
 from crawler.crawl.media import committed_refs
-from crawler.crawl.media_task import LocalTarget, Target, TaskResult, TaskSpec, run_task
+from crawler.crawl.media_task import LocalTarget, StoreTarget, Target, TaskResult, TaskSpec, run_task
 from crawler.crawl.pipeline import RunSummary
 from crawler.crawl.watch import MediaTally, Progress
 from crawler.errors import HarvestError
@@ -73,7 +74,10 @@ def worker_share(media: MediaConfig, workers: int) -> MediaConfig:
 
 
 def target_for(config: Config) -> Target:
-    """Where workers put finished files: the media dir (local, or on a shared file system)."""
+    """Where workers put finished files: the object store when `[output] publish` is set (and
+    only there: no local copy), else the media dir (this machine's, or a shared file system's)."""
+    if config.output.publish is not None:
+        return StoreTarget(config.output.publish)
     return LocalTarget(config.media.dir)
 
 
@@ -90,6 +94,10 @@ async def media_on_ray(
         workers = await asyncio.to_thread(_connect, ray, options)
         try:
             with MediaLedger.open(config.output.dir) as ledger:
+                publish = config.output.publish
+                if publish is not None:  # files the local engine recorded and did not publish yet
+                    publisher = MediaPublisher(config.media.dir, ledger, publish, config.output.keep_local)
+                    await publisher.backlog(config.media.concurrency)
                 coordinator = _Coordinator(ray, config, ledger, tally, options, workers)
                 await coordinator.run(retry_gone)
         finally:

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import socket
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,13 +29,16 @@ from typing import Protocol
 import aiohttp
 
 from crawler.archive import media_ledger as ml
+from crawler.archive.fs import describe
 from crawler.archive.media_files import PartFile, Stored, finished_files, hash_file
 from crawler.archive.media_ledger import MediaRef, MediaResult
+from crawler.archive.media_publish import MEDIA_PREFIX
 from crawler.archive.sniff import HEAD_BYTES, sniff
+from crawler.archive.store import ObjectStore, StoreUrl, digest_file
 from crawler.civitai.media import candidates
 from crawler.config import MediaConfig
 from crawler.crawl.media import Expected, downloader_for, is_gone
-from crawler.errors import ApiError
+from crawler.errors import ApiError, OutputError
 from crawler.http.download import Downloader
 from crawler.http.gate import Counters
 
@@ -95,6 +100,44 @@ class LocalTarget:
 
     def close(self) -> None:
         pass
+
+
+@dataclass(frozen=True, slots=True)
+class StoreTarget:
+    """The object store (`[output] publish`): each attempt fetches into a scratch folder of its
+    own on the worker, uploads a finished file to `media/<path>` under the store's prefix (the
+    key the single-process stage publishes it at), checks it there and deletes it locally.
+    Credentials and endpoint come from the worker's own AWS environment."""
+
+    root: StoreUrl
+
+    def opened(self) -> _OpenStore:
+        return _OpenStore(ObjectStore(self.root), Path(tempfile.mkdtemp(prefix="harvest-media-")))
+
+
+class _OpenStore:
+    def __init__(self, store: ObjectStore, scratch: Path) -> None:
+        self.store, self.scratch = store, scratch
+
+    def part_root(self) -> Path:
+        return self.scratch
+
+    def already(self, image_id: int) -> Path | None:
+        return None  # the scratch folder is new: an earlier attempt's files are not here
+
+    async def put(self, stored: Stored) -> Placed:
+        path = self.scratch / stored.path
+        try:
+            digest = await asyncio.to_thread(digest_file, path)
+        except OSError as exc:
+            raise OutputError(f"{path}: cannot read it for publishing: {describe(exc)}") from None
+        # The same key whatever the attempt: an object there already whole is not sent again.
+        found = await asyncio.to_thread(self.store.upload, path, f"{MEDIA_PREFIX}/{stored.path}", digest)
+        path.unlink(missing_ok=True)
+        return Placed(stored.path, found.url, found.etag)
+
+    def close(self) -> None:
+        shutil.rmtree(self.scratch, ignore_errors=True)
 
 
 @dataclass(frozen=True, slots=True)
