@@ -102,15 +102,49 @@ def _wanted_order(api: FakeServer, out: Path) -> list[dict[str, Any]]:
     return [item for item in read_items(out) if item["type"] in ("image", "video")]
 
 
-def test_local_media_dir_on_a_cluster(ray_cluster: str, tmp_path: Path) -> None:
-    """No publish: the workers write the media dir (one machine's here); all as the local engine."""
+def test_a_local_ray_into_the_media_dir(tmp_path: Path) -> None:
+    """No --address: a Ray of this machine for the run; no publish: the workers write the media
+    dir. Everything as the single-process engine leaves it."""
     with ServerThread(media_dataset(), options=ServerOptions(cdn=CdnOptions(seed=3))) as api:
         config = media_config(tmp_path / "c.toml", api, download=False, concurrency=2)
         assert harvest("run", config).code == ExitCode.OK
-        result = harvest(*_media(config, ray_cluster), env=_LOOPBACK, timeout=300)
+        ray = ["--engine", "ray", "--workers", "2", "--task-items", str(TASK_ITEMS)]
+        result = harvest("media", config, *ray, timeout=300)
         assert result.code == ExitCode.OK, result.stderr
+        assert "WARNING" not in result.stderr  # Ray's own notes stay out of the harvest's output
         assert_complete(api, tmp_path / "out")
         assert {row["tries"] for row in media_rows(tmp_path / "out").values()} == {1}
+        assert harvest("verify", config).code == ExitCode.OK
+
+
+def test_the_coordinator_killed_mid_run_and_a_rerun_completes(ray_cluster: str, tmp_path: Path) -> None:
+    """kill -9 of the harvest (the coordinator) while a task is mid-file: the rerun hands out
+    again what was not recorded, and ends with every file once, byte-exact."""
+    with ServerThread(media_dataset(), options=ServerOptions(cdn=CdnOptions(seed=3))) as api:
+        assert api.cdn is not None
+        config = media_config(tmp_path / "c.toml", api, download=False, concurrency=2)
+        assert harvest("run", config).code == ExitCode.OK
+        out = tmp_path / "out"
+        order = _wanted_order(api, out)
+        held = next(i for i in order[TASK_ITEMS * 3 :] if not api.cdn.files.gone(_uuid(i)))
+        api.cdn.transfers.hold(_uuid(held), api.cdn.files.for_item(held).size // 2)
+        proc = subprocess.Popen(
+            [HARVEST, *_media(config, ray_cluster)],
+            env=_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            assert api.cdn.transfers.wait_paused(_uuid(held), timeout=120), "the held transfer never began"
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(30)
+        api.cdn.transfers.release(_uuid(held))
+        recorded = {i for i, row in media_rows(out).items() if row["status"] != "fetching"}
+        assert 0 < len(recorded) < len(order)  # some tasks were recorded, the held one's not
+        result = harvest(*_media(config, ray_cluster), env=_LOOPBACK, timeout=300)
+        assert result.code == ExitCode.OK, result.stderr
+        assert_complete(api, out)
         assert harvest("verify", config).code == ExitCode.OK
 
 

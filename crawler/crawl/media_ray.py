@@ -26,6 +26,7 @@ import asyncio
 import logging
 import math
 import os
+import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -48,6 +49,7 @@ TASK_ITEMS = 2000  # items per Ray task by default
 TASK_RETRIES = 3  # Ray's retries of a task whose worker (or node) died
 TASK_NAME = "harvest_media"  # what a Ray worker's process title says while it runs a task: ray::<name>
 _WAIT = 1.0  # seconds per ray.wait: signals are seen at least this often
+_CONNECT = 10.0  # seconds to connect to a cluster's head before saying it cannot be reached
 
 
 class RayEngineError(HarvestError):
@@ -119,7 +121,12 @@ def _import_ray(local: bool) -> Any:
 
 def _connect(ray: Any, options: RayOptions) -> int:
     """Connect to the cluster (or start a local Ray); how many tasks run at once."""
-    quiet: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.WARNING}
+    # Ray's own notes (no SIGTERM handler off the main thread: the harvest keeps its own
+    # signals; token auth on a local cluster) are not the harvest's: errors only.
+    logging.getLogger("ray").setLevel(logging.ERROR)
+    quiet: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.ERROR}
+    if options.address is not None:
+        _reachable(options.address)
     try:
         if options.address is None:
             cpus = options.workers or os.cpu_count() or 1
@@ -133,6 +140,20 @@ def _connect(ray: Any, options: RayOptions) -> int:
     if options.workers is not None:
         return options.workers
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def _reachable(address: str) -> None:
+    """A `host:port` the harvest cannot connect to is one line now (Ray itself would retry for
+    minutes); `ray://` and other forms are left to Ray."""
+    host, sep, port = address.rpartition(":")
+    if not sep or "://" in address or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=_CONNECT).close()
+    except OSError as error:
+        raise RayEngineError(
+            f"cannot reach the Ray cluster at {address}: {error.strerror or error}"
+        ) from None
 
 
 class _Coordinator:
