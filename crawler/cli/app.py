@@ -165,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="fetch the media files of every committed image (only the media stage)",
         description="Download the image and video files the harvested items point to, into "
         "[media] dir: each once, verified (SHA-256 recorded), resumable. `harvest run` does the "
-        "same as it harvests when [media] download = true.",
+        "same as it harvests when [media] download = true. With --engine ray, Ray workers download "
+        "(into the object store when [output] publish is set) and this process records.",
         epilog=_media_reference(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -339,7 +340,12 @@ def log_options(args: argparse.Namespace) -> LogOptions:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "media" and args.engine != "ray":
+        given = [flag for flag, value in (("--address", args.address), ("--workers", args.workers)) if value]
+        if given or args.task_items != TASK_ITEMS:
+            parser.error(f"{(given or ['--task-items'])[0]} is an option of --engine ray")
     options = log_options(args)
     key = os.environ.get(API_KEY_ENV, "").strip() or None  # to redact, even one `api_key` refuses
     handler = setup_logging(options, key)
