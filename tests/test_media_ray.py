@@ -10,6 +10,7 @@ import signal
 import sqlite3
 import subprocess
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +34,17 @@ TASK_ITEMS = 5
 _LOOPBACK = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 
+@dataclass(frozen=True)
+class RayCluster:
+    address: str  # the head's host:port, for --address
+    raylets: frozenset[int]  # the worker nodes' raylet pids: their workers are their children
+
+
 @pytest.fixture(scope="module")
-def ray_cluster(moto_server: MotoServer) -> Iterator[str]:
-    """A Ray head (no CPUs: it schedules nothing) and 2 worker nodes of 1 CPU; its address.
-    The nodes' workers talk to the local S3 server through its fault proxy, test credentials."""
+def ray_cluster(moto_server: MotoServer) -> Iterator[RayCluster]:
+    """A Ray head (no CPUs: it schedules nothing) and 2 worker nodes of 1 CPU. The nodes' workers
+    talk to the local S3 server through its fault proxy, with test credentials and 2 attempts
+    a request (a lasting fault is one quickly)."""
     env = {
         **_LOOPBACK,
         "AWS_ENDPOINT_URL": moto_server.proxy.url,
@@ -44,6 +52,7 @@ def ray_cluster(moto_server: MotoServer) -> Iterator[str]:
         "AWS_SECRET_ACCESS_KEY": "test",
         "AWS_DEFAULT_REGION": "us-east-1",
         "AWS_EC2_METADATA_DISABLED": "true",
+        "AWS_MAX_ATTEMPTS": "2",
     }
     with pytest.MonkeyPatch.context() as patch:
         for name, value in env.items():
@@ -55,10 +64,10 @@ def ray_cluster(moto_server: MotoServer) -> Iterator[str]:
             head_node_args={"num_cpus": 0, "include_dashboard": False, "node_ip_address": "127.0.0.1"},
         )
         try:
-            for _ in range(2):
-                cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
+            nodes = [cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1") for _ in range(2)]
             cluster.wait_for_nodes()
-            yield cluster.address
+            raylets = frozenset(p.process.pid for node in nodes for p in node.all_processes["raylet"])
+            yield RayCluster(cluster.address, raylets)
         finally:
             cluster.shutdown()  # type: ignore[no-untyped-call]
 
@@ -82,17 +91,20 @@ def _env() -> dict[str, str]:
     return {**env, **_LOOPBACK}
 
 
-def _task_workers() -> list[int]:
-    """Pids of the Ray workers running a media task now (their process title: ray::<task name>)."""
+def _task_workers(cluster: RayCluster) -> list[int]:
+    """Pids of the cluster's Ray workers running a media task now (children of its raylets whose
+    process title is ray::<task name>)."""
     pids = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             title = (entry / "cmdline").read_bytes()
+            status = (entry / "status").read_text()
         except OSError:
             continue
-        if title.startswith(f"ray::{TASK_NAME}".encode()):
+        parent = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("PPid:")), 0)
+        if parent in cluster.raylets and title.startswith(f"ray::{TASK_NAME}".encode()):
             pids.append(int(entry.name))
     return pids
 
@@ -117,7 +129,9 @@ def test_a_local_ray_into_the_media_dir(tmp_path: Path) -> None:
         assert harvest("verify", config).code == ExitCode.OK
 
 
-def test_the_coordinator_killed_mid_run_and_a_rerun_completes(ray_cluster: str, tmp_path: Path) -> None:
+def test_the_coordinator_killed_mid_run_and_a_rerun_completes(
+    ray_cluster: RayCluster, tmp_path: Path
+) -> None:
     """kill -9 of the harvest (the coordinator) while a task is mid-file: the rerun hands out
     again what was not recorded, and ends with every file once, byte-exact."""
     with ServerThread(media_dataset(), options=ServerOptions(cdn=CdnOptions(seed=3))) as api:
@@ -129,7 +143,7 @@ def test_the_coordinator_killed_mid_run_and_a_rerun_completes(ray_cluster: str, 
         held = next(i for i in order[TASK_ITEMS * 3 :] if not api.cdn.files.gone(_uuid(i)))
         api.cdn.transfers.hold(_uuid(held), api.cdn.files.for_item(held).size // 2)
         proc = subprocess.Popen(
-            [HARVEST, *_media(config, ray_cluster)],
+            [HARVEST, *_media(config, ray_cluster.address)],
             env=_env(),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -142,14 +156,14 @@ def test_the_coordinator_killed_mid_run_and_a_rerun_completes(ray_cluster: str, 
         api.cdn.transfers.release(_uuid(held))
         recorded = {i for i, row in media_rows(out).items() if row["status"] != "fetching"}
         assert 0 < len(recorded) < len(order)  # some tasks were recorded, the held one's not
-        result = harvest(*_media(config, ray_cluster), env=_LOOPBACK, timeout=300)
+        result = harvest(*_media(config, ray_cluster.address), env=_LOOPBACK, timeout=300)
         assert result.code == ExitCode.OK, result.stderr
         assert_complete(api, out)
         assert harvest("verify", config).code == ExitCode.OK
 
 
 def test_a_worker_killed_mid_task_every_file_in_the_bucket_once(
-    ray_cluster: str, objectstore: ObjectStoreFixture, tmp_path: Path
+    ray_cluster: RayCluster, objectstore: ObjectStoreFixture, tmp_path: Path
 ) -> None:
     with ServerThread(media_dataset(), options=ServerOptions(cdn=CdnOptions(seed=3))) as api:
         assert api.cdn is not None
@@ -167,14 +181,14 @@ def test_a_worker_killed_mid_task_every_file_in_the_bucket_once(
         api.cdn.transfers.hold(_uuid(held), size // 2)
         objectstore.proxy.reset()
         proc = subprocess.Popen(
-            [HARVEST, *_media(config, ray_cluster)],
+            [HARVEST, *_media(config, ray_cluster.address)],
             env=_env(),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )
         try:
             assert api.cdn.transfers.wait_paused(_uuid(held), timeout=120), "the held transfer never began"
-            killed = _task_workers()
+            killed = _task_workers(ray_cluster)
             assert killed, "no Ray worker is running a media task"
             for pid in killed:  # every worker mid-task now, the held transfer's among them
                 os.kill(pid, signal.SIGKILL)
@@ -213,6 +227,31 @@ def test_a_worker_killed_mid_task_every_file_in_the_bucket_once(
             assert not (out / "media" / row["path"]).exists()  # straight to the store
         media_keys = {k for k in objects if k.startswith(root.key("media/"))}
         assert len(media_keys) == sum(1 for r in rows.values() if r["status"] == DONE)
+        assert harvest("verify", config).code == ExitCode.OK
+
+
+def test_a_lasting_store_failure_stops_the_run_with_one_line_and_a_rerun_completes(
+    ray_cluster: RayCluster, objectstore: ObjectStoreFixture, tmp_path: Path
+) -> None:
+    with ServerThread(media_dataset(), options=ServerOptions(cdn=CdnOptions(seed=3))) as api:
+        config = _store_config(tmp_path / "c.toml", api, objectstore)
+        assert harvest("run", config).code == ExitCode.OK
+        objectstore.proxy.fail_next(10_000)  # every PUT answers 500 (both attempts of each)
+        result = harvest(*_media(config, ray_cluster.address), env=_LOOPBACK, timeout=300)
+        assert result.code == ExitCode.ERROR, result.stderr
+        (line,) = [text for text in result.stderr.splitlines() if text.startswith("harvest: error:")]
+        assert f"s3://{objectstore.bucket}/archive/media/" in line and "upload failed" in line, line
+        assert "Traceback" not in result.stderr
+        objectstore.proxy.reset()
+        result = harvest(*_media(config, ray_cluster.address), env=_LOOPBACK, timeout=300)
+        assert result.code == ExitCode.OK, result.stderr
+        rows = media_rows(tmp_path / "out")
+        done = [row for row in rows.values() if row["status"] == DONE]
+        assert done and all(row["status"] in (DONE, "gone") for row in rows.values())
+        objects = objectstore.objects()
+        for row in done:
+            data = objects[objectstore.root.key(f"media/{row['path']}")]
+            assert hashlib.sha256(data).hexdigest() == row["sha256"]
         assert harvest("verify", config).code == ExitCode.OK
 
 

@@ -178,7 +178,7 @@ class _Coordinator:
         )
         self._in_flight: dict[Any, int] = {}  # Ray's ObjectRef -> items in the task
         self.lost = 0  # items of tasks Ray gave up on (they stay `fetching`)
-        tally.counters = Counters(effective_rps=config.media.requests_per_second)
+        tally.counters.effective_rps = config.media.requests_per_second  # the cluster's budget
 
     async def run(self, retry_gone: bool) -> None:
         log.info(

@@ -38,6 +38,7 @@ from crawler.archive.store import ObjectStore, StoreUrl, digest_file
 from crawler.civitai.media import candidates
 from crawler.config import MediaConfig
 from crawler.crawl.media import Expected, downloader_for, is_gone
+from crawler.crawl.pipeline import first_harvest_error
 from crawler.errors import ApiError, OutputError
 from crawler.http.download import Downloader
 from crawler.http.gate import Counters
@@ -164,6 +165,8 @@ def run_task(spec: TaskSpec) -> TaskResult:
     target = spec.target.opened()
     try:
         return asyncio.run(_run(spec, target))
+    except BaseExceptionGroup as error:  # a full disk, the store failing: that error, not its group
+        raise first_harvest_error(error) from None
     finally:
         target.close()
 
