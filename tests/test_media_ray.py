@@ -9,6 +9,7 @@ import os
 import signal
 import sqlite3
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -199,6 +200,8 @@ def test_a_worker_killed_mid_task_every_file_in_the_bucket_once(
                 proc.kill()
                 proc.wait()
         assert proc.returncode == ExitCode.OK, stderr.decode()
+        for pid in killed:  # what the killed attempts left in their scratch folders was swept
+            assert not list(Path(tempfile.gettempdir()).glob(f"harvest-media-{pid}-*"))
         # The killed task ran again: the files its first attempt had fetched were fetched twice
         # (and uploaded once: below). The held one's cut body may count as whole too (written
         # into the socket's buffer as the killed worker's end went away): not counted here.

@@ -113,7 +113,31 @@ class StoreTarget:
     root: StoreUrl
 
     def opened(self) -> _OpenStore:
-        return _OpenStore(ObjectStore(self.root), Path(tempfile.mkdtemp(prefix="harvest-media-")))
+        _sweep_scratch()
+        scratch = Path(tempfile.mkdtemp(prefix=f"{_SCRATCH}{os.getpid()}-"))
+        return _OpenStore(ObjectStore(self.root), scratch)
+
+
+_SCRATCH = "harvest-media-"  # <tmp>/harvest-media-<pid>-<random>: one task attempt's scratch folder
+
+
+def _sweep_scratch() -> None:
+    """Remove the scratch folders of workers that are dead (killed mid-task: nothing cleaned up)."""
+    root = Path(tempfile.gettempdir())
+    for folder in root.glob(f"{_SCRATCH}*-*"):
+        pid = folder.name.removeprefix(_SCRATCH).split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # no signal: only whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's
+    return True
 
 
 class _OpenStore:
