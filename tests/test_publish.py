@@ -240,10 +240,12 @@ def test_publish_and_keep_local_turned_on_for_an_existing_archive(
     assert "read from the object store" in verify.stdout
 
 
-def test_export_writes_parquet_to_the_store(objectstore: ObjectStoreFixture, tmp_path: Path) -> None:
+def test_refresh_segments_go_to_the_store_and_export_writes_parquet_there(
+    objectstore: ObjectStoreFixture, tmp_path: Path
+) -> None:
     target = f"s3://{objectstore.bucket}/exports/images"
     with ServerThread(_dataset(), options=ServerOptions(cdn=CdnOptions(seed=3))) as api:
-        config = _config(tmp_path / "c.toml", api, objectstore, types=["image"])
+        config = _config(tmp_path / "c.toml", api, objectstore, download=False)
         assert harvest("run", config).code == ExitCode.OK
         assert harvest("refresh", config).code == ExitCode.OK
         result = harvest("export", config, "--to", target)
@@ -251,15 +253,40 @@ def test_export_writes_parquet_to_the_store(objectstore: ObjectStoreFixture, tmp
         again = harvest("export", config, "--to", target)  # incremental: nothing new
         assert again.code == ExitCode.OK, again.stderr
         first = objectstore.objects()
-        assert harvest("refresh", config).code == ExitCode.OK  # a second pass: latest is replaced
-        third = harvest("export", config, "--to", target)
+        # A second pass starts with the first's closed refresh segment only in the store.
+        second = harvest("refresh", config)
+        assert second.code == ExitCode.OK, second.stderr
+        third = harvest("export", config, "--to", target)  # new observations: latest is replaced
         assert third.code == ExitCode.OK, third.stderr
-    ids = len(_rows(tmp_path / "out", "seen"))
+    out, prefix = tmp_path / "out", objectstore.root.prefix
+    ids, segments = len(_rows(out, "seen")), _rows(out, "refresh_segments")
+    closed = [s for s in segments if s["closed"]]
+    assert len(closed) == 2  # a batch (up to 100 ids) is appended whole: each pass filled one
     objects = objectstore.objects()
+    for segment in closed:
+        assert not (out / segment["file"]).exists()
+        lines = _lines(segment["file"], objects[f"{prefix}/{segment['file']}"])
+        assert len(lines) == segment["items"] and sum(map(len, lines)) == segment["size"]
+    archive = {
+        k: n
+        for k, n in objectstore.proxy.created().items()
+        if k.startswith(f"/{objectstore.bucket}/{prefix}/")
+    }
+    assert len(archive) == len([k for k in objects if k.startswith(f"{prefix}/")])
+    assert set(archive.values()) == {1}  # nothing published twice
+    assert {s["name"] for s in closed} <= {p["name"] for p in _rows(out, "published")}
+    verify = harvest("verify", config)
+    assert verify.code == ExitCode.OK, verify.stdout + verify.stderr
+    assert f"{2 * ids} observations in {len(segments)} refresh segment(s): sound" in verify.stdout
+    assert "refresh-000001.ndjson.zst: read from the object store" in verify.stdout
+    query = "SELECT count(*) AS n, count(DISTINCT id) AS d FROM observations"
+    sql = harvest("sql", config, query, "--format", "json")
+    assert sql.code == ExitCode.OK, sql.stderr
+    assert orjson.loads(sql.stdout) == [{"n": 2 * ids, "d": ids}]
+    # The export in the store: images once, every observation, the latest one per id.
     files = sorted(k for k in objects if k.startswith("exports/images/") and k.endswith(".parquet"))
     images = [k for k in files if k.count("/") == 2]
-    assert images and "exports/images/manifest.json" in objects
-    assert sorted(k for k in objects if k.startswith("exports/images/")) == sorted(
+    assert images and sorted(k for k in objects if k.startswith("exports/")) == sorted(
         [*files, "exports/images/manifest.json"]
     )
     assert {k for k in first if k.startswith("exports/images/images-")} == set(images)  # none written again
@@ -273,37 +300,6 @@ def test_export_writes_parquet_to_the_store(objectstore: ObjectStoreFixture, tmp
     assert set(pq.read_table(io.BytesIO(objects[latest])).column("pass").to_pylist()) == {2}
     manifest = orjson.loads(objects["exports/images/manifest.json"])
     assert f"exports/images/latest/{manifest['latest']['parquet']['name']}" == latest
-
-
-def test_refresh_segments_are_published_and_dropped_like_the_item_segments(
-    objectstore: ObjectStoreFixture, tmp_path: Path
-) -> None:
-    with ServerThread(_dataset(), options=ServerOptions(cdn=CdnOptions(seed=3))) as api:
-        config = _config(tmp_path / "c.toml", api, objectstore, download=False)
-        assert harvest("run", config).code == ExitCode.OK
-        for _ in range(2):  # the second pass starts with closed refresh segments only in the store
-            result = harvest("refresh", config)
-            assert result.code == ExitCode.OK, result.stderr
-    out, prefix = tmp_path / "out", objectstore.root.prefix
-    ids, segments = len(_rows(out, "seen")), _rows(out, "refresh_segments")
-    closed = [s for s in segments if s["closed"]]
-    assert len(closed) == 2  # a batch (up to 100 ids) is appended whole: each pass filled one
-    objects = objectstore.objects()
-    for segment in closed:
-        assert not (out / segment["file"]).exists()
-        lines = _lines(segment["file"], objects[f"{prefix}/{segment['file']}"])
-        assert len(lines) == segment["items"] and sum(map(len, lines)) == segment["size"]
-    assert sorted(objectstore.proxy.created().values()) == [1] * len(objects)  # nothing twice
-    published = {p["name"] for p in _rows(out, "published")}
-    assert {s["name"] for s in closed} <= published
-    verify = harvest("verify", config)
-    assert verify.code == ExitCode.OK, verify.stdout + verify.stderr
-    assert f"{2 * ids} observations in {len(segments)} refresh segment(s): sound" in verify.stdout
-    assert "refresh-000001.ndjson.zst: read from the object store" in verify.stdout
-    query = "SELECT count(*) AS n, count(DISTINCT id) AS d FROM observations"
-    sql = harvest("sql", config, query, "--format", "json")
-    assert sql.code == ExitCode.OK, sql.stderr
-    assert orjson.loads(sql.stdout) == [{"n": 2 * ids, "d": ids}]
 
 
 @pytest.mark.parametrize(
