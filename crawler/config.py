@@ -20,6 +20,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from crawler import checks
+from crawler.archive.store import StoreUrl, parse_url
 from crawler.civitai.endpoint import ParamValue
 from crawler.civitai.images import IMAGES
 from crawler.civitai.media import MEDIA_TYPES, ORIGINAL, VIDEO_BASE
@@ -51,6 +52,8 @@ class OutputConfig:
     segment_items: int = 100_000  # a segment is closed after this many images (0: no limit)
     segment_mb: float = 0.0  # ... or once it holds this many MiB (0: no limit)
     compress: str = "none"  # closed segments: "zstd" (.ndjson.zst), "gzip" (.ndjson.gz) or "none"
+    publish: StoreUrl | None = None  # closed segments and media files are uploaded here (s3://...)
+    keep_local: bool = True  # false: local copies of what is published are deleted once recorded
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,10 +197,25 @@ def _parse_api(raw: Any) -> ApiConfig:
     return ApiConfig(**values)
 
 
+def _store_url(value: Any) -> StoreUrl:
+    """`s3://bucket/prefix`; where the store is and the credentials come from AWS_* only."""
+    if isinstance(value, str) and _has_credentials(value):
+        raise checks.Invalid(
+            "credentials don't belong in the URL; they come from the AWS environment variables "
+            "(AWS_ACCESS_KEY_ID, ...) or ~/.aws"
+        )
+    try:
+        return parse_url(checks.text(value).strip())
+    except ValueError as error:
+        raise checks.Invalid(f"{error}, {checks.got(value)}") from None
+
+
 _OUTPUT_CHECKS: dict[str, Callable[[Any], Any]] = {
     "segment_items": functools.partial(checks.integer, low=0),
     "segment_mb": checks.non_negative,
     "compress": functools.partial(checks.one_of, COMPRESSIONS),
+    "publish": _store_url,
+    "keep_local": lambda value: _boolean(value),
 }
 
 
@@ -210,6 +228,11 @@ def _parse_output(raw: Any, config_path: Path) -> OutputConfig:
     for key in _OUTPUT_CHECKS.keys() & table.keys():
         with checks.at(f".{key}"):
             values[key] = _OUTPUT_CHECKS[key](table[key])
+    if values.get("keep_local") is False and "publish" not in values:
+        raise checks.Invalid(
+            'keep_local = false needs publish = "s3://bucket/prefix" (the local files are the only copy)',
+            ".keep_local",
+        )
     with checks.at(".dir"):
         return OutputConfig(_output_dir(table["dir"], config_path), **values)
 

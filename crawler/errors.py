@@ -69,6 +69,13 @@ class OutputError(HarvestError):
     exit_code = ExitCode.ERROR
 
 
+class StoreError(HarvestError):
+    """The object store (`[output] publish`) refused or failed an operation; what was
+    committed locally is intact and a rerun publishes what is missing."""
+
+    exit_code = ExitCode.ERROR
+
+
 class LockedError(HarvestError):
     """Another harvest is running on the same output dir."""
 

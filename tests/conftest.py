@@ -22,6 +22,9 @@ from crawler.testing.configs import toml_value
 from crawler.testing.fakeapi import Dataset, DatasetSpec, FakeServer, ServerOptions
 from crawler.testing.fakeapi.background import ServerThread
 
+# The local S3 server (moto behind a fault proxy) and its per-test bucket: tests/objectstore.py.
+pytest_plugins = ("objectstore",)
+
 HARVEST = str(Path(sys.executable).with_name("harvest"))
 
 

@@ -218,9 +218,10 @@ def test_version_1_gains_the_later_tables_and_keeps_the_rest(tmp_path: Path) -> 
     after = table_sql(path)
     later = {"segment_steps", "walks", "end_ids", "shard_levels", "media"}
     later |= {"first_seen", "runs", "refresh_segments", "refresh_steps", "observed", "refresh_todo"}
+    later |= {"published"}
     assert set(after) == set(before) | later
     assert {t: after[t] for t in before} == before
-    assert user_version(path) == schema.LATEST == 5
+    assert user_version(path) == schema.LATEST == 6
 
 
 @pytest.mark.parametrize("suffix", ["", "-wal", "-shm"])

@@ -140,6 +140,7 @@ def test_a_state_from_before_steps_were_recorded_completes_them(tmp_path: Path) 
     conn = sqlite3.connect(tmp_path / STATE_FILE, isolation_level=None)
     later_tables = ["segment_steps", "walks", "end_ids", "shard_levels", "media"]
     later_tables += ["first_seen", "runs", "refresh_segments", "refresh_steps", "observed", "refresh_todo"]
+    later_tables += ["published"]
     for later in later_tables:  # what version 1 lacked
         conn.execute(f"DROP TABLE {later}")
     conn.execute("PRAGMA user_version = 1")

@@ -20,7 +20,9 @@ cut or removed, `check` holds the files to what the writer guarantees:
    rebuilds the state from the lines, which were fsynced, and nothing is lost.
 3. The state only ever commits whole lines: the committed length ends a line.
 4. A closed segment never changes: its file exists and, when plain, holds exactly
-   the committed bytes. An active segment's file holds at least them.
+   the committed bytes. An active segment's file holds at least them. A closed
+   segment that is published (`[output] publish`) may have no local file: it is read
+   from the object store (`keep_local = false` deletes the local copy once recorded).
 
 Any breach names the file and what disagrees, and nothing is touched;
 `harvest repair` rebuilds the state from the files.
@@ -35,7 +37,7 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 
 from crawler.archive.compression import SUFFIXES
@@ -47,31 +49,40 @@ from crawler.errors import DisagreementError
 _CHUNK = 1 << 20
 
 
-def check(out_dir: Path, segments: Sequence[SegmentRow], kind: SegmentKind = IMAGES) -> None:
+def check(
+    out_dir: Path, segments: Sequence[SegmentRow], kind: SegmentKind = IMAGES, published: Collection[str] = ()
+) -> None:
     """Raise DisagreementError, naming the file, unless the files agree with `segments`
     (the state's) up to one uncommitted page; OutputError for a symlinked segment file.
 
     Only the files of `kind` are looked at: the item segments and the observation
-    segments of `harvest refresh` are checked apart, each against its own rows."""
-    found = disagreements(out_dir, segments, kind)
+    segments of `harvest refresh` are checked apart, each against its own rows.
+    `published`: the names of segments in the object store (their local file may be gone)."""
+    found = disagreements(out_dir, segments, kind, published)
     if found:
         more = f" (and {len(found) - 1} more: `harvest verify` lists them)" if len(found) > 1 else ""
         raise DisagreementError(found[0] + more)
 
 
-def disagreements(out_dir: Path, segments: Sequence[SegmentRow], kind: SegmentKind = IMAGES) -> list[str]:
+def disagreements(
+    out_dir: Path, segments: Sequence[SegmentRow], kind: SegmentKind = IMAGES, published: Collection[str] = ()
+) -> list[str]:
     """Every way the files disagree with `segments`, one line each, naming the file."""
     entries = segment_entries(out_dir, kind)
     found = list(_unknown(out_dir, entries, segments, kind))
     for segment in segments:
-        found += _missing(out_dir, segment, entries) or _sizes(out_dir, segment, entries.get(segment.file))
+        if segment.file not in entries and segment.closed and segment.name in published:
+            continue  # only in the object store: `verify` checks it there
+        found += _missing(out_dir, segment, entries, published) or _sizes(
+            out_dir, segment, entries.get(segment.file)
+        )
     return found
 
 
-def missing(out_dir: Path, segments: Sequence[SegmentRow]) -> list[str]:
-    """The segments whose file is gone, one line each."""
+def missing(out_dir: Path, segments: Sequence[SegmentRow], published: Collection[str] = ()) -> list[str]:
+    """The segments whose file is gone (and that are not in the object store), one line each."""
     entries = segment_entries(out_dir)
-    return [line for segment in segments for line in _missing(out_dir, segment, entries)]
+    return [line for segment in segments for line in _missing(out_dir, segment, entries, published)]
 
 
 def segment_entries(out_dir: Path, kind: SegmentKind = IMAGES) -> dict[str, os.stat_result]:
@@ -105,9 +116,13 @@ def _unknown(
             )
 
 
-def _missing(out_dir: Path, segment: SegmentRow, entries: Mapping[str, os.stat_result]) -> list[str]:
+def _missing(
+    out_dir: Path, segment: SegmentRow, entries: Mapping[str, os.stat_result], published: Collection[str]
+) -> list[str]:
     if segment.file in entries or (not segment.closed and segment.size == 0):
         return []  # a segment named but not written to yet has no file (invariant 1)
+    if segment.closed and segment.name in published:
+        return []  # in the object store (invariant 4)
     return [
         f"{out_dir / segment.file}: missing, but the state holds {segment.items} images in it "
         "(repair forgets them, so that the next run fetches them again)"

@@ -23,8 +23,9 @@ from crawler.archive import agreement
 from crawler.archive.compression import SUFFIXES
 from crawler.archive.fs import remove_partials
 from crawler.archive.segments import MAX_APPEND_LINES, SegmentWriter
-from crawler.archive.state import Cursor, PageCommit, ShardStatus, State
-from crawler.archive.steps import Compress, SegmentStep, finish_closed
+from crawler.archive.state import Cursor, Kind, PageCommit, ShardStatus, State
+from crawler.archive.steps import Compress, DropLocal, Publish, SegmentStep, finish_closed
+from crawler.archive.store import ObjectStore, StoreUrl
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +36,8 @@ class ArchiveSpec:
     segment_items: int = 100_000  # close a segment after this many images (0: no limit)
     segment_mb: float = 0.0  # ... or once it holds this many MiB (0: no limit)
     compress: str = "none"  # what closed segments become: "zstd", "gzip" or "none" (stay plain)
+    publish: StoreUrl | None = None  # closed segments are uploaded here, after compression
+    keep_local: bool = True  # false: a published segment's local file is deleted once recorded
 
 
 class Lines(Protocol):
@@ -75,7 +78,9 @@ def segment_full(output: ArchiveSpec, items: int, size: int) -> bool:
 
 def closed_segment_steps(output: ArchiveSpec) -> tuple[SegmentStep, ...]:
     """What is done to each closed segment, in order; a new step is appended here."""
-    return (Compress(output.compress),)
+    if output.publish is None:
+        return (Compress(output.compress),)
+    return (Compress(output.compress), Publish(ObjectStore(output.publish)), DropLocal(output.keep_local))
 
 
 class Checkpointer:
@@ -85,7 +90,8 @@ class Checkpointer:
         self._state = state
         self._output = output
         self._steps = tuple(closed_segment_steps(output) if steps is None else steps)
-        agreement.check(output.dir, state.segments())  # before anything is cut or removed
+        # Before anything is cut or removed.
+        agreement.check(output.dir, state.segments(), published=state.publications(Kind.SEGMENT))
         self._writer = SegmentWriter(output.dir, state.segments(), state.register_segment)
         self._finish_closed_segments()
 

@@ -68,10 +68,15 @@ def open_segment(path: Path) -> BinaryIO:
 
     Never through a symlink (an OutputError): what is read may be adopted into the archive.
     """
-    raw = os.fdopen(open_nofollow(path, os.O_RDONLY), "rb")
-    if path.name.endswith(".zst"):
+    return decoded(os.fdopen(open_nofollow(path, os.O_RDONLY), "rb"), path.name)
+
+
+def decoded(raw: BinaryIO, name: str) -> BinaryIO:
+    """The uncompressed bytes of `raw`, a segment file named `name` (its suffix tells the codec),
+    from wherever it is read (a local file, an object in the store); closing it closes `raw`."""
+    if name.endswith(".zst"):
         return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True))
-    if path.name.endswith(".gz"):
+    if name.endswith(".gz"):
         return _GzipReader(raw)  # type: ignore[return-value]
     return raw
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import orjson
 
-from crawler.archive.state import State
+from crawler.archive.state import Kind, Publication, State
 
 FETCHING, DONE, GONE, FAILED = "fetching", "done", "gone", "failed"
 _SCAN_KEY = "media_scan"
@@ -32,6 +32,22 @@ class MediaRef:
     id: int
     url: str
     type: str  # "image", "video", "audio"
+
+
+@dataclass(frozen=True, slots=True)
+class MediaResult:
+    """How one item's download ended, as a worker reports it (the Ray engine)."""
+
+    id: int
+    status: str  # DONE, GONE or FAILED
+    path: str | None = None  # where the file is, relative to the media dir (or the store's prefix)
+    size: int | None = None
+    sha256: str | None = None
+    content_type: str | None = None
+    source: str | None = None  # the URL the bytes came from
+    error: str | None = None  # why it is gone or failed
+    url: str | None = None  # s3://bucket/key when the file went straight to the object store
+    etag: str | None = None  # the store's ETag of it (with `url`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +101,50 @@ class MediaLedger(State):
                 "url=excluded.url, tries=tries + 1, error=NULL, updated=excluded.updated",
                 (ref.id, ref.type, ref.url, FETCHING, time.time()),
             )
+
+    def begin_many(self, refs: Sequence[MediaRef]) -> None:
+        """`begin` for a whole task's items, in one transaction."""
+        now = time.time()
+        with self._transaction():
+            self._conn.executemany(
+                "INSERT INTO media (id, type, url, status, tries, updated) VALUES (?, ?, ?, ?, 1, ?) "
+                "ON CONFLICT (id) DO UPDATE SET status=excluded.status, type=excluded.type, "
+                "url=excluded.url, tries=tries + 1, error=NULL, updated=excluded.updated",
+                [(ref.id, ref.type, ref.url, FETCHING, now) for ref in refs],
+            )
+
+    def record(self, results: Sequence[MediaResult]) -> list[MediaResult]:
+        """Record how items ended, in one transaction; a result for an item already `done` is
+        ignored (a retried task reports again what a first attempt recorded). A file that went
+        straight to the object store (`url`) is recorded published in the same transaction,
+        with no local copy. Returns the results that changed a row: each item is counted
+        once, however often it is reported."""
+        now = time.time()
+        recorded: list[MediaResult] = []
+        with self._transaction():
+            for r in results:
+                cursor = self._conn.execute(
+                    "UPDATE media SET status=?, path=?, size=?, sha256=?, content_type=?, "
+                    "source=coalesce(?, source), error=?, updated=? WHERE id=? AND status != ?",
+                    (r.status, r.path, r.size, r.sha256, r.content_type, r.source, r.error, now, r.id, DONE),
+                )
+                if not cursor.rowcount:
+                    continue
+                recorded.append(r)
+                if r.status == DONE and r.url is not None:
+                    self._insert_published(
+                        Publication(
+                            Kind.MEDIA,
+                            str(r.id),
+                            r.path or "",
+                            r.url,
+                            r.size or 0,
+                            r.etag or "",
+                            r.sha256 or "",
+                            local=False,
+                        )
+                    )
+        return recorded
 
     def source(self, image_id: int) -> str | None:
         """The URL the download in progress is fetched from (what a `.part` holds bytes of)."""

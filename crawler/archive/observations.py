@@ -29,7 +29,7 @@ from crawler.archive.checkpoint import ArchiveSpec, closed_segment_steps, segmen
 from crawler.archive.compression import SUFFIXES
 from crawler.archive.fs import remove_partials
 from crawler.archive.segments import MAX_APPEND_LINES, OBSERVATIONS, SegmentWriter
-from crawler.archive.state import SegmentRow, State
+from crawler.archive.state import Kind, SegmentRow, State
 from crawler.archive.steps import finish_closed
 from crawler.errors import StateError
 
@@ -172,7 +172,8 @@ class ObservationLog:
     def __init__(self, output: ArchiveSpec, ledger: RefreshLedger) -> None:
         self._output, self._ledger = output, ledger
         self._steps = closed_segment_steps(output)
-        agreement.check(output.dir, ledger.segments(), OBSERVATIONS)  # before anything is cut
+        published = ledger.publications(Kind.SEGMENT)  # a dropped local copy is in the store
+        agreement.check(output.dir, ledger.segments(), OBSERVATIONS, published)  # before anything is cut
         self._writer = SegmentWriter(output.dir, ledger.segments(), ledger.register_segment, OBSERVATIONS)
         closed = [s for s in ledger.segments() if s.closed]
         remove_partials(output.dir, (s.name + suffix for s in closed for suffix in SUFFIXES.values()))

@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from crawler import exactjson
-from crawler.archive.compression import DECODE_ERRORS, open_segment
-from crawler.archive.state import SegmentRow, State
+from crawler.archive.compression import DECODE_ERRORS, decoded, open_segment
+from crawler.archive.state import Kind, Publication, SegmentRow, State
+from crawler.archive.store import open_object
 from crawler.errors import StateError
 
 
@@ -36,8 +37,9 @@ class Line:
         return self.offset < segment.size
 
 
-def segment_lines(out_dir: Path, segment: SegmentRow) -> Iterator[Line]:
-    """Every line of one segment's file, committed or not, in order: for checking it.
+def segment_lines(out_dir: Path, segment: SegmentRow, published: Publication | None = None) -> Iterator[Line]:
+    """Every line of one segment's file, committed or not, in order: for checking it. A segment
+    whose local file is gone is read from the object store when it is `published` there.
 
     A file that cannot be read to its end (a damaged compressed file) is a
     StateError naming it and the line where reading stopped.
@@ -48,7 +50,10 @@ def segment_lines(out_dir: Path, segment: SegmentRow) -> Iterator[Line]:
     except FileNotFoundError:
         if not segment.closed and segment.size == 0:
             return  # named by the state, never written to: its file is made by the first append
-        raise StateError(f"{path}: missing, but the state holds {segment.items} lines in it") from None
+        if published is None:
+            raise StateError(f"{path}: missing, but the state holds {segment.items} lines in it") from None
+        stream = open_published(published)
+        path = Path(published.url)
     offset = number = 0
     with stream:
         try:
@@ -86,6 +91,8 @@ def committed_blocks(
     `segment` is a snapshot: a harvest running meanwhile may append more (left out) or
     compress the segment (its plain file goes; the compressed one is read instead).
     """
+    if segment.size <= start:
+        return  # nothing committed past `start` (a segment named but never written has no file)
     stream = _open_committed(out_dir, state, segment)
     with stream:
         _skip(stream, start, segment)
@@ -104,6 +111,11 @@ def committed_blocks(
         raise StateError(f"{segment.file}: the committed bytes end inside a line (at byte {segment.size})")
 
 
+def open_published(published: Publication) -> BinaryIO:
+    """A published segment's uncompressed bytes, read from the object store."""
+    return decoded(open_object(published.url), published.file)
+
+
 def _open_committed(out_dir: Path, state: State, segment: SegmentRow) -> BinaryIO:
     try:
         return open_segment(out_dir / segment.file)
@@ -111,6 +123,9 @@ def _open_committed(out_dir: Path, state: State, segment: SegmentRow) -> BinaryI
         now = state.segment(segment.name)  # compressed meanwhile? Its bytes are the same
         if now.file != segment.file:
             return _open_committed(out_dir, state, now)
+        published = state.publication(Kind.SEGMENT, segment.name)
+        if published is not None:  # only in the object store (keep_local = false)
+            return open_published(published)
         path = out_dir / segment.file
         raise StateError(f"{path}: missing, but the state holds {segment.items} lines in it") from None
 

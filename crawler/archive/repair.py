@@ -44,7 +44,7 @@ from crawler.archive.fs import fsync_dir, open_nofollow, refuse_symlink
 from crawler.archive.observations import RefreshLedger
 from crawler.archive.reader import Line, loads, segment_lines
 from crawler.archive.segments import IMAGES, OBSERVATIONS, SegmentKind
-from crawler.archive.state import STATE_FILE, SegmentRow, State
+from crawler.archive.state import STATE_FILE, Kind, SegmentRow, State
 from crawler.errors import HarvestError, StateError
 
 WORK_DIR = ".harvest-repair"  # where the new state is built before it replaces the old
@@ -77,6 +77,7 @@ class Repair:
 
 def repair(out_dir: Path, spec: ArchiveSpec) -> Repair:
     """Rebuild `out_dir`'s state from its segment files; see the module doc."""
+    _refuse_published(out_dir)
     files = _segment_files(out_dir)
     found = [_read(out_dir, f, n == len(files) - 1, spec) for n, f in enumerate(files)]
     seen_files = _segment_files(out_dir, OBSERVATIONS)
@@ -188,6 +189,23 @@ def _first_twice(ids: Sequence[int]) -> int | None:
             return image_id
         seen.add(image_id)
     return None
+
+
+def _refuse_published(out_dir: Path) -> None:
+    """Repair reads local files only: a state whose segments live only in the object store
+    (`keep_local = false`) would lose them, and the next run would publish their images again."""
+    if not (out_dir / STATE_FILE).exists():
+        return
+    try:
+        with State.open(out_dir, create=False) as old:
+            remote = [p.file for p in old.publications(Kind.SEGMENT).values() if not p.local]
+    except HarvestError:
+        return
+    if remote:
+        raise StateError(
+            f"{out_dir}: {len(remote)} segment(s) ({remote[0]}, ...) live only in the object store; "
+            "repair reads local files only: download them into the output dir first"
+        )
 
 
 def _old_state(out_dir: Path) -> tuple[list[SegmentRow], int] | None:

@@ -169,7 +169,38 @@ def _v5_refresh(conn: sqlite3.Connection) -> None:
     conn.execute("CREATE TABLE refresh_todo (id INTEGER PRIMARY KEY) WITHOUT ROWID")
 
 
-MIGRATIONS: tuple[Migration, ...] = (_v1_tables, _v2_segment_steps, _v3_walks, _v4_media, _v5_refresh)
+def _v6_published(conn: sqlite3.Connection) -> None:
+    """What is in the object store (`[output] publish`): per closed segment or media file, the
+    object's URL, size, ETag and SHA-256, and whether the local copy is still kept.
+
+    A row is written only after the object is in the store and checked; `local` is set to 0
+    before the local copy is deleted (keep_local = false), so a reader looks in the store
+    whenever the local file is absent.
+    """
+    conn.execute(
+        """CREATE TABLE published (
+    kind TEXT NOT NULL,
+    name TEXT NOT NULL,
+    file TEXT NOT NULL,
+    url TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    etag TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    local INTEGER NOT NULL DEFAULT 1,
+    at REAL NOT NULL,
+    PRIMARY KEY (kind, name)
+) WITHOUT ROWID"""
+    )
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    _v1_tables,
+    _v2_segment_steps,
+    _v3_walks,
+    _v4_media,
+    _v5_refresh,
+    _v6_published,
+)
 LATEST = len(MIGRATIONS)  # the version this code reads and writes
 
 

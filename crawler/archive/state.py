@@ -86,6 +86,27 @@ class PageCommit:
     met: str | None = None  # the other end's shard, when this page reached what it walked
 
 
+class Kind:
+    """What a published object is (the `published` table's `kind`)."""
+
+    SEGMENT = "segment"  # `name`: the segment's name
+    MEDIA = "media"  # `name`: the item's id
+
+
+@dataclass(frozen=True, slots=True)
+class Publication:
+    """One object in the store, recorded once it was there and checked."""
+
+    kind: str
+    name: str
+    file: str  # what was uploaded: the segment's file, or the media file's path in the media dir
+    url: str  # s3://bucket/key
+    size: int
+    etag: str
+    sha256: str
+    local: bool = True  # the local copy is kept (false: deleted, or about to be)
+
+
 # The files SQLite opens for a state: it follows symlinks, so each is checked first.
 _SQLITE_SUFFIXES = ("", "-wal", "-shm", "-journal")
 
@@ -457,6 +478,53 @@ class State:
                 f"INSERT OR IGNORE INTO {self._STEPS} VALUES (?, ?, ?)", (segment, step, time.time())
             )
 
+    # -- the object store ----------------------------------------------------------
+
+    def record_published(self, item: Publication) -> None:
+        """Record an object that is in the store and checked (replacing an older record)."""
+        with self._transaction():
+            self._insert_published(item)
+
+    def _insert_published(self, item: Publication) -> None:
+        """`record_published`'s row, inside a transaction the caller holds."""
+        self._conn.execute(
+            "INSERT OR REPLACE INTO published VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                item.kind,
+                item.name,
+                item.file,
+                item.url,
+                item.size,
+                item.etag,
+                item.sha256,
+                int(item.local),
+                time.time(),
+            ),
+        )
+
+    def publication(self, kind: str, name: str) -> Publication | None:
+        row = self._conn.execute(
+            f"SELECT {_PUBLISHED_COLUMNS} FROM published WHERE kind=? AND name=?", (kind, name)
+        ).fetchone()
+        return None if row is None else _publication(row)
+
+    def publications(self, kind: str) -> dict[str, Publication]:
+        """Every published object of `kind`, by name."""
+        rows = self._conn.execute(f"SELECT {_PUBLISHED_COLUMNS} FROM published WHERE kind=?", (kind,))
+        return {row[1]: _publication(row) for row in rows.fetchall()}
+
+    def published_counts(self) -> dict[str, tuple[int, int, int]]:
+        """By kind: (objects, bytes, objects whose local copy is gone)."""
+        rows = self._conn.execute(
+            "SELECT kind, count(*), coalesce(sum(size), 0), sum(local = 0) FROM published GROUP BY kind"
+        ).fetchall()
+        return {kind: (int(n), int(size), int(dropped or 0)) for kind, n, size, dropped in rows}
+
+    def drop_local(self, kind: str, name: str) -> None:
+        """The local copy of a published object is about to be deleted: readers use the store."""
+        with self._transaction():
+            self._conn.execute("UPDATE published SET local=0 WHERE kind=? AND name=?", (kind, name))
+
     def seen_count(self) -> int:
         return int(self._conn.execute("SELECT count(*) FROM seen").fetchone()[0])
 
@@ -500,6 +568,14 @@ class _Transaction:
         # a ROLLBACK then fails and would hide the error that matters.
         if self._conn.in_transaction:
             self._conn.execute("ROLLBACK")
+
+
+_PUBLISHED_COLUMNS = "kind, name, file, url, size, etag, sha256, local"
+
+
+def _publication(row: tuple[str, str, str, str, int, str, str, int]) -> Publication:
+    kind, name, file, url, size, etag, sha256, local = row
+    return Publication(kind, name, file, url, int(size), etag, sha256, bool(local))
 
 
 _SEGMENT_COLUMNS = "name, size, items, closed, COALESCE(file, name)"

@@ -20,8 +20,9 @@ from crawler.archive import agreement
 from crawler.archive.observations import RefreshLedger
 from crawler.archive.reader import Line, loads, segment_lines
 from crawler.archive.segments import OBSERVATIONS
-from crawler.archive.state import SegmentRow, State
-from crawler.errors import StateError
+from crawler.archive.state import Kind, Publication, SegmentRow, State
+from crawler.archive.store import store_of
+from crawler.errors import StateError, StoreError
 
 
 @dataclass(slots=True)
@@ -40,31 +41,56 @@ def verify(out_dir: Path, state: State) -> Report:
     report = Report()
     seen: set[int] = set()
     segments = state.segments()
-    report.problems += agreement.disagreements(out_dir, segments)
+    published = state.publications(Kind.SEGMENT)
+    report.problems += agreement.disagreements(out_dir, segments, published=published)
     on_disk = agreement.segment_entries(out_dir)
     for segment in segments:
         report.segments += 1
-        if segment.file in on_disk:  # a missing one is among the disagreements
-            _check_segment(out_dir, segment, lambda line: _check_line(line, seen), report)
+        if segment.name in published:
+            report.problems += check_object(published[segment.name])
+        remote = published.get(segment.name) if segment.file not in on_disk else None
+        if segment.file in on_disk or remote is not None:  # a missing one is among the disagreements
+            _check_segment(out_dir, segment, lambda line: _check_line(line, seen), report, remote)
     expected = state.seen_count()
     if len(seen) != expected:
         report.problems.append(f"the files hold {len(seen)} distinct ids, the state {expected}")
     return report
 
 
+def check_object(published: Publication) -> list[str]:
+    """A published object is in the store with the size and ETag recorded."""
+    try:
+        found = store_of(published.url).head_url(published.url)
+    except StoreError as exc:
+        return [str(exc)]
+    if found is None:
+        return [f"{published.url}: missing from the store (the state recorded it published)"]
+    if (found.size, found.etag) != (published.size, published.etag):
+        return [
+            f"{published.url}: {found.size} bytes, ETag {found.etag} in the store; "
+            f"recorded {published.size} bytes, ETag {published.etag}"
+        ]
+    return []
+
+
 def verify_observations(out_dir: Path, ledger: RefreshLedger) -> Report:
     """The refresh segments against their rows in the state: the same file checks as the item
-    segments, every line an observation, no id twice in one pass (passes follow one another in
+    segments (a published one checked in the store, and read from there when its local copy
+    is gone), every line an observation, no id twice in one pass (passes follow one another in
     the files), and every observed id's latest observation recorded."""
     report = Report()
     segments = ledger.segments()
-    report.problems += agreement.disagreements(out_dir, segments, OBSERVATIONS)
+    published = ledger.publications(Kind.SEGMENT)
+    report.problems += agreement.disagreements(out_dir, segments, OBSERVATIONS, published)
     on_disk = agreement.segment_entries(out_dir, OBSERVATIONS)
     passes = _Passes()
     for segment in segments:
         report.segments += 1
-        if segment.file in on_disk:
-            _check_segment(out_dir, segment, passes.check, report)
+        if segment.name in published:
+            report.problems += check_object(published[segment.name])
+        remote = published.get(segment.name) if segment.file not in on_disk else None
+        if segment.file in on_disk or remote is not None:
+            _check_segment(out_dir, segment, passes.check, report, remote)
     observed, _ = ledger.observed_count()
     if len(passes.ids) != observed:
         report.problems.append(f"the refresh segments observe {len(passes.ids)} ids, the state {observed}")
@@ -100,11 +126,15 @@ class _Passes:
 
 
 def _check_segment(
-    out_dir: Path, segment: SegmentRow, check_line: Callable[[Line], str | None], report: Report
+    out_dir: Path,
+    segment: SegmentRow,
+    check_line: Callable[[Line], str | None],
+    report: Report,
+    remote: Publication | None,
 ) -> None:
     count = size = 0
     try:
-        for line in segment_lines(out_dir, segment):
+        for line in segment_lines(out_dir, segment, remote):
             if not line.committed_in(segment) and not segment.closed:
                 # Past the commit of the active segment is only an uncommitted tail; in a
                 # closed one every line counts, so extra data shows as a count mismatch.
@@ -121,6 +151,8 @@ def _check_segment(
         report.lines += count
         return
     report.lines += count
+    if remote is not None:
+        report.notes.append(f"{segment.file}: read from the object store ({remote.url})")
     if count != segment.items:
         report.problems.append(f"{segment.file}: {count} lines, the state committed {segment.items}")
     if size != segment.size:

@@ -19,13 +19,14 @@ from pathlib import Path
 from crawler import __version__
 from crawler.cli import logs
 from crawler.cli.logs import DEFAULT_PROGRESS_EVERY, LOG_FORMATS, LogOptions, StderrHandler
-from crawler.cli.media import cmd_media
+from crawler.cli.media import ENGINES, cmd_media, positive
 from crawler.cli.refresh import cmd_refresh, duration
 from crawler.cli.repair import cmd_repair
 from crawler.cli.run import cmd_run
 from crawler.cli.status import cmd_status
 from crawler.cli.verify import cmd_verify
 from crawler.config import API_KEY_ENV, AUTO, ApiConfig, MediaConfig, OutputConfig, api_key, load_config
+from crawler.crawl.media_ray import TASK_ITEMS, RayOptions
 from crawler.crawl.watch import Progress
 from crawler.errors import ExitCode, HarvestError
 from crawler.export.options import DEFAULT_FILE_MB, FORMATS, SQL_OUTPUT_FORMATS
@@ -67,6 +68,9 @@ _OUTPUT_HELP = {
     "segment_items": "close a segment after this many images (0: no limit)",
     "segment_mb": "close a segment once it holds this many MiB (0: no limit)",
     "compress": "closed segments: zstd, gzip or none",
+    "publish": 'closed segments and media files are uploaded to "s3://bucket/prefix" (None: not); '
+    "endpoint and credentials from AWS_* variables and ~/.aws only",
+    "keep_local": "false: local copies of published segments and media are deleted once recorded",
 }
 
 
@@ -161,13 +165,41 @@ def build_parser() -> argparse.ArgumentParser:
         help="fetch the media files of every committed image (only the media stage)",
         description="Download the image and video files the harvested items point to, into "
         "[media] dir: each once, verified (SHA-256 recorded), resumable. `harvest run` does the "
-        "same as it harvests when [media] download = true.",
+        "same as it harvests when [media] download = true. With --engine ray, Ray workers download "
+        "(into the object store when [output] publish is set) and this process records.",
         epilog=_media_reference(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     media.add_argument("config", type=Path, help="TOML config file")
     media.add_argument(
         "--retry-gone", action="store_true", help="ask again for media the CDN said was gone (404/410)"
+    )
+    media.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="local",
+        help="local: this process downloads (the default); ray: Ray workers download, this process "
+        "records (pip install 'civitai-harvest[ray]')",
+    )
+    media.add_argument(
+        "--address",
+        metavar="ADDR",
+        help="with --engine ray: the running Ray cluster to use (host:port of its head, or ray://...); "
+        "without it a local Ray is started for the run",
+    )
+    media.add_argument(
+        "--task-items",
+        type=positive,
+        default=TASK_ITEMS,
+        metavar="N",
+        help=f"with --engine ray: items per Ray task (default {TASK_ITEMS})",
+    )
+    media.add_argument(
+        "--workers",
+        type=positive,
+        metavar="N",
+        help="with --engine ray: tasks at once, each with 1/N of [media]'s budget (default: the "
+        "cluster's CPUs)",
     )
     fresh = sub.add_parser(
         "refresh",
@@ -207,7 +239,11 @@ def _add_export(
         "The columns are listed in the README.",
     )
     export.add_argument("config", type=Path, help="TOML config file")
-    export.add_argument("--to", type=Path, metavar="DIR", help="the export dir (default: OUTPUT_DIR/export)")
+    export.add_argument(
+        "--to",
+        metavar="DIR",
+        help="the export dir (default: OUTPUT_DIR/export), or s3://bucket/prefix (see Object storage)",
+    )
     export.add_argument("--format", choices=FORMATS, default="parquet", help="file format (default: parquet)")
     export.add_argument("--full", action="store_true", help="export everything again, replacing the files")
     export.add_argument(
@@ -304,7 +340,12 @@ def log_options(args: argparse.Namespace) -> LogOptions:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "media" and args.engine != "ray":
+        given = [flag for flag, value in (("--address", args.address), ("--workers", args.workers)) if value]
+        if given or args.task_items != TASK_ITEMS:
+            parser.error(f"{(given or ['--task-items'])[0]} is an option of --engine ray")
     options = log_options(args)
     key = os.environ.get(API_KEY_ENV, "").strip() or None  # to redact, even one `api_key` refuses
     handler = setup_logging(options, key)
@@ -329,7 +370,8 @@ def _dispatch(args: argparse.Namespace, watcher: Callable[[], Progress]) -> int:
     if args.command == "run":  # only a run sends the key: a bad one stops nothing else
         return cmd_run(config, api_key(os.environ), watcher())
     if args.command == "media":
-        return cmd_media(config, watcher(), retry_gone=args.retry_gone)
+        ray = RayOptions(args.address, args.task_items, args.workers)
+        return cmd_media(config, watcher(), retry_gone=args.retry_gone, engine=args.engine, ray=ray)
     if args.command == "refresh":
         return cmd_refresh(config, api_key(os.environ), watcher(), args.older_than)
     if args.command == "status":

@@ -10,9 +10,11 @@ import sys
 from pathlib import Path
 
 from crawler.archive.state import State
+from crawler.archive.store import SCHEME, parse_url
 from crawler.config import Config
-from crawler.errors import ExitCode
-from crawler.export.export import export
+from crawler.errors import ConfigError, ExitCode
+from crawler.export.export import Result, export
+from crawler.export.remote import export_to_store
 
 EXPORT_DIR = "export"  # default: beside the segments, in the output dir
 
@@ -21,11 +23,15 @@ def default_dir(config: Config) -> Path:
     return config.output.dir / EXPORT_DIR
 
 
-def cmd_export(config: Config, to: Path | None, fmt: str, full: bool, file_mb: float) -> int:
-    folder = to if to is not None else default_dir(config)
+def cmd_export(config: Config, to: str | None, fmt: str, full: bool, file_mb: float) -> int:
+    folder = Path(to) if to is not None else default_dir(config)
     with State.open(config.output.dir, create=False) as state:
         try:
-            result = export(config.output.dir, state, folder, fmt, full=full, file_mb=file_mb)
+            if to is not None and to.startswith(SCHEME):
+                result = _to_store(config, state, to, fmt, full, file_mb)
+                folder = Path(to)  # for the line below: the URL as given
+            else:
+                result = export(config.output.dir, state, folder, fmt, full=full, file_mb=file_mb)
         except KeyboardInterrupt:
             print("harvest: export interrupted; nothing of it was kept (run it again)", file=sys.stderr)
             return ExitCode.SIGINT
@@ -43,6 +49,14 @@ def cmd_export(config: Config, to: Path | None, fmt: str, full: bool, file_mb: f
         file=sys.stderr,
     )
     return ExitCode.OK
+
+
+def _to_store(config: Config, state: State, to: str, fmt: str, full: bool, file_mb: float) -> Result:
+    try:
+        url = parse_url(to)
+    except ValueError as error:
+        raise ConfigError(f"--to {to}: {error}") from None
+    return export_to_store(config.output.dir, state, url, fmt, full=full, file_mb=file_mb)
 
 
 def _size(count: int) -> str:

@@ -20,7 +20,12 @@ def cmd_repair(config: Config) -> int:
     out = config.output
     lock = OutputLock(out.dir, command="repair")
     try:
-        done = repair(out.dir, ArchiveSpec(out.dir, out.segment_items, out.segment_mb, out.compress))
+        done = repair(
+            out.dir,
+            ArchiveSpec(
+                out.dir, out.segment_items, out.segment_mb, out.compress, out.publish, out.keep_local
+            ),
+        )
     except StateError as exc:
         advice = "mend the file, or move it aside to forget its images, and repair again"
         raise StateError(f"{exc}; nothing was changed ({advice})") from None

@@ -14,7 +14,7 @@ from crawler.archive import agreement
 from crawler.archive.fs import create_new
 from crawler.archive.media_ledger import MediaCounts, MediaLedger
 from crawler.archive.observations import RefreshLedger
-from crawler.archive.state import ShardStatus, State
+from crawler.archive.state import Kind, ShardStatus, State
 from crawler.config import Config
 from crawler.crawl.pipeline import RunSummary
 from crawler.crawl.watch import MediaTally
@@ -205,14 +205,29 @@ def print_status(state: MediaLedger, config: Config, out: TextIO = sys.stdout) -
             f"{media.failed} failed{stopped} under {config.media.dir}",
             file=out,
         )
+    _print_published(state, config, out)
+
+
+def _print_published(state: State, config: Config, out: TextIO) -> None:
+    """`published: N segments (X MB, D only in the store), M media files (...) -> s3://...`."""
+    counts = state.published_counts()
+    if not counts and config.output.publish is None:
+        return
+    parts = []
+    for kind, label in ((Kind.SEGMENT, "segments"), (Kind.MEDIA, "media files")):
+        n, size, dropped = counts.get(kind, (0, 0, 0))
+        parts.append(f"{n} {label} ({size / 1e6:.1f} MB, {dropped} only in the store)")
+    where = f" -> {config.output.publish}" if config.output.publish is not None else ""
+    print(f"published: {', '.join(parts)}{where}", file=out)
 
 
 def _missing_segments(state: State, config: Config) -> list[str]:
     """Segments whose file is gone. Asked twice: a run may compress a segment (and remove its
     plain file) between reading the state and looking at the files; then the second asking,
     with the state read again, finds the compressed file."""
-    found = agreement.missing(config.output.dir, state.segments())
+    published = state.publications(Kind.SEGMENT)
+    found = agreement.missing(config.output.dir, state.segments(), published)
     if found:
-        found = agreement.missing(config.output.dir, state.segments())
+        found = agreement.missing(config.output.dir, state.segments(), state.publications(Kind.SEGMENT))
     hint = f"to rebuild the state from the files: harvest repair {config.path}"
     return found + ([hint] if found else [])

@@ -30,6 +30,7 @@ from crawler import exactjson
 from crawler.archive import media_ledger as ml
 from crawler.archive.media_files import PartFile, finished_files, hash_file
 from crawler.archive.media_ledger import MediaLedger, MediaRef, ScanPoint
+from crawler.archive.media_publish import MediaPublisher
 from crawler.archive.reader import committed_blocks
 from crawler.archive.sniff import HEAD_BYTES, sniff
 from crawler.archive.state import SegmentRow, State
@@ -80,7 +81,11 @@ async def run_media(
         downloader = downloader_for(session, media, config.api.max_wait)
         tally.counters = downloader.counters
         with MediaLedger.open(config.output.dir) as ledger:
-            stage = MediaStage(media, config.output.dir, ledger, downloader, tally)
+            publish = config.output.publish
+            publisher = (
+                MediaPublisher(media.dir, ledger, publish, config.output.keep_local) if publish else None
+            )
+            stage = MediaStage(media, config.output.dir, ledger, downloader, tally, publisher)
             try:
                 await stage.run(harvest, retry_gone=retry_gone)
             except BaseExceptionGroup as error:  # a full disk, say: the error, not its group
@@ -148,9 +153,11 @@ class MediaStage:
         ledger: MediaLedger,
         downloader: Downloader,
         tally: MediaTally,
+        publisher: MediaPublisher | None = None,
     ) -> None:
         self.media, self.out_dir, self.ledger = media, out_dir, ledger
         self.downloader, self.tally = downloader, tally
+        self.publisher = publisher  # `[output] publish`: each file goes to the store once recorded
         self._pending: set[int] = set()  # queued or downloading: never queued twice
         self._open: OrderedDict[int, _Spot] = OrderedDict()  # scanned items not ended, in line order
         self._point = ScanPoint(tuple(sorted(media.types)))
@@ -158,6 +165,8 @@ class MediaStage:
 
     async def run(self, harvest: asyncio.Task[RunSummary] | None, *, retry_gone: bool = False) -> None:
         queue: _Queue = asyncio.Queue(maxsize=2 * self.media.concurrency)
+        if self.publisher is not None:  # files recorded but not published (a crash, or publish is new)
+            await self.publisher.backlog(self.media.concurrency)
         async with asyncio.TaskGroup() as group:
             workers = [group.create_task(self._work(queue)) for _ in range(self.media.concurrency)]
             await self._produce(queue, harvest, retry_gone)
@@ -240,9 +249,9 @@ class MediaStage:
                 self.ledger.trying(ref.id, url)
                 source = url
             try:
-                await self.downloader.fetch(url, _Expected(part, ref.type))
+                await self.downloader.fetch(url, Expected(part, ref.type))
             except ApiError as error:
-                if _is_gone(error):
+                if is_gone(error):
                     part.discard()
                     gone.append(str(error))
                 else:
@@ -258,6 +267,8 @@ class MediaStage:
         assert fmt is not None, "the sink refuses what is not media"
         stored = await asyncio.to_thread(part.finish, fmt.ext)  # fsync and rename: off the loop
         self.ledger.done(ref.id, stored.path, stored.size, stored.sha256, fmt.content_type)
+        if self.publisher is not None:
+            await self.publisher.publish(ref.id, stored.path, stored.sha256)
         self.tally.file_done(stored.size)
         log.debug("media %d: %s, %d bytes from %s", ref.id, fmt.content_type, stored.size, url)
 
@@ -269,6 +280,8 @@ class MediaStage:
         relative = path.relative_to(self.media.dir).as_posix()
         self.ledger.done(ref.id, relative, stored.size, stored.sha256, content_type)
         PartFile(self.media.dir, ref.id).discard()
+        if self.publisher is not None:
+            await self.publisher.publish(ref.id, relative, stored.sha256)
         self.tally.file_done(stored.size)
 
     def _ended(self, ref: MediaRef, gone: list[str], failed: list[str]) -> None:
@@ -283,12 +296,12 @@ class MediaStage:
         log.warning("media %d failed: %s", ref.id, why)
 
 
-def _is_gone(error: ApiError) -> bool:
+def is_gone(error: ApiError) -> bool:
     status = error.outcome.status if error.outcome is not None else None
     return isinstance(error, NotFoundError) or status in _GONE_STATUSES
 
 
-class _Expected:
+class Expected:
     """The sink of one attempt: the `.part` file, and what the item's type says it must hold."""
 
     def __init__(self, part: PartFile, kind: str) -> None:
@@ -306,6 +319,20 @@ class _Expected:
         if why is not None:
             self.part.discard()  # never continued: the next attempt starts over
         return why
+
+
+def committed_refs(
+    out_dir: Path, ledger: MediaLedger, point: ScanPoint
+) -> Iterator[tuple[ScanPoint, list[MediaRef]]]:
+    """Per block of committed lines past `point`: the point at the block's end, and what
+    every line of it says of its media (of any type: the caller picks)."""
+    for segment in ledger.segments():
+        if segment.name < point.segment:
+            continue
+        start = point.offset if segment.name == point.segment else 0
+        for block_start, block in _blocks(out_dir, ledger, segment, start):
+            refs = [ref for _, ref in _refs(block, block_start) if ref is not None]
+            yield ScanPoint(point.types, segment.name, block_start + len(block)), refs
 
 
 def _blocks(

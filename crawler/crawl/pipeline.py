@@ -75,7 +75,10 @@ async def run_harvest(
     summary = RunSummary() if summary is None else summary
     out = config.output
     # Opened first: it refuses files that disagree with the state before any request.
-    sink = Checkpointer(ArchiveSpec(out.dir, out.segment_items, out.segment_mb, out.compress), state)
+    sink = Checkpointer(
+        ArchiveSpec(out.dir, out.segment_items, out.segment_mb, out.compress, out.publish, out.keep_local),
+        state,
+    )
     try:
         connector = aiohttp.TCPConnector(limit=max_in_flight(config.api))
         async with aiohttp.ClientSession(connector=connector) as session:

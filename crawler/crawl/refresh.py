@@ -98,7 +98,10 @@ async def run_refresh(
     out = config.output
     ledger = RefreshLedger.open(out.dir, create=False)
     try:
-        sink = ObservationLog(ArchiveSpec(out.dir, out.segment_items, out.segment_mb, out.compress), ledger)
+        spec = ArchiveSpec(
+            out.dir, out.segment_items, out.segment_mb, out.compress, out.publish, out.keep_local
+        )
+        sink = ObservationLog(spec, ledger)  # closed segments take the item segments' steps (publish too)
         try:
             current = ledger.begin_refresh(None if older_than is None else clock() - older_than)
             tally.pass_no, tally.resumed, tally.due = current.number, current.resumed, current.todo
