@@ -21,6 +21,7 @@ from crawler.testing.configs import expected_ids as expected_ids  # re-exported 
 from crawler.testing.configs import toml_value
 from crawler.testing.fakeapi import Dataset, DatasetSpec, FakeServer, ServerOptions
 from crawler.testing.fakeapi.background import ServerThread
+from crawler.testing.fakeapi.cdnfiles import CACHE_PREFIX
 
 # The local S3 server (moto behind a fault proxy) and its per-test bucket: tests/objectstore.py.
 pytest_plugins = ("objectstore",)
@@ -54,6 +55,19 @@ def api(dataset: Dataset) -> Iterator[FakeServer]:
 
 
 _toml_value = toml_value  # the name older test modules import
+
+
+def media_table(api: FakeServer, **media: Any) -> dict[str, Any]:
+    """A [media] table against the fake CDN: downloads on, fast retries unless overridden."""
+    return {
+        "download": True,
+        "requests_per_second": 500,
+        "concurrency": 4,
+        "timeout": 5,
+        "max_backoff": 0.05,
+        "video_base": api.cdn_url + CACHE_PREFIX.rstrip("/"),
+        **media,
+    }
 
 
 def write_config(

@@ -16,11 +16,11 @@ import orjson
 import pytest
 from aiohttp import web
 
-from conftest import Result, harvest, make_dataset, read_items, write_config
+from conftest import Result, harvest, make_dataset, media_table, read_items, write_config
 from crawler.errors import ExitCode
 from crawler.testing.fakeapi import Dataset, FakeServer, ServerOptions
 from crawler.testing.fakeapi.background import ServerThread
-from crawler.testing.fakeapi.cdnfiles import CACHE_PREFIX, CdnFaults, CdnOptions
+from crawler.testing.fakeapi.cdnfiles import CdnFaults, CdnOptions
 
 KEY = "sekret-media-key-123"
 QUERY = {"modelId": 500, "sort": "Newest", "browsingLevel": 31}
@@ -37,16 +37,7 @@ def cdn_api() -> Iterator[FakeServer]:
 
 
 def media_config(path: Path, api: FakeServer, **media: Any) -> Path:
-    table = {
-        "download": True,
-        "requests_per_second": 500,
-        "concurrency": 4,
-        "timeout": 5,
-        "max_backoff": 0.05,
-        "video_base": api.cdn_url + CACHE_PREFIX.rstrip("/"),
-        **media,
-    }
-    return write_config(path, api.base_url, [QUERY], media=table)
+    return write_config(path, api.base_url, [QUERY], media=media_table(api, **media))
 
 
 def media_rows(out: Path) -> dict[int, dict[str, Any]]:

@@ -17,14 +17,14 @@ from typing import Any
 
 import pytest
 
-from conftest import HARVEST, harvest, read_items, write_config
+from conftest import HARVEST, harvest, media_table, read_items, write_config
 from crawler.archive.media_ledger import DONE, MediaLedger, MediaRef, MediaResult
 from crawler.archive.state import State
 from crawler.crawl.media_ray import TASK_NAME
 from crawler.errors import ExitCode
 from crawler.testing.fakeapi import FakeServer, ServerOptions
 from crawler.testing.fakeapi.background import ServerThread
-from crawler.testing.fakeapi.cdnfiles import CACHE_PREFIX, CdnOptions
+from crawler.testing.fakeapi.cdnfiles import CdnOptions
 from objectstore import MotoServer, ObjectStoreFixture
 from test_media import QUERY, assert_complete, media_config, media_dataset, media_rows
 
@@ -291,12 +291,5 @@ def _uuid(item: dict[str, Any]) -> str:
 def _store_config(path: Path, api: FakeServer, store: ObjectStoreFixture) -> Path:
     """test_media's config (no media download in `harvest run`, 2 downloads at a time), publishing."""
     output = {"publish": store.url, "keep_local": False}
-    media = {
-        "download": False,
-        "requests_per_second": 500,
-        "concurrency": 2,
-        "timeout": 5,
-        "max_backoff": 0.05,
-        "video_base": api.cdn_url + CACHE_PREFIX.rstrip("/"),
-    }
+    media = media_table(api, download=False, concurrency=2)
     return write_config(path, api.base_url, [QUERY], output=output, media=media)

@@ -17,12 +17,12 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
-from conftest import HARVEST, harvest, make_dataset, write_config
+from conftest import HARVEST, harvest, make_dataset, media_table, write_config
 from crawler.config import parse_config
 from crawler.errors import ConfigError, ExitCode
 from crawler.testing.fakeapi import Dataset, FakeServer, ServerOptions
 from crawler.testing.fakeapi.background import ServerThread
-from crawler.testing.fakeapi.cdnfiles import CACHE_PREFIX, CdnOptions
+from crawler.testing.fakeapi.cdnfiles import CdnOptions
 from objectstore import ObjectStoreFixture
 
 QUERY = {"modelId": 500, "sort": "Newest", "browsingLevel": 31}
@@ -48,16 +48,7 @@ def _config(
         "publish": store.url,
         "keep_local": keep_local,
     }
-    table = {
-        "download": True,
-        "requests_per_second": 500,
-        "concurrency": 4,
-        "timeout": 5,
-        "max_backoff": 0.05,
-        "video_base": api.cdn_url + CACHE_PREFIX.rstrip("/"),
-        **media,
-    }
-    return write_config(path, api.base_url, [QUERY], output=output, media=table)
+    return write_config(path, api.base_url, [QUERY], output=output, media=media_table(api, **media))
 
 
 def _rows(out: Path, table: str) -> list[dict[str, Any]]:
