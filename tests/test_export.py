@@ -496,7 +496,8 @@ def test_sql_views_over_the_archive(tmp_path: Path) -> None:
         1 for r in parquet.values() if r["meta"] is not None
     )
     shards = sql(cfg, "SELECT query, status, items FROM shards ORDER BY key")
-    assert [s["status"] for s in shards] == ["done"] * 3 and sum(s["items"] for s in shards) == len(parquet)
+    assert len(shards) >= 3 and {s["status"] for s in shards} == {"done"}  # 3 versions, their other ends
+    assert sum(s["items"] for s in shards) == len(parquet)
     assert sql(cfg, "SELECT count(*) AS n FROM media") == [{"n": 0}]
     assert sql(cfg, "SELECT count(*) AS n FROM observations") == [{"n": 0}]  # no refresh yet
     assert sql(cfg, "SELECT count(gone) AS n FROM images") == [{"n": 0}]

@@ -58,6 +58,9 @@ class WalkNote:
     capped: bool = False  # without a next cursor: the walk stopped at the server's cap
     other_end: str | None = None  # walked from both ends: the shard walking from the other one
     levels: Mapping[int, int] = field(default_factory=dict)  # images on the page by browsing level
+    # False when the two ends' walks are still far apart in time: ids the other end served
+    # are then not a meeting (an image served at both ends, e.g. pinned, must not end them).
+    may_meet: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,7 +111,7 @@ class Checkpointer:
         fresh, fresh_ids = self._unseen(page)
         if walk.stop_when_known and page.ids and not fresh:
             next_cursor = None  # an incremental walk has reached what it already holds
-        met = walk.other_end is not None and self._state.walked_by(walk.other_end, page.ids)
+        met = walk.other_end is not None and walk.may_meet and self._state.walked_by(walk.other_end, page.ids)
         if met:
             next_cursor = None  # the two ends of a walk met: everything between is covered
         size = self._writer.append(b"".join(fresh), len(fresh)) if fresh else self._writer.size

@@ -204,7 +204,12 @@ class _Committer:
     async def _commit(self, message: Fetched) -> None:
         page = message.page
         note = WalkNote(
-            message.stop_when_known, message.depth, message.capped, message.other_end, message.levels()
+            message.stop_when_known,
+            message.depth,
+            message.capped,
+            message.other_end,
+            message.levels(),
+            message.may_meet,
         )
         work = asyncio.to_thread(
             self._sink.commit, message.shard.key, message.cursor, page, page.next_cursor, note

@@ -57,6 +57,7 @@ class Fetched:
     capped: bool  # the page ends the walk at the server's cap, not at the query's end
     stop_when_known: bool  # an incremental walk: a page of known images only ends it
     other_end: str | None  # the shard walking the same query from the other end: stop on meeting it
+    may_meet: bool  # the two ends' walks are near enough in time for a shared id to be their meeting
     # Set when the walker must learn how the commit went (known page, the ends met) before
     # it fetches on, so it never walks past a frontier.
     committed: asyncio.Future[PageResult] | None = None
@@ -215,12 +216,16 @@ async def _follow(
         walk_.depth = _depth_after(walk_, size.current)
         walk_.deepest.append(page.ids)
         walk_.capped = page.next_cursor is None and walk_.depth >= walker.walk_cap
+        if walk_.pair is not None:  # before the commit: it decides whether the ends met
+            walker.sizes.page(walk_.pair, shard.key, page.items)
         if await _hand_on(shard, plan, walker, walk_, page) or page.next_cursor is None:
             return
         walk_.cursor = page.next_cursor
         if _wants_other_end(shard, plan, walker, walk_):
             await _start_other_end(shard, walker, walk_, helpers)
-        _size(shard, walker, walk_, page)
+            if walk_.pair is not None:
+                walker.sizes.page(walk_.pair, shard.key, page.items)  # the pair's first stretch
+        _size(shard, walker, walk_)
         await _until_sized(shard, walker, walk_)
 
 
@@ -272,11 +277,17 @@ def _urgency(walk_: _Walk) -> float:
     return math.inf if left is None else left / 2
 
 
-def _size(shard: Shard, walker: Walker, walk_: _Walk, page: Page) -> None:
+def _may_meet(walk_: _Walk) -> bool:
+    """Ends meet where their walks cross in time (an id both served is then the proof); a
+    shared id while about a page or more lies between them is not a meeting."""
+    left = walk_.pair.pages_left() if walk_.pair is not None else None
+    return left is None or left < 1
+
+
+def _size(shard: Shard, walker: Walker, walk_: _Walk) -> None:
     pair = walk_.pair
     if pair is None:
         return
-    walker.sizes.page(pair, shard.key, page.items)
     if halves(shard) and walker.sizes.decide(pair, walker.client.in_flight_target, walker.crew.active):
         left = pair.pages_left() or 0
         log.info("%s: about %.0f pages left, too many for two walkers", describe(shard), left)
@@ -326,7 +337,17 @@ async def _hand_on(shard: Shard, plan: WalkPlan, walker: Walker, walk_: _Walk, p
         asyncio.get_running_loop().create_future() if wait else None
     )
     await walker.queue.put(
-        Fetched(shard, walk_.cursor, page, walk_.depth, walk_.capped, stop, walk_.other_end, committed)
+        Fetched(
+            shard,
+            walk_.cursor,
+            page,
+            walk_.depth,
+            walk_.capped,
+            stop,
+            walk_.other_end,
+            _may_meet(walk_),
+            committed,
+        )
     )
     if committed is None:
         return False
