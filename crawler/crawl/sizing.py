@@ -131,7 +131,10 @@ class Sizes:
         if pair.decided or own is None:
             return False
         pair.decided = pair.pages >= DECIDE_WITHIN
-        known = [p for p in (q.pages_left() for q in self.live()) if p is not None]
+        live = self.live()
+        if all(q is not pair for q in live):  # its walk began again from the head: no longer listed
+            live.append(pair)
+        known = [p for p in (q.pages_left() for q in live) if p is not None]
         per_walker = own / 2
         average = sum(known) / (2 * len(known))
         left = sum(known) + max(0, walkers - 2 * len(known)) * average
