@@ -201,19 +201,11 @@ class Endpoint:
 
         Each child differs from `params` in one parameter, set (or replaced) by `partitions`.
         """
-        params = tuple(params)
-        children: list[WireParams] = []
-        for name, value in self.partitions(dict(params)):
-            children.append((*((k, v) for k, v in params if k != name), (name, value)))
-        return children
+        return _each_set(tuple(params), self.partitions)
 
     def halve(self, params: Iterable[tuple[str, str]]) -> list[WireParams]:
         """Like `split`, but into two parts at most (for more walkers, not for the cap), or []."""
-        params = tuple(params)
-        return [
-            (*((k, v) for k, v in params if k != name), (name, value))
-            for name, value in self.halving(dict(params))
-        ]
+        return _each_set(tuple(params), self.halving)
 
     def item_time(self, item: Mapping[str, Any]) -> float | None:
         """When the item was made, in seconds since the epoch; None when it does not say."""
@@ -235,6 +227,15 @@ class Endpoint:
         """Where a walk of these parameters, once walked to its end, resumes and stops."""
         sort = dict(params).get(self.sort_key)
         return self.frontiers.get(sort, Frontier.WALK_ALL) if sort is not None else Frontier.WALK_ALL
+
+
+def _each_set(
+    params: WireParams, partition: Callable[[Mapping[str, str]], list[tuple[str, str]]]
+) -> list[WireParams]:
+    """`params` once per (name, value) of `partition`, with that parameter set or replaced."""
+    return [
+        (*((k, v) for k, v in params if k != name), (name, value)) for name, value in partition(dict(params))
+    ]
 
 
 def _sendable(cursor: str) -> bool:

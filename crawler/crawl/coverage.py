@@ -12,15 +12,10 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 
 from crawler.archive.state import ShardRow, ShardStatus, State
-from crawler.civitai.images import IMAGES, MATURE_LEVELS, SFW_HOST_AFTER
-from crawler.crawl.shards import Shard, describe, halves, make_shard, split
+from crawler.civitai.images import MATURE_LEVELS, SFW_HOST_AFTER
+from crawler.crawl.shards import Shard, describe, ends_of, halves, split
 
 MATURE_HOST = "https://civitai.red/api/v1"
-
-
-def ends_of(shard: Shard) -> list[Shard]:
-    """`shard` walked newest first and oldest first."""
-    return [make_shard(shard.query, params) for params in IMAGES.from_ends(shard.params)]
 
 
 def other_end(shard: Shard, row: ShardRow) -> str | None:

@@ -230,9 +230,10 @@ class _Committer:
         log.debug("%s: %d new of %d", describe(message.shard), result.new_items, len(page.items))
         if result.done:
             self._shard_done(message.shard)
-        other = next((s for s in self._shards if s.key == message.other_end), None)
-        if result.met and other is not None:  # the other end is done with this one
-            self._shard_done(other)
+        if result.met:  # the other end is done with this one
+            other = next((s for s in self._shards if s.key == message.other_end), None)
+            if other is not None:
+                self._shard_done(other)
 
     def _shard_done(self, shard: Shard) -> None:
         if shard.key in self._done:

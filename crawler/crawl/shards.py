@@ -99,6 +99,11 @@ def split(shard: Shard) -> list[Shard]:
     return [make_shard(shard.query, params) for params in IMAGES.split(shard.params)]
 
 
+def ends_of(shard: Shard) -> list[Shard]:
+    """`shard` walked newest first and oldest first."""
+    return [make_shard(shard.query, params) for params in IMAGES.from_ends(shard.params)]
+
+
 def halves(shard: Shard) -> list[Shard]:
     """Two child shards that together select exactly what `shard` selects, or [] if none."""
     return [make_shard(shard.query, params) for params in IMAGES.halve(shard.params)]

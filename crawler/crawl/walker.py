@@ -35,7 +35,7 @@ from crawler.civitai.endpoint import Page
 from crawler.civitai.images import IMAGES
 from crawler.crawl.api import CivitaiApi
 from crawler.crawl.plan import PageSize, WalkPlan
-from crawler.crawl.shards import Shard, check_items, describe, halves, make_shard, split, with_limit
+from crawler.crawl.shards import Shard, check_items, describe, ends_of, halves, split, with_limit
 from crawler.crawl.sizing import Pair, Sizes
 from crawler.crawl.stall import StallGuard
 from crawler.errors import CursorGoneError, CursorLoopError, SearchTimeoutError, ShardError
@@ -243,15 +243,11 @@ def _wants_other_end(shard: Shard, plan: WalkPlan, walker: Walker, walk_: _Walk)
         return False  # already two-ended, or an incremental or resumed walk: it knows its frontier
     if not walker.crew.short(walker.client):
         return False
-    return shard in _ends(shard)  # its sort is one end's: the walk so far is that end's
-
-
-def _ends(shard: Shard) -> list[Shard]:
-    return [make_shard(shard.query, params) for params in IMAGES.from_ends(shard.params)]
+    return shard in ends_of(shard)  # its sort is one end's: the walk so far is that end's
 
 
 async def _start_other_end(shard: Shard, walker: Walker, walk_: _Walk, helpers: asyncio.TaskGroup) -> None:
-    other = next(e for e in _ends(shard) if e != shard)
+    other = next(e for e in ends_of(shard) if e != shard)
     if walk_.depth:
         why = "%s: %d images deep, walkers to spare: walking it from its other end too"
         log.info(why, describe(shard), walk_.depth)
@@ -308,7 +304,7 @@ async def _until_sized(shard: Shard, walker: Walker, walk_: _Walk) -> None:
 
 async def _walk_halves(shard: Shard, other_end: str, walker: Walker) -> None:
     children = halves(shard)
-    other = next(e for e in _ends(shard) if e.key == other_end)
+    other = next(e for e in ends_of(shard) if e.key == other_end)
     log.info("%s: walking it as %d halves, each from both ends", describe(shard), len(children))
     await walker.queue.put(Split(shard, children, ends=True))  # before any page of theirs
     await walker.queue.put(Split(other, []))  # the other end's walk is over: its halves walk it
@@ -366,7 +362,7 @@ async def _beyond_the_cap(shard: Shard, plan: WalkPlan, walker: Walker, walk_: _
     if split(shard):
         await _walk_children(shard, walker, f"capped {walk_.depth} images deep")
         return
-    ends = [make_shard(shard.query, params) for params in IMAGES.from_ends(shard.params)]
+    ends = ends_of(shard)
     if shard in ends:  # it is one end itself: walk the other one, until it meets this one
         other = next(e for e in ends if e != shard)
         log.warning("%s: capped %d images deep; walking it from the other end", describe(shard), walk_.depth)
