@@ -87,6 +87,13 @@ def _media(config: Path, address: str, *extra: str) -> list[str]:
     ]
 
 
+def _start_media(config: Path, address: str, *, stderr: int) -> subprocess.Popen[bytes]:
+    """`harvest media --engine ray` in the background, to be killed mid-run."""
+    return subprocess.Popen(
+        [HARVEST, *_media(config, address)], env=_env(), stdout=subprocess.DEVNULL, stderr=stderr
+    )
+
+
 def _env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "CIVITAI_API_KEY"}
     return {**env, **_LOOPBACK}
@@ -143,12 +150,7 @@ def test_the_coordinator_killed_mid_run_and_a_rerun_completes(
         order = _wanted_order(api, out)
         held = next(i for i in order[TASK_ITEMS * 3 :] if not api.cdn.files.gone(_uuid(i)))
         api.cdn.transfers.hold(_uuid(held), api.cdn.files.for_item(held).size // 2)
-        proc = subprocess.Popen(
-            [HARVEST, *_media(config, ray_cluster.address)],
-            env=_env(),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        proc = _start_media(config, ray_cluster.address, stderr=subprocess.DEVNULL)
         try:
             assert api.cdn.transfers.wait_paused(_uuid(held), timeout=120), "the held transfer never began"
         finally:
@@ -181,12 +183,7 @@ def test_a_worker_killed_mid_task_every_file_in_the_bucket_once(
         size = files.for_item(held).size
         api.cdn.transfers.hold(_uuid(held), size // 2)
         objectstore.proxy.reset()
-        proc = subprocess.Popen(
-            [HARVEST, *_media(config, ray_cluster.address)],
-            env=_env(),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
+        proc = _start_media(config, ray_cluster.address, stderr=subprocess.PIPE)
         try:
             assert api.cdn.transfers.wait_paused(_uuid(held), timeout=120), "the held transfer never began"
             killed = _task_workers(ray_cluster)
