@@ -19,9 +19,9 @@ def items(first: int, count: int, step: int) -> list[dict[str, Any]]:
 
 
 def sized(sizes: Sizes, key: str, images: int, limit: int = 100) -> None:
-    pair = sizes.open(key, key + "-old", limit)
-    sizes.page(pair, key, items(images - 1, limit, -1))  # newest first: the top `limit`
-    sizes.page(pair, key + "-old", items(0, limit, 1))  # oldest first: the bottom `limit`
+    pair = sizes.open(key, key + "-old", limit, walk_cap=50_000)
+    sizes.page(pair, key, items(images - 1, limit, -1), limit)  # newest first: the top `limit`
+    sizes.page(pair, key + "-old", items(0, limit, 1), limit)  # oldest first: the bottom `limit`
 
 
 def test_pages_left_is_the_time_between_the_ends_at_their_density() -> None:
@@ -52,3 +52,13 @@ def test_a_pair_no_longer_listed_is_still_decided_on_its_own() -> None:
     sizes.close("a")  # its starting end walked again from the head
     assert not sizes.pairs and pair.sized.is_set()
     assert sizes.decide(pair, in_flight=8, walkers=2)
+
+
+def test_the_other_end_stops_a_page_from_meeting_unless_the_cap_is_as_near() -> None:
+    far, near = Sizes(), Sizes()
+    for sizes, cap in ((far, 50_000), (near, 250)):
+        pair = sizes.open("a", "a-old", 100, walk_cap=cap)
+        sizes.page(pair, "a", items(249, 100, -1), 100)
+        sizes.page(pair, "a-old", items(0, 100, 1), 100)  # about half a page between them
+    assert far.pairs["a"].stops("a-old") and not far.pairs["a"].stops("a")
+    assert not near.pairs["a"].stops("a-old")  # the starting end is capped before it meets

@@ -114,6 +114,7 @@ class Checkpointer:
         met = walk.other_end is not None and walk.may_meet and self._state.walked_by(walk.other_end, page.ids)
         if met:
             next_cursor = None  # the two ends of a walk met: everything between is covered
+        capped = walk.capped and next_cursor is None and not met
         size = self._writer.append(b"".join(fresh), len(fresh)) if fresh else self._writer.size
         self._state.commit_page(
             PageCommit(
@@ -124,7 +125,7 @@ class Checkpointer:
                 next_cursor=next_cursor,
                 page_cursor=page_cursor,
                 depth=walk.depth,
-                capped=walk.capped and next_cursor is None and not met,
+                capped=capped,
                 levels=walk.levels,
                 walked_ids=page.ids if walk.other_end is not None else (),
                 met=walk.other_end if met else None,
@@ -132,7 +133,6 @@ class Checkpointer:
         )
         if self._segment_full():
             self._rotate()
-        capped = walk.capped and next_cursor is None and not met
         other_capped = capped and walk.other_end is not None and self._capped(walk.other_end)
         return PageResult(new_items=len(fresh), done=next_cursor is None, met=met, other_capped=other_capped)
 

@@ -60,27 +60,34 @@ class Pair:
     key: str  # the shard that started the other end's walk (it walks the halves, if any)
     other: str  # the other end's shard
     limit: int  # images a page
+    walk_cap: int  # positions the server lets one walk go
     ends: dict[str, _EndWalked] = field(default_factory=dict)
     pages: int = 0  # walked by both ends
+    depth: int = 0  # positions deep the starting end's walk is
     decided: bool = False
     halve: bool = False  # both walks stop; the shard is walked as halves
     met: bool = False  # one end met the other: both walks are over
     sized: asyncio.Event = field(default_factory=asyncio.Event)  # both ends walked a stretch, or one ended
 
-    def page(self, end: str, items: Sequence[dict[str, Any]]) -> None:
+    def page(self, end: str, items: Sequence[dict[str, Any]], depth: int) -> None:
         self.ends.setdefault(end, _EndWalked()).page(items)
         self.pages += 1
+        if end == self.key:
+            self.depth = depth
         if self.pages_left() is not None:
             self.sized.set()
 
     def stops(self, end: str) -> bool:
         """Whether the walk of `end` stops before its next request: the pair is halved, or has
-        met, or is so near to meeting that one more page of the other end will (its request,
-        in flight at the meeting, would be spent on what is walked already)."""
+        met, or is so near to meeting that one more page of the starting end will (its request,
+        in flight at the meeting, would be spent on what is walked already); never where the
+        starting end could reach the walk cap first (the rest would be left to no walk)."""
         if self.halve or self.met:
             return True
         left = self.pages_left()
-        return end == self.other and left is not None and left < CLOSE_PAGES
+        if end != self.other or left is None or left >= CLOSE_PAGES:
+            return False
+        return self.depth + (CLOSE_PAGES + 1) * self.limit < self.walk_cap
 
     def pages_left(self) -> float | None:
         """Pages between the two ends' walks, estimated; None until both ends have walked a stretch."""
@@ -102,12 +109,12 @@ class Sizes:
     walked: int = 0  # pages the pairs have walked, live or not
     halvings: int = 0
 
-    def open(self, key: str, other: str, limit: int) -> Pair:
-        self.pairs[key] = self.pairs[other] = pair = Pair(key, other, limit)
+    def open(self, key: str, other: str, limit: int, walk_cap: int) -> Pair:
+        self.pairs[key] = self.pairs[other] = pair = Pair(key, other, limit, walk_cap)
         return pair
 
-    def page(self, pair: Pair, end: str, items: Sequence[dict[str, Any]]) -> None:
-        pair.page(end, items)
+    def page(self, pair: Pair, end: str, items: Sequence[dict[str, Any]], depth: int) -> None:
+        pair.page(end, items, depth)
         self.walked += 1
 
     def close(self, key: str) -> None:

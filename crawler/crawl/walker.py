@@ -217,14 +217,14 @@ async def _follow(
         walk_.deepest.append(page.ids)
         walk_.capped = page.next_cursor is None and walk_.depth >= walker.walk_cap
         if walk_.pair is not None:  # before the commit: it decides whether the ends met
-            walker.sizes.page(walk_.pair, shard.key, page.items)
+            walker.sizes.page(walk_.pair, shard.key, page.items, walk_.depth)
         if await _hand_on(shard, plan, walker, walk_, page) or page.next_cursor is None:
             return
         walk_.cursor = page.next_cursor
         if _wants_other_end(shard, plan, walker, walk_):
             await _start_other_end(shard, walker, walk_, helpers)
             if walk_.pair is not None:
-                walker.sizes.page(walk_.pair, shard.key, page.items)  # the pair's first stretch
+                walker.sizes.page(walk_.pair, shard.key, page.items, walk_.depth)  # its first stretch
         _size(shard, walker, walk_)
         await _until_sized(shard, walker, walk_)
 
@@ -253,7 +253,7 @@ async def _start_other_end(shard: Shard, walker: Walker, walk_: _Walk, helpers: 
         log.info(why, describe(shard), walk_.depth)
     walk_.other_end = other.key
     await walker.queue.put(Ends(shard, other, [i for ids in walk_.deepest for i in ids]))
-    walk_.pair = walker.sizes.open(shard.key, other.key, int(shard.value("limit") or 200))
+    walk_.pair = walker.sizes.open(shard.key, other.key, int(shard.value("limit") or 200), walker.walk_cap)
     helpers.create_task(walk(other, WalkPlan(None, False, other_end=shard.key), walker))
 
 
