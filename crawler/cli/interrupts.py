@@ -5,8 +5,11 @@ no instant is left to Python's default (a KeyboardInterrupt traceback) or the
 kernel's (SIGTERM kills without a word). What a signal does depends on where the
 run is:
 
-- starting (taking the lock, opening the state, starting the loop): the start is
-  unwound at once by `Interrupted`, which the command turns into its one line;
+- starting (taking the lock, opening the state): the start is unwound at once by
+  `Interrupted`, which the command turns into its one line;
+- starting the loop: the signal is held, and the harvest is not begun. An exception
+  raised inside the loop's construction would leave a half-built loop whose
+  collection prints a traceback;
 - harvesting in the event loop: the harvest task is cancelled from inside the
   loop, so the page being committed is finished first (the loop is woken through
   a wakeup fd, whichever thread the signal landed on);
@@ -50,14 +53,17 @@ class Interrupts:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[Any] | None = None
         self._finishing = False
+        self._holding = False  # the loop is being built or torn down around the harvest
         for signum in SIGNALS:
             signal.signal(signum, self._on_signal)
 
     def run(self, make: Callable[[], Coroutine[Any, Any, object]]) -> int | None:
         """Run the harvest in an event loop; the number of the signal that stopped it, if one did."""
+        self._holding = True
         try:
             asyncio.run(self._guarded(make))
         finally:
+            self._holding = False
             self._finishing = True
         return self.caught
 
@@ -70,6 +76,8 @@ class Interrupts:
             self._loop.call_soon_threadsafe(self._in_loop, signum)
         elif self.caught is not None or self._finishing:
             self._exit_now(128 + (self.caught or signum))
+        elif self._holding:
+            self.caught = signum  # `_guarded` sees it before the harvest begins
         else:
             self.caught = signum
             raise Interrupted(signum)
@@ -89,7 +97,8 @@ class Interrupts:
         try:
             _watch(loop, wake, woken)
             self._loop = loop
-            await make()
+            if self.caught is None:  # else a signal came while the loop was built
+                await make()
         except asyncio.CancelledError:
             if self.caught is None:
                 raise
