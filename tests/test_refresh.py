@@ -236,11 +236,73 @@ def test_a_batch_that_fails_for_good_stops_the_pass_and_a_rerun_finishes_it(tmp_
     assert_observed(found, served_now(data, ids))
 
 
-def _start(*args: str | Path) -> subprocess.Popen[bytes]:
+def test_a_400_on_a_batch_fails_it_at_once_without_the_key_and_a_rerun_finishes(tmp_path: Path) -> None:
+    """A 400 is the server refusing the request, not weather: no retry, one line, the key nowhere."""
+    data = dataset()
+    key = "sk-REFRESH-0123456789abcdef"
+    with ServerThread(data, api_key=key) as api:
+        cfg = harvested(tmp_path, api, concurrency=1)
+        out = tmp_path / "out"
+        ids = harvested_ids(out)
+        api.faults.queue("echo_400")  # its body echoes the request's headers, Authorization too
+        stopped = harvest("refresh", cfg, env={"CIVITAI_API_KEY": key})
+        assert stopped.code == ExitCode.SHARDS_FAILED, stopped.stderr
+        failed = [line for line in stopped.stderr.splitlines() if "ERROR refresh: ids " in line]
+        assert len(failed) == 1 and "HTTP 400" in failed[0], stopped.stderr
+        assert "rerun `harvest refresh" in stopped.stderr
+        summary = orjson.loads((out / "last-run.json").read_bytes())
+        assert summary["retries"] == 0 and summary["exit_code"] == ExitCode.SHARDS_FAILED, summary
+        texts = {
+            "stderr": stopped.stderr + stopped.stdout,
+            **{p.name: p.read_bytes().decode(errors="replace") for p in out.iterdir() if p.is_file()},
+        }
+        for where, text in texts.items():
+            assert key not in text, f"the key leaked into {where}"
+        resumed = harvest("refresh", cfg, env={"CIVITAI_API_KEY": key})
+        assert resumed.code == ExitCode.OK, resumed.stderr
+    found = observations(out)
+    assert {o["pass"] for o in found} == {1}
+    assert_observed(found, served_now(data, ids))
+
+
+def test_sigterm_mid_refresh_finishes_the_batch_and_a_rerun_resumes_the_pass(tmp_path: Path) -> None:
+    data = dataset()
+    with ServerThread(data) as api:
+        harvested(tmp_path, api)
+        out = tmp_path / "out"
+        ids = harvested_ids(out)
+        change(data, ids)
+        slow = write_config(
+            tmp_path / "slow.toml", api.base_url, [QUERY], requests_per_second=4, concurrency=1
+        )
+        proc = _start("refresh", slow, stderr=subprocess.PIPE)
+        while _lines_on_disk(out, 0) == 0 and proc.poll() is None:
+            time.sleep(0.005)  # polling the disk for the instant to signal at; nothing is timed
+        assert proc.poll() is None, "the refresh ended before it could be signalled"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+        stderr = err.decode()
+        assert proc.returncode == 143, stderr
+        assert f"Resume with: harvest refresh {slow}" in stderr
+        summary = orjson.loads((out / "last-run.json").read_bytes())
+        assert summary["exit_code"] == 143 and summary["command"] == "refresh", summary
+        with sqlite3.connect(out / "harvest.sqlite") as conn:
+            committed = conn.execute("SELECT count(*) FROM observed").fetchone()[0]
+        partial = observations(out)  # no torn line: the batch being committed was finished
+        assert len(partial) == committed == summary["refresh"]["observed"] < len(ids)
+        assert _pass_open(out)
+        resumed = harvest("refresh", slow)
+        assert resumed.code == ExitCode.OK, resumed.stderr
+        assert "resumed" in resumed.stderr
+    found = observations(out)
+    assert max(Counter(o["id"] for o in found).values()) == 1, "an observation written twice in one pass"
+    assert {o["pass"] for o in found} == {1}
+    assert_observed(found, served_now(data, ids))
+
+
+def _start(*args: str | Path, stderr: int = subprocess.DEVNULL) -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if k != "CIVITAI_API_KEY"}
-    return subprocess.Popen(
-        [HARVEST, *map(str, args)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env
-    )
+    return subprocess.Popen([HARVEST, *map(str, args)], stdout=subprocess.DEVNULL, stderr=stderr, env=env)
 
 
 def _lines_on_disk(out: Path, segment_items: int) -> int:
@@ -307,7 +369,11 @@ def test_repair_adopts_the_refresh_segments(tmp_path: Path) -> None:
         out = tmp_path / "out"
         ids = harvested_ids(out)
         assert harvest("refresh", cfg).code == ExitCode.OK
-        (out / "harvest.sqlite").unlink()  # the state is lost
+        segment = out / "refresh-000001.ndjson"
+        whole = segment.read_bytes()
+        with segment.open("ab") as f:
+            f.write(b'{"id": 1, "pass": 1, "gone": fa')  # a write cut short, then the state lost
+        (out / "harvest.sqlite").unlink()
         for suffix in ("-wal", "-shm"):
             (out / f"harvest.sqlite{suffix}").unlink(missing_ok=True)
         repaired = harvest("repair", cfg)
@@ -317,6 +383,7 @@ def test_repair_adopts_the_refresh_segments(tmp_path: Path) -> None:
             assert conn.execute("SELECT name, items FROM refresh_segments").fetchall() == [
                 ("refresh-000001.ndjson", len(ids))
             ]
+        assert segment.read_bytes() == whole, "the torn line is cut, no complete line removed"
         again = harvest("refresh", cfg)
         assert again.code == ExitCode.OK, again.stderr
     assert Counter(o["pass"] for o in observations(out)) == {1: len(ids), 2: len(ids)}
