@@ -4,7 +4,8 @@
 process on a free loopback port, and in front of it `FaultProxy`, a small aiohttp reverse
 proxy (its own thread and loop) that forwards every request and can fail the next N of a
 kind with a 500 (S3's InternalError), or hold one (the client is then mid-upload, for a
-`kill -9`), and logs what passed.
+`kill -9`), or hold the bucket to a quota (moto has none: the proxy answers as MinIO does once
+a bucket's quota is used up), and logs what passed.
 
 `objectstore` (per test): a fresh bucket, and the standard AWS environment variables set
 (`monkeypatch`, so child `harvest` processes inherit them) to talk to the proxy with test
@@ -41,6 +42,11 @@ _HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "host
 _INTERNAL_ERROR = (
     b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>InternalError</Code>'
     b"<Message>We encountered an internal error. Please try again.</Message></Error>"
+)
+# MinIO's answer to a PUT past a bucket's quota (`mc quota set`): a 400, so no client retries it.
+_QUOTA_EXCEEDED = (
+    b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>XMinioAdminBucketQuotaExceeded</Code>'
+    b"<Message>Bucket quota exceeded</Message></Error>"
 )
 
 
@@ -88,6 +94,7 @@ class FaultProxy:
     _held: threading.Event = field(default_factory=threading.Event)
     _release: threading.Event = field(default_factory=threading.Event)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _quota: int | None = None  # bytes the PUTs may still store, None: no quota
 
     @property
     def url(self) -> str:
@@ -112,11 +119,26 @@ class FaultProxy:
     def release(self) -> None:
         self._release.set()
 
+    def quota(self, limit: int | None) -> None:
+        """Let PUTs (whole objects and parts) store at most `limit` more bytes; None lifts it."""
+        with self._lock:
+            self._quota = limit
+
+    def _over_quota(self, method: str, size: int) -> bool:
+        with self._lock:
+            if method != "PUT" or self._quota is None:
+                return False
+            if size > self._quota:
+                return True
+            self._quota -= size  # counted when let through: a PUT the store then fails is rare here
+            return False
+
     def reset(self) -> None:
         with self._lock:
             self._fail.clear()
             self._hold.clear()
             self.log.clear()
+            self._quota = None
         self._release.set()
 
     def created(self) -> dict[str, int]:
@@ -183,6 +205,9 @@ class FaultProxy:
         if self._take(self._fail, method, path, query):
             self.log.append(Passed(method, path, query, 500, injected=True))
             return web.Response(status=500, body=_INTERNAL_ERROR, content_type="application/xml")
+        if self._over_quota(method, len(body)):
+            self.log.append(Passed(method, path, query, 400, injected=True))
+            return web.Response(status=400, body=_QUOTA_EXCEEDED, content_type="application/xml")
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP}
         headers["Host"] = request.host
         async with self._session.request(

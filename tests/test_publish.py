@@ -205,6 +205,34 @@ def test_a_500_from_the_store_is_retried_and_one_that_lasts_stops_the_run(
         assert_published(api, tmp_path / "out", objectstore, keep_local=True)
 
 
+def test_a_full_bucket_quota_stops_the_run_keeping_what_is_not_published_and_a_rerun_completes(
+    objectstore: ObjectStoreFixture, tmp_path: Path
+) -> None:
+    with ServerThread(_dataset(), options=ServerOptions(cdn=CdnOptions(seed=3))) as api:
+        config = _config(tmp_path / "c.toml", api, objectstore, types=["image"])
+        objectstore.proxy.quota(150_000)  # room for some of the objects, not all
+        stopped = harvest("run", config)
+        assert stopped.code == ExitCode.ERROR, stopped.stderr
+        (line,) = [line for line in stopped.stderr.splitlines() if "error" in line]
+        assert "upload failed" in line and "quota exceeded" in line.lower(), line
+        assert any(p.injected and p.status == 400 for p in objectstore.proxy.log)
+        out = tmp_path / "out"
+        published = _rows(out, "published")
+        stored = {f"s3://{objectstore.bucket}/{key}" for key in objectstore.sizes()}
+        assert published and {row["url"] for row in published} <= stored
+        dropped = {row["url"].rsplit("/", 1)[1] for row in published if not row["local"]}
+        for segment in _rows(out, "segments"):  # a local copy is dropped only once it is in the store
+            file = segment["file"] or segment["name"]
+            assert (out / file).exists() or file in dropped, file
+        for row in _rows(out, "media"):
+            if row["status"] == "done":
+                assert (out / "media" / row["path"]).exists() or row["path"].rsplit("/", 1)[-1] in dropped
+        objectstore.proxy.quota(None)  # the quota raised
+        result = harvest("run", config)
+        assert result.code == ExitCode.OK, result.stderr
+        assert_published(api, out, objectstore, keep_local=False)
+
+
 def test_publish_and_keep_local_turned_on_for_an_existing_archive(
     objectstore: ObjectStoreFixture, tmp_path: Path
 ) -> None:
