@@ -1,6 +1,6 @@
 """python -m bench [--quick] [--reps N] [--only 1,2,3,4,5,6] [--json PATH] [--keep]
 
-The issue's benchmark. Nine scenarios, each measured run against a freshly started
+The issue's benchmark. Ten scenarios, each measured run against a freshly started
 fake API (no warm caches carried between runs), medians over the repetitions:
 
 1. throughput: unlimited server, 6 versions, 100k images, limit 200, withMeta: harvest vs the
@@ -20,6 +20,9 @@ fake API (no warm caches carried between runs), medians over the repetitions:
 9. media (bench/media.py; --only media): `harvest media` from the fake CDN at concurrency 8, files/s
    and MB/s against a hand-written aiohttp downloader (bench/media_baseline.py), and peak RSS while
    fetching 100 MB videos against ~2.5 MB ones.
+10. coordinator (bench/coordinator.py; --only coordinator): the Ray engine's ledger, in-process:
+   results recorded a second (tasks of 2,000, straight to the store) on an empty ledger and on
+   one of 10M media rows, and the state's size per million media rows.
 
 Prints a table with PASS/MISS per target and writes bench/results.json.
 """
@@ -43,7 +46,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from bench import export, media, soak
+from bench import coordinator, export, media, soak
 from bench.harness import (
     MODEL_ID,
     ROOT,
@@ -75,6 +78,7 @@ class Sizes:
     s8_images: int  # scenario 8: images harvested, then exported
     s9_images: int  # scenario 9: items whose media is fetched (about 13% videos of ~2.5 MB)
     s9_big_videos: int  # scenario 9: videos of 100 MB each, for the memory figure
+    s10_rows: int  # scenario 10: media rows in the ledger the coordinator records into
 
 
 FULL = Sizes(
@@ -90,6 +94,7 @@ FULL = Sizes(
     s8_images=1_000_000,
     s9_images=1_500,
     s9_big_videos=6,
+    s10_rows=10_000_000,
 )
 QUICK = Sizes(
     s1_images=20_000,
@@ -104,6 +109,7 @@ QUICK = Sizes(
     s8_images=100_000,
     s9_images=500,
     s9_big_videos=3,
+    s10_rows=1_000_000,
 )
 
 S1_VERSIONS = 6
@@ -754,6 +760,7 @@ SHOWN = {
         ("refresh ids/s (ids= batches of 100, unlimited rate)", "refresh_ids_per_s"),
         ("refresh CPU us/id", "refresh_cpu_us_per_id"),
         ("export of the refresh observations s", "observations_export_wall_s"),
+        ("state MiB per million images (the harvest's)", "state_mib_per_million"),
     ],
     "9": [
         ("files fetched", "media_files"),
@@ -772,6 +779,17 @@ SHOWN = {
         ("peak RSS, 100 MB videos MiB", "peak_rss_100mb_videos_mib"),
         ("peak RSS growth MiB", "peak_rss_growth_mib"),
     ],
+    "10": [
+        ("media rows in the ledger", "ledger_rows"),
+        ("items per task", "task_items"),
+        ("results recorded/s, empty ledger", "empty_results_per_s"),
+        ("results recorded/s, full ledger", "full_results_per_s"),
+        ("ms per task, full ledger", "full_ms_per_task"),
+        ("full / empty (rate)", "full_vs_empty"),
+        ("state MiB per million media rows", "state_mib_per_million"),
+        ("state GiB, full ledger", "state_gib_at_rows"),
+        ("preload s (SQLite's own inserts)", "preload_s"),
+    ],
 }
 TITLES = {
     "1": "throughput (unlimited server)",
@@ -783,6 +801,7 @@ TITLES = {
     "7": "real latency, 5x faster (median 0.4 s, 10 req/s, default config)",
     "8": "export (Parquet, zstd segments)",
     "9": "media (the fake CDN on loopback, concurrency 8)",
+    "10": "the media coordinator's ledger (tasks of 2,000, straight to the store)",
 }
 
 
@@ -821,8 +840,9 @@ SCENARIOS: dict[str, Callable[[Sizes, int, bool], dict[str, Any]]] = {
     "7": scenario_real_latency,
     "8": lambda sizes, reps, keep: export.scenario_export(sizes.s8_images, reps, keep),
     "9": lambda sizes, reps, keep: media.scenario_media(sizes.s9_images, sizes.s9_big_videos, reps, keep),
+    "10": lambda sizes, reps, keep: coordinator.scenario_coordinator(sizes.s10_rows, keep),
 }
-ALIASES = {"soak": "5", "capped": "6", "latency": "7", "export": "8", "media": "9"}
+ALIASES = {"soak": "5", "capped": "6", "latency": "7", "export": "8", "media": "9", "coordinator": "10"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -835,8 +855,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--reps", type=int, help="repetitions per figure (default 3; 1 with --quick)")
     p.add_argument(
         "--only",
-        default="1,2,3,4,5,6,7,8",
-        help="scenarios to run, e.g. 1,3 (soak: 5, capped: 6, latency: 7, export: 8, media: 9)",
+        default=",".join(SCENARIOS),
+        help="scenarios to run, e.g. 1,3 (soak: 5, capped: 6, latency: 7, export: 8, media: 9, "
+        "coordinator: 10; default: all)",
     )
     p.add_argument("--json", type=Path, default=RESULTS, help=f"where to write results (default {RESULTS})")
     p.add_argument("--keep", action="store_true", help="keep the scratch dirs (under the temp dir)")
@@ -862,7 +883,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         p.error(
             f"unknown scenario(s) {unknown}; known: 1, 2, 3, 4, 5 (soak), 6 (capped), 7 (latency), "
-            "8 (export), 9 (media)"
+            "8 (export), 9 (media), 10 (coordinator)"
         )
     started = time.monotonic()
     results: dict[str, Any] = {

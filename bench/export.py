@@ -16,6 +16,7 @@ measured child process:
 from __future__ import annotations
 
 import json
+import sqlite3
 import statistics
 import sys
 from pathlib import Path
@@ -35,6 +36,7 @@ from bench.harness import (
     split_versions,
     write_config,
 )
+from crawler.archive.state import STATE_FILE
 
 VERSIONS = 6
 TARGET_SECONDS_PER_MILLION = 30.0  # "well under a minute" for a million images on 2 cores
@@ -72,6 +74,11 @@ def _refresh(config: Path, out: Path) -> tuple[Measured, int]:
     return m, observed
 
 
+def _seen(out: Path) -> int:
+    with sqlite3.connect(out / STATE_FILE) as conn:
+        return int(conn.execute("SELECT count(*) FROM seen").fetchone()[0])
+
+
 def _manifest(folder: Path, fmt: str) -> dict[str, Any]:
     data: dict[str, Any] = json.loads((folder / "manifest.json").read_text())["formats"][fmt]
     return data
@@ -97,6 +104,8 @@ def scenario_export(images: int, reps: int, keep: bool) -> dict[str, Any]:
         config.write_text(text)
         run_harvest(config, timeout=1800, server=server)
         out = wd / "out"
+        state_bytes = sum(p.stat().st_size for p in out.glob(f"{STATE_FILE}*"))  # the harvest's alone
+        seen = _seen(out)
         folder = out / "export"
         runs = []
         for rep in range(reps):
@@ -161,6 +170,7 @@ def scenario_export(images: int, reps: int, keep: bool) -> dict[str, Any]:
         "refresh_cpu_us_per_id": round(refresh.cpu / observed * 1e6, 2) if observed else None,
         "refresh_peak_rss_mib": round(refresh.maxrss_mb, 1),
         "observations_export_wall_s": round(observations.wall, 2),
+        "state_mib_per_million": round(state_bytes / seen * 1e6 / 2**20, 1),
     }
     targets = [
         _target(
