@@ -19,9 +19,11 @@ Registered for every test module by `tests/conftest.py` (`pytest_plugins`).
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import io
 import itertools
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -49,6 +51,8 @@ _QUOTA_EXCEEDED = (
     b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>XMinioAdminBucketQuotaExceeded</Code>'
     b"<Message>Bucket quota exceeded</Message></Error>"
 )
+_STOP_WAIT = 10  # seconds moto's server gets to exit on SIGTERM before it is killed
+_PR_SET_PDEATHSIG = 1  # prctl(2)
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,6 +284,26 @@ def _wait_ready(url: str, process: subprocess.Popen[bytes]) -> None:
             time.sleep(0.05)
 
 
+def _die_with_parent() -> Callable[[], None] | None:
+    """What the child runs before exec (Linux): SIGKILL when the test session dies, however it
+    dies, so a killed pytest leaves no server behind. libc is loaded here, in the parent: the
+    child between fork and exec only makes the one call."""
+    if sys.platform != "linux":
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    return lambda: prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, and SIGKILL when that is not enough: a hung server never outlives the session."""
+    process.terminate()
+    try:
+        process.wait(_STOP_WAIT)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 @pytest.fixture(scope="session")
 def moto_server() -> Iterator[MotoServer]:
     port = _free_port()
@@ -287,6 +311,7 @@ def moto_server() -> Iterator[MotoServer]:
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        preexec_fn=_die_with_parent(),
     )
     try:
         endpoint = f"http://127.0.0.1:{port}"
@@ -298,8 +323,7 @@ def moto_server() -> Iterator[MotoServer]:
         finally:
             proxy.stop()
     finally:
-        process.terminate()
-        process.wait(30)
+        _stop(process)
 
 
 _BUCKETS = itertools.count(1)
