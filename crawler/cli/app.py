@@ -199,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=positive,
         metavar="N",
         help="with --engine ray: tasks at once, each with 1/N of [media]'s budget (default: the "
-        "cluster's CPUs)",
+        "cluster's CPUs; at most [media] concurrency)",
     )
     fresh = sub.add_parser(
         "refresh",

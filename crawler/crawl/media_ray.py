@@ -5,9 +5,10 @@ work list from the media ledger (rows left `fetching` or `failed`, and `gone` on
 request) and from the committed lines past the scan point (every item of a wanted
 type without a row), in line order, and hands it to Ray in tasks of
 `task_items` items (`crawler.crawl.media_task.run_task`). At most `workers`
-tasks run at once, each under `requests_per_second / workers` of the CDN budget
-and `concurrency / workers` downloads (at least one), so the cluster as a whole
-keeps to `[media]`'s budget.
+tasks run at once (and no more than `[media] concurrency`: each needs a download
+of its own), each under `requests_per_second / workers` of the CDN budget and
+`concurrency // workers` downloads, so the cluster as a whole keeps to
+`[media]`'s budget (`worker_share`).
 
 A task's items get their rows (`fetching`) before it is handed out, and the scan
 point moves past a block of lines only once its items have rows: a coordinator
@@ -30,6 +31,7 @@ import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
+from fractions import Fraction
 from typing import Any
 
 from crawler.archive import media_ledger as ml
@@ -66,13 +68,26 @@ class RayOptions:
     max_retries: int = TASK_RETRIES
 
 
-def worker_share(media: MediaConfig, workers: int) -> MediaConfig:
-    """One worker's part of the CDN budget: the rate, and the downloads in flight, split."""
-    return replace(
+def worker_share(media: MediaConfig, workers: int) -> tuple[int, MediaConfig]:
+    """How many tasks run at once, and one task's part of the CDN budget (its rate, and its
+    downloads in flight): together they never exceed `[media]`'s. More workers than downloads
+    would each need one of their own, so there are at most `concurrency` of them."""
+    at_once = max(1, min(workers, media.concurrency))
+    share = replace(
         media,
-        requests_per_second=media.requests_per_second / workers,
-        concurrency=max(1, math.ceil(media.concurrency / workers)),
+        requests_per_second=_split(media.requests_per_second, at_once),
+        concurrency=media.concurrency // at_once,
     )
+    return at_once, share
+
+
+def _split(total: float, parts: int) -> float:
+    """`total / parts`, rounded down where float division rounded it up (then `parts` of them
+    would add up to a hair more than `total`); one step down is always enough."""
+    share = total / parts
+    if Fraction(share) * parts > Fraction(total):
+        share = math.nextafter(share, 0.0)
+    return share
 
 
 def target_for(config: Config) -> Target:
@@ -169,9 +184,9 @@ class _Coordinator:
         workers: int,
     ) -> None:
         self.ray, self.config, self.ledger, self.tally = ray, config, ledger, tally
-        self.options, self.workers = options, workers
+        self.options = options
         self.media = config.media
-        share = worker_share(config.media, workers)
+        self.workers, share = worker_share(config.media, workers)
         self._spec = TaskSpec((), share, target_for(config), config.api.max_wait)
         self._remote = ray.remote(run_task).options(
             name=TASK_NAME, num_cpus=1, max_retries=options.max_retries, retry_exceptions=False
