@@ -51,6 +51,7 @@ TASK_ITEMS = 2000  # items per Ray task by default
 TASK_RETRIES = 3  # Ray's retries of a task whose worker (or node) died
 TASK_NAME = "harvest_media"  # what a Ray worker's process title says while it runs a task: ray::<name>
 _WAIT = 1.0  # seconds per ray.wait: signals are seen at least this often
+RAY_CLIENT = "ray://"  # an address of a Ray Client server: the driver runs there, not here
 _CONNECT = 10.0  # seconds to connect to a cluster's head before saying it cannot be reached
 
 
@@ -62,7 +63,7 @@ class RayEngineError(HarvestError):
 class RayOptions:
     """`harvest media --engine ray`'s own options."""
 
-    address: str | None = None  # a running cluster's (ray://... or host:port); None: a local Ray
+    address: str | None = None  # a running cluster's (host:port or ray://host:port); None: a local Ray
     task_items: int = TASK_ITEMS
     workers: int | None = None  # tasks at once; None: the cluster's CPUs
     max_retries: int = TASK_RETRIES
@@ -158,10 +159,10 @@ def _connect(ray: Any, options: RayOptions) -> int:
 
 
 def _reachable(address: str) -> None:
-    """A `host:port` the harvest cannot connect to is one line now (Ray itself would retry for
-    minutes); `ray://` and other forms are left to Ray."""
-    host, sep, port = address.rpartition(":")
-    if not sep or "://" in address or not port.isdigit():
+    """A `host:port` or `ray://host:port` the harvest cannot connect to is one line now (Ray
+    itself would retry for minutes); other forms (`auto`, say) are left to Ray."""
+    host, sep, port = address.removeprefix(RAY_CLIENT).rpartition(":")
+    if not sep or "://" in host or not port.isdigit():
         return
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=_CONNECT).close()
