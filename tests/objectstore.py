@@ -3,8 +3,9 @@
 `moto_server` (session): `python -m moto.server` from the installed `moto[server]`, in its own
 process on a free loopback port, and in front of it `FaultProxy`, a small aiohttp reverse
 proxy (its own thread and loop) that forwards every request and can fail the next N of a
-kind with a 500 (S3's InternalError), or hold one (the client is then mid-upload, for a
-`kill -9`), or hold the bucket to a quota (moto has none: the proxy answers as MinIO does once
+kind with a 500 (S3's InternalError), or hold one (before it is forwarded: the client is then
+mid-upload; or once the store has answered: the object is stored and the client has not heard;
+either for a `kill -9`), or hold the bucket to a quota (moto has none: the proxy answers as MinIO does once
 a bucket's quota is used up), and logs what passed.
 
 `objectstore` (per test): a fresh bucket, and the standard AWS environment variables set
@@ -18,9 +19,11 @@ Registered for every test module by `tests/conftest.py` (`pytest_plugins`).
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import io
 import itertools
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -48,6 +51,8 @@ _QUOTA_EXCEEDED = (
     b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>XMinioAdminBucketQuotaExceeded</Code>'
     b"<Message>Bucket quota exceeded</Message></Error>"
 )
+_STOP_WAIT = 10  # seconds moto's server gets to exit on SIGTERM before it is killed
+_PR_SET_PDEATHSIG = 1  # prctl(2)
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,7 +95,8 @@ class FaultProxy:
     port: int = 0
     log: list[Passed] = field(default_factory=list)
     _fail: list[_Rule] = field(default_factory=list)
-    _hold: list[_Rule] = field(default_factory=list)
+    _hold: list[_Rule] = field(default_factory=list)  # before the request is forwarded
+    _hold_answer: list[_Rule] = field(default_factory=list)  # after the store answered it
     _held: threading.Event = field(default_factory=threading.Event)
     _release: threading.Event = field(default_factory=threading.Event)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -105,15 +111,17 @@ class FaultProxy:
         with self._lock:
             self._fail.append(_Rule(match, count))
 
-    def hold_next(self, match: Match = puts) -> None:
-        """Keep the next matching request waiting, its body unread, until `release()`."""
+    def hold_next(self, match: Match = puts, *, answered: bool = False) -> None:
+        """Keep the next matching request waiting until `release()`: its body unread (the client
+        is mid-upload), or with `answered` once the store has it and has answered, the answer
+        held back (the object is stored, the client has not heard so)."""
         with self._lock:
             self._held.clear()
             self._release.clear()
-            self._hold.append(_Rule(match, 1))
+            (self._hold_answer if answered else self._hold).append(_Rule(match, 1))
 
     def wait_held(self, timeout: float = 60) -> bool:
-        """Whether a request is being held (the client is mid-upload), waiting up to `timeout`."""
+        """Whether a request (or its answer) is being held now, waiting up to `timeout`."""
         return self._held.wait(timeout)
 
     def release(self) -> None:
@@ -137,6 +145,7 @@ class FaultProxy:
         with self._lock:
             self._fail.clear()
             self._hold.clear()
+            self._hold_answer.clear()
             self.log.clear()
             self._quota = None
         self._release.set()
@@ -195,9 +204,7 @@ class FaultProxy:
     async def _forward(self, request: web.Request) -> web.StreamResponse:
         method, path, query = request.method, request.path, request.query_string
         if self._take(self._hold, method, path, query):
-            self._held.set()
-            while not self._release.is_set():  # the client waits mid-upload (or is killed)
-                await asyncio.sleep(0.01)
+            await self._hold_here()  # the client waits mid-upload (or is killed)
         try:
             body = await request.read()
         except ConnectionError:  # the client was killed mid-upload
@@ -220,11 +227,19 @@ class FaultProxy:
             data = await answer.read()
             out = {k: v for k, v in answer.headers.items() if k.lower() not in _HOP}
             self.log.append(Passed(method, path, query, answer.status, injected=False))
+            if self._take(self._hold_answer, method, path, query):
+                await self._hold_here()  # the store has it; the client waits for word (or is killed)
             if method == "HEAD":  # no body, but the object's length is the answer
                 if "Content-Length" in answer.headers:
                     out["Content-Length"] = answer.headers["Content-Length"]
                 return web.Response(status=answer.status, headers=out)
             return web.Response(status=answer.status, body=data, headers=out)
+
+
+    async def _hold_here(self) -> None:
+        self._held.set()
+        while not self._release.is_set():  # polled: the event is a thread's, not this loop's
+            await asyncio.sleep(0.01)
 
 
 def _free_port() -> int:
@@ -269,6 +284,26 @@ def _wait_ready(url: str, process: subprocess.Popen[bytes]) -> None:
             time.sleep(0.05)
 
 
+def _die_with_parent() -> Callable[[], None] | None:
+    """What the child runs before exec (Linux): SIGKILL when the test session dies, however it
+    dies, so a killed pytest leaves no server behind. libc is loaded here, in the parent: the
+    child between fork and exec only makes the one call."""
+    if sys.platform != "linux":
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    return lambda: prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, and SIGKILL when that is not enough: a hung server never outlives the session."""
+    process.terminate()
+    try:
+        process.wait(_STOP_WAIT)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 @pytest.fixture(scope="session")
 def moto_server() -> Iterator[MotoServer]:
     port = _free_port()
@@ -276,6 +311,7 @@ def moto_server() -> Iterator[MotoServer]:
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        preexec_fn=_die_with_parent(),
     )
     try:
         endpoint = f"http://127.0.0.1:{port}"
@@ -287,8 +323,7 @@ def moto_server() -> Iterator[MotoServer]:
         finally:
             proxy.stop()
     finally:
-        process.terminate()
-        process.wait(30)
+        _stop(process)
 
 
 _BUCKETS = itertools.count(1)

@@ -184,6 +184,45 @@ def test_kill_mid_upload_then_resume_every_object_once(
             assert parts, "the video went up in parts"
 
 
+def test_kill_after_the_store_has_a_segment_before_it_is_recorded_then_resume_uploads_nothing_twice(
+    objectstore: ObjectStoreFixture, tmp_path: Path
+) -> None:
+    """The window between the store and the state: a closed segment's PUT reaches the store (the
+    object is there, whole) and its answer is held back; `kill -9` then. The rerun finds the
+    object by a HEAD (size and ETag as the local file's), records it, and does not send it again."""
+    options = ServerOptions(cdn=CdnOptions(seed=3, gone_rate=0, cache_miss_rate=0))
+    with ServerThread(_dataset(), options=options) as api:
+        config = _config(tmp_path / "c.toml", api, objectstore, types=["image"], segment_items=5)
+        objectstore.proxy.hold_next(_segment_put, answered=True)
+        proc = _start(config)
+        try:
+            assert objectstore.proxy.wait_held(timeout=120), "no segment's answer was held"
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=30)
+        objectstore.proxy.release()
+        (held,) = [p for p in objectstore.proxy.log if _segment_put(p.method, p.path, p.query)]
+        assert held.creates  # the store has the object ...
+        key = held.path.removeprefix(f"/{objectstore.bucket}/")
+        assert key in objectstore.sizes()
+        out = tmp_path / "out"
+        url = f"s3://{objectstore.bucket}/{key}"
+        assert url not in {row["url"] for row in _rows(out, "published")}  # ... the state does not
+        killed_at = len(objectstore.proxy.log)
+        result = harvest("run", config)
+        assert result.code == ExitCode.OK, result.stderr
+        assert_published(api, out, objectstore, keep_local=False)
+        rerun = objectstore.proxy.log[killed_at:]
+        assert any(p.method == "HEAD" and p.path == held.path for p in rerun)  # found in the store
+        puts: dict[str, int] = {}
+        for passed in objectstore.proxy.log:
+            if passed.method == "PUT":
+                puts[passed.path] = puts.get(passed.path, 0) + 1
+        assert puts[held.path] == 1 and set(puts.values()) == {1}  # each key PUT once, over both runs
+    verify = harvest("verify", config)
+    assert verify.code == ExitCode.OK, verify.stdout + verify.stderr
+
+
 def test_a_500_from_the_store_is_retried_and_one_that_lasts_stops_the_run(
     objectstore: ObjectStoreFixture, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

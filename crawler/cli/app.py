@@ -184,13 +184,13 @@ def build_parser() -> argparse.ArgumentParser:
     media.add_argument(
         "--address",
         metavar="ADDR",
-        help="with --engine ray: the running Ray cluster to use (host:port of its head, or ray://...); "
-        "without it a local Ray is started for the run",
+        help="with --engine ray: the running Ray cluster to use: HOST:PORT of its head's GCS (on a "
+        "node of the cluster), or ray://HOST:PORT of its Ray Client server (from anywhere); without "
+        "it a local Ray is started for the run",
     )
     media.add_argument(
         "--task-items",
         type=positive,
-        default=TASK_ITEMS,
         metavar="N",
         help=f"with --engine ray: items per Ray task (default {TASK_ITEMS})",
     )
@@ -199,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=positive,
         metavar="N",
         help="with --engine ray: tasks at once, each with 1/N of [media]'s budget (default: the "
-        "cluster's CPUs)",
+        "cluster's CPUs; at most [media] concurrency)",
     )
     fresh = sub.add_parser(
         "refresh",
@@ -342,10 +342,9 @@ def log_options(args: argparse.Namespace) -> LogOptions:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "media" and args.engine != "ray":
-        given = [flag for flag, value in (("--address", args.address), ("--workers", args.workers)) if value]
-        if given or args.task_items != TASK_ITEMS:
-            parser.error(f"{(given or ['--task-items'])[0]} is an option of --engine ray")
+    if misplaced := _ray_only(args):  # one line, like every other error (no usage block)
+        print(f"harvest: error: {misplaced} is an option of --engine ray", file=sys.stderr)
+        return ExitCode.USAGE
     options = log_options(args)
     key = os.environ.get(API_KEY_ENV, "").strip() or None  # to redact, even one `api_key` refuses
     handler = setup_logging(options, key)
@@ -361,6 +360,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return ExitCode.ERROR
 
 
+def _ray_only(args: argparse.Namespace) -> str | None:
+    """The first option of `--engine ray` given to `harvest media` without it, if any."""
+    if args.command != "media" or args.engine == "ray":
+        return None
+    flags = (("--address", args.address), ("--workers", args.workers), ("--task-items", args.task_items))
+    return next((flag for flag, value in flags if value is not None), None)
+
+
 def _dispatch(args: argparse.Namespace, watcher: Callable[[], Progress]) -> int:
     if args.command == "demo":
         from crawler.cli.demo import run_demo  # the fake API is only loaded when asked for
@@ -370,7 +377,7 @@ def _dispatch(args: argparse.Namespace, watcher: Callable[[], Progress]) -> int:
     if args.command == "run":  # only a run sends the key: a bad one stops nothing else
         return cmd_run(config, api_key(os.environ), watcher())
     if args.command == "media":
-        ray = RayOptions(args.address, args.task_items, args.workers)
+        ray = RayOptions(args.address, args.task_items or TASK_ITEMS, args.workers)
         return cmd_media(config, watcher(), retry_gone=args.retry_gone, engine=args.engine, ray=ray)
     if args.command == "refresh":
         return cmd_refresh(config, api_key(os.environ), watcher(), args.older_than)

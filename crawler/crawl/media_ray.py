@@ -5,9 +5,10 @@ work list from the media ledger (rows left `fetching` or `failed`, and `gone` on
 request) and from the committed lines past the scan point (every item of a wanted
 type without a row), in line order, and hands it to Ray in tasks of
 `task_items` items (`crawler.crawl.media_task.run_task`). At most `workers`
-tasks run at once, each under `requests_per_second / workers` of the CDN budget
-and `concurrency / workers` downloads (at least one), so the cluster as a whole
-keeps to `[media]`'s budget.
+tasks run at once (and no more than `[media] concurrency`: each needs a download
+of its own), each under `requests_per_second / workers` of the CDN budget and
+`concurrency // workers` downloads, so the cluster as a whole keeps to
+`[media]`'s budget (`worker_share`).
 
 A task's items get their rows (`fetching`) before it is handed out, and the scan
 point moves past a block of lines only once its items have rows: a coordinator
@@ -30,6 +31,7 @@ import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
+from fractions import Fraction
 from typing import Any
 
 from crawler.archive import media_ledger as ml
@@ -49,6 +51,7 @@ TASK_ITEMS = 2000  # items per Ray task by default
 TASK_RETRIES = 3  # Ray's retries of a task whose worker (or node) died
 TASK_NAME = "harvest_media"  # what a Ray worker's process title says while it runs a task: ray::<name>
 _WAIT = 1.0  # seconds per ray.wait: signals are seen at least this often
+RAY_CLIENT = "ray://"  # an address of a Ray Client server: the driver runs there, not here
 _CONNECT = 10.0  # seconds to connect to a cluster's head before saying it cannot be reached
 
 
@@ -60,19 +63,32 @@ class RayEngineError(HarvestError):
 class RayOptions:
     """`harvest media --engine ray`'s own options."""
 
-    address: str | None = None  # a running cluster's (ray://... or host:port); None: a local Ray
+    address: str | None = None  # a running cluster's (host:port or ray://host:port); None: a local Ray
     task_items: int = TASK_ITEMS
     workers: int | None = None  # tasks at once; None: the cluster's CPUs
     max_retries: int = TASK_RETRIES
 
 
-def worker_share(media: MediaConfig, workers: int) -> MediaConfig:
-    """One worker's part of the CDN budget: the rate, and the downloads in flight, split."""
-    return replace(
+def worker_share(media: MediaConfig, workers: int) -> tuple[int, MediaConfig]:
+    """How many tasks run at once, and one task's part of the CDN budget (its rate, and its
+    downloads in flight): together they never exceed `[media]`'s. More workers than downloads
+    would each need one of their own, so there are at most `concurrency` of them."""
+    at_once = max(1, min(workers, media.concurrency))
+    share = replace(
         media,
-        requests_per_second=media.requests_per_second / workers,
-        concurrency=max(1, math.ceil(media.concurrency / workers)),
+        requests_per_second=_split(media.requests_per_second, at_once),
+        concurrency=media.concurrency // at_once,
     )
+    return at_once, share
+
+
+def _split(total: float, parts: int) -> float:
+    """`total / parts`, rounded down where float division rounded it up (then `parts` of them
+    would add up to a hair more than `total`); one step down is always enough."""
+    share = total / parts
+    if Fraction(share) * parts > Fraction(total):
+        share = math.nextafter(share, 0.0)
+    return share
 
 
 def target_for(config: Config) -> Target:
@@ -143,10 +159,10 @@ def _connect(ray: Any, options: RayOptions) -> int:
 
 
 def _reachable(address: str) -> None:
-    """A `host:port` the harvest cannot connect to is one line now (Ray itself would retry for
-    minutes); `ray://` and other forms are left to Ray."""
-    host, sep, port = address.rpartition(":")
-    if not sep or "://" in address or not port.isdigit():
+    """A `host:port` or `ray://host:port` the harvest cannot connect to is one line now (Ray
+    itself would retry for minutes); other forms (`auto`, say) are left to Ray."""
+    host, sep, port = address.removeprefix(RAY_CLIENT).rpartition(":")
+    if not sep or "://" in host or not port.isdigit():
         return
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=_CONNECT).close()
@@ -169,9 +185,9 @@ class _Coordinator:
         workers: int,
     ) -> None:
         self.ray, self.config, self.ledger, self.tally = ray, config, ledger, tally
-        self.options, self.workers = options, workers
+        self.options = options
         self.media = config.media
-        share = worker_share(config.media, workers)
+        self.workers, share = worker_share(config.media, workers)
         self._spec = TaskSpec((), share, target_for(config), config.api.max_wait)
         self._remote = ray.remote(run_task).options(
             name=TASK_NAME, num_cpus=1, max_retries=options.max_retries, retry_exceptions=False
