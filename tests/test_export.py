@@ -546,6 +546,10 @@ def test_sql_errors_are_one_line_and_exit_2(tmp_path: Path) -> None:
         ("SELEC 1", 'syntax error at or near "SELEC"'),
         ("SELECT * FROM imgs", 'Did you mean "images"?'),
         ("SELECT CAST(prompt AS INTEGER) FROM images WHERE prompt IS NOT NULL", "Conversion Error"),
+        ("", "the query holds no statement"),
+        ("   \n ", "the query holds no statement"),
+        ("-- nothing", "the query holds no statement"),
+        ("/* x */ ;", "the query holds no statement"),
     ]:
         result = harvest("sql", cfg, query)
         assert result.code == 2, result.stderr
