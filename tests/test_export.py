@@ -476,6 +476,25 @@ def test_an_export_dir_of_another_archive_is_refused(tmp_path: Path) -> None:
     assert "exported" in export(cfg, "--to", str(folder), "--full")
 
 
+def test_a_bad_to_is_one_line_and_exit_2_and_makes_nothing(tmp_path: Path) -> None:
+    cfg = harvested(tmp_path)
+    (tmp_path / "a-file").write_text("not a dir")
+    before = sorted(tmp_path.rglob("*"))
+    for to, message in [
+        ("ftp://x/y", 'ftp://x/y: not a local dir, and the only URLs taken are "s3://bucket/prefix"'),
+        ("HTTPS://host/x", "HTTPS://host/x: not a local dir"),
+        ("s3://Bad_Bucket/x", 's3://Bad_Bucket/x: "Bad_Bucket" is not a bucket name'),
+        (str(tmp_path / "a-file"), f"--to {tmp_path / 'a-file'}: not a directory"),
+        (str(tmp_path / "a-file" / "sub"), f"not a directory ({tmp_path / 'a-file'} is not a directory)"),
+    ]:
+        result = harvest("export", cfg, "--to", to, cwd=tmp_path)  # a relative "ftp:" would land here
+        assert result.code == 2, (to, result.stderr)
+        assert result.stderr.startswith("harvest: error: --to ") and message in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    assert sorted(tmp_path.rglob("*")) == before  # no "ftp:" dir, no export dir, no lock file
+    assert f"images in {tmp_path / 'ok'}/" in export(cfg, "--to", f"{tmp_path / 'ok'}/")  # as given
+
+
 def test_export_before_any_harvest_is_one_line(tmp_path: Path) -> None:
     cfg = config(tmp_path, "http://127.0.0.1:9/api/v1")
     result = harvest("export", cfg)
