@@ -263,7 +263,7 @@ def _add_export(sub: argparse._SubParsersAction[Parser], common: Parser) -> None
         help="write the harvested images (and refresh observations) as typed Parquet or gzipped JSON lines",
         description="Write the images of a config's harvest as typed Parquet files (or gzipped JSON "
         "lines): only what is new since the last export into the same dir, unless --full. The "
-        "observations of harvest refresh go to observations/, the latest per id to latest/ (Parquet). "
+        "observations of harvest refresh go to observations/, the latest per id to latest/. "
         "The columns are listed in the README.",
     )
     export.add_argument("config", type=Path, help="TOML config file")
