@@ -92,12 +92,14 @@ class Result:
     stderr: str
 
 
-def harvest(*args: str | Path, env: Mapping[str, str] | None = None, timeout: float = 120) -> Result:
-    """The real console script, as a user runs it."""
+def harvest(
+    *args: str | Path, env: Mapping[str, str] | None = None, timeout: float = 120, cwd: Path | None = None
+) -> Result:
+    """The real console script, as a user runs it (in `cwd`, when relative paths matter)."""
     full_env = {k: v for k, v in os.environ.items() if k != "CIVITAI_API_KEY"}
     full_env.update(env or {})
     proc = subprocess.run(
-        [HARVEST, *map(str, args)], capture_output=True, text=True, env=full_env, timeout=timeout
+        [HARVEST, *map(str, args)], capture_output=True, text=True, env=full_env, timeout=timeout, cwd=cwd
     )
     return Result(proc.returncode, proc.stdout, proc.stderr)
 

@@ -50,3 +50,31 @@ def test_log_options_are_one_frozen_value_per_parse() -> None:
     assert cli.log_options(parse(["verify", "x.toml"])) == LogOptions(progress_every=0)
     with pytest.raises(dataclasses.FrozenInstanceError):
         json_quiet.quiet = False  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("args", "prog", "culprit"),
+    [
+        (
+            ["export", "c.toml", "--format", "csv"],
+            "harvest export",
+            "argument --format: invalid choice: 'csv'",
+        ),
+        (["refresh", "c.toml", "--older-than", "7days"], "harvest refresh", "'7days' is not a duration"),
+        (["sql", "c.toml", "SELECT 1", "--format", "xml"], "harvest sql", "argument --format"),
+        (["run", "c.toml", "--progress-every", "-1"], "harvest run", "argument --progress-every"),
+        (["media", "c.toml", "--workers", "2"], "harvest media", "--workers is an option of --engine ray"),
+        (["status", "c.toml", "-v", "-q"], "harvest status", "not allowed with argument -v/--verbose"),
+        (["verify"], "harvest verify", "the following arguments are required: config"),
+        (["export", "c.toml", "--bogus"], "harvest export", "unrecognized arguments: --bogus"),
+        (["demo", "--dir"], "harvest demo", "argument --dir: expected one argument"),
+        (["fetch", "c.toml"], "harvest", "invalid choice: 'fetch'"),
+        ([], "harvest", "the following arguments are required: COMMAND"),
+    ],
+)
+def test_a_bad_command_line_is_one_line_naming_the_culprit(args: list[str], prog: str, culprit: str) -> None:
+    result = harvest(*args)
+    assert result.code == 2 and result.stdout == ""
+    (line,) = result.stderr.splitlines()  # no usage block before it
+    assert line.startswith(f"{prog}: error: ") and culprit in line, line
+    assert line.endswith(f"(see {prog} --help)"), line

@@ -33,7 +33,13 @@ from crawler import exactjson
 from crawler.archive.reader import committed_lines
 from crawler.archive.state import State
 from crawler.export import lines, typed
-from crawler.export.schema import OBSERVATION_COLUMNS, SCHEMA, STATS_KEYS, markdown_table
+from crawler.export.schema import (
+    CIVITAI_RESOURCE_KEYS,
+    OBSERVATION_COLUMNS,
+    SCHEMA,
+    STATS_KEYS,
+    markdown_table,
+)
 from crawler.export.sql import names_images
 from crawler.testing import configs
 from crawler.testing.fakeapi import Dataset, ServerOptions, ServerThread
@@ -50,7 +56,9 @@ BIG_SEED = (
     b'"likeCount":3,"dislikeCount":0,"heartCount":4,"commentCount":5},"meta":{"seed":18446744073709552000,'
     b'"big":123456789012345678901234567890,"prompt":"a seed beyond 64 bits","steps":30,"cfgScale":7.5,'
     b'"clipSkip":2,"Size":"832x1216","sampler":"Euler a","resources":[{"name":"ponyRealism","type":"model",'
-    b'"hash":"abc123","weight":1}]},"username":"Ajuro","baseModel":"Pony","modelVersionIds":[5001,18446744073709551616]}'
+    b'"hash":"abc123","weight":1}],"civitaiResources":[{"type":"checkpoint","modelVersionId":5001,'
+    b'"modelVersionName":"v1.0"},{"type":"lora","weight":0.65,"modelVersionId":18446744073709551616}]},'
+    b'"username":"Ajuro","baseModel":"Pony","modelVersionIds":[5001,18446744073709551616]}'
 )
 SURROGATE = (
     b'{"id":77000002,"createdAt":"2024-05-02T00:00:00Z","postId":100002,"meta":{"prompt":"cut inside an '
@@ -63,7 +71,9 @@ WRONG_TYPES = (
     b'"createdAt": "not a date", "postId": 1e3, "stats": {"likeCount": "9", "heartCount": 2.0}, '
     b'"modelVersionIds": ["5001", 5002, null], "tags": {"id": 1}, '
     b'"meta": {"steps": "20", "cfgScale": "abc", "clipSkip": 2.0, "Size": 832, "seed": 1.5, '
-    b'"sampler": null, "prompt": ["a"], "resources": [{"name": 1, "weight": "0.5"}, "x"]}}'
+    b'"sampler": null, "prompt": ["a"], "resources": [{"name": 1, "weight": "0.5"}, "x"], '
+    b'"civitaiResources": [{"type": 1, "weight": "0.5", "modelVersionId": "5001", "modelVersionName": 2}, '
+    b"7]}}"
 )
 LEGACY = b'{"id":77000004,"meta":{"id":77000004,"meta":{"prompt":"nested by the legacy path","seed":42}}}'
 STRANGE_META = b'{"id":77000005,"meta":"just a string","stats":5}'
@@ -161,6 +171,10 @@ def expected_row(line: bytes, segment: str, number: int) -> dict[str, Any]:
         "resources": _objects(
             gen.get("resources"), {"name": _str, "type": _str, "weight": _num, "hash": _str}
         ),
+        "civitaiResources": _objects(
+            gen.get("civitaiResources"),
+            {"type": _str, "weight": _num, "modelVersionId": _int, "modelVersionName": _str},
+        ),
         "meta": None if raw_meta in (None, b"null") else raw_meta.decode(),
         **dict.fromkeys(("query", "shard")),
         "segment": segment,
@@ -215,6 +229,7 @@ WHEN = st.sampled_from(
     ["2024-05-01T12:00:00.123Z", "2023-01-01T00:00:00+02:00", "2024-02-30T00:00:00Z", "soon", 5]
 )
 RESOURCE = st.fixed_dictionaries({}, optional=dict.fromkeys(("name", "type", "weight", "hash"), VALUE))
+CIVITAI_RESOURCE = st.fixed_dictionaries({}, optional=dict.fromkeys(CIVITAI_RESOURCE_KEYS, VALUE))
 GEN = st.fixed_dictionaries(
     {},
     optional={
@@ -222,7 +237,7 @@ GEN = st.fixed_dictionaries(
             ("prompt", "negativePrompt", "seed", "steps", "sampler", "cfgScale", "clipSkip", "Size"), VALUE
         ),
         "resources": st.one_of(VALUE, st.lists(st.one_of(RESOURCE, VALUE), max_size=3)),
-        "civitaiResources": VALUE,
+        "civitaiResources": st.one_of(VALUE, st.lists(st.one_of(CIVITAI_RESOURCE, VALUE), max_size=3)),
     },
 )
 META = st.one_of(VALUE, GEN, st.builds(lambda g: {"id": 1, "meta": g}, GEN))
@@ -358,7 +373,7 @@ def test_export_holds_every_served_value_typed_by_the_schema(tmp_path: Path) -> 
     assert f"exported {len(want)} new images to 1 parquet file(s)" in export(cfg)
     table = read_parquet(out / "export")
     assert table.schema.equals(SCHEMA, check_metadata=False)
-    assert table.schema.metadata[b"civitai-harvest.schema"] == b"2"
+    assert table.schema.metadata[b"civitai-harvest.schema"] == b"3"
     assert_rows_equal(by_id(table.to_pylist()), want)
     # The hostile items, spelled out: exact digits, lone surrogates, wrong types made null.
     big, cut, odd, legacy = (want[i] for i in (77000001, 77000002, 77000003, 77000004))
@@ -371,6 +386,18 @@ def test_export_holds_every_served_value_typed_by_the_schema(tmp_path: Path) -> 
     )
     assert odd["meta"].startswith('{"steps": "20"')  # as stored, spaces and all
     assert legacy["prompt"] == "nested by the legacy path" and legacy["seed"] == "42"
+    assert big["civitaiResources"] == [
+        {"type": "checkpoint", "weight": None, "modelVersionId": 5001, "modelVersionName": "v1.0"},
+        {"type": "lora", "weight": 0.65, "modelVersionId": None, "modelVersionName": None},  # > 64 bits
+    ]
+    assert odd["civitaiResources"] == [
+        dict.fromkeys(CIVITAI_RESOURCE_KEYS),
+        dict.fromkeys(CIVITAI_RESOURCE_KEYS),
+    ]
+    # The fake's on-site generations: `resources` empty, what they used in `civitaiResources`.
+    served = [r for i, r in want.items() if i < 77000000 and r["civitaiResources"]]
+    assert served and all(r["resources"] == [] for r in served)
+    assert {c["type"] for r in served for c in r["civitaiResources"]} >= {"checkpoint", "lora"}
     # Each line names the shard whose page wrote it: the raw items were served to one version each.
     assert "modelVersionId=5001" in big["shard"] and "modelVersionId=5003" in legacy["shard"]
     assert {r["query"] for r in want.values()} == {"query-1"}
@@ -476,6 +503,25 @@ def test_an_export_dir_of_another_archive_is_refused(tmp_path: Path) -> None:
     assert "exported" in export(cfg, "--to", str(folder), "--full")
 
 
+def test_a_bad_to_is_one_line_and_exit_2_and_makes_nothing(tmp_path: Path) -> None:
+    cfg = harvested(tmp_path)
+    (tmp_path / "a-file").write_text("not a dir")
+    before = sorted(tmp_path.rglob("*"))
+    for to, message in [
+        ("ftp://x/y", 'ftp://x/y: not a local dir, and the only URLs taken are "s3://bucket/prefix"'),
+        ("HTTPS://host/x", "HTTPS://host/x: not a local dir"),
+        ("s3://Bad_Bucket/x", 's3://Bad_Bucket/x: "Bad_Bucket" is not a bucket name'),
+        (str(tmp_path / "a-file"), f"--to {tmp_path / 'a-file'}: not a directory"),
+        (str(tmp_path / "a-file" / "sub"), f"not a directory ({tmp_path / 'a-file'} is not a directory)"),
+    ]:
+        result = harvest("export", cfg, "--to", to, cwd=tmp_path)  # a relative "ftp:" would land here
+        assert result.code == 2, (to, result.stderr)
+        assert result.stderr.startswith("harvest: error: --to ") and message in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    assert sorted(tmp_path.rglob("*")) == before  # no "ftp:" dir, no export dir, no lock file
+    assert f"images in {tmp_path / 'ok'}/" in export(cfg, "--to", f"{tmp_path / 'ok'}/")  # as given
+
+
 def test_export_before_any_harvest_is_one_line(tmp_path: Path) -> None:
     cfg = config(tmp_path, "http://127.0.0.1:9/api/v1")
     result = harvest("export", cfg)
@@ -546,6 +592,10 @@ def test_sql_errors_are_one_line_and_exit_2(tmp_path: Path) -> None:
         ("SELEC 1", 'syntax error at or near "SELEC"'),
         ("SELECT * FROM imgs", 'Did you mean "images"?'),
         ("SELECT CAST(prompt AS INTEGER) FROM images WHERE prompt IS NOT NULL", "Conversion Error"),
+        ("", "the query holds no statement"),
+        ("   \n ", "the query holds no statement"),
+        ("-- nothing", "the query holds no statement"),
+        ("/* x */ ;", "the query holds no statement"),
     ]:
         result = harvest("sql", cfg, query)
         assert result.code == 2, result.stderr

@@ -26,7 +26,7 @@ def _config(tmp_path: Path) -> Path:
 
 def _one_error_line(stderr: str) -> str:
     lines = stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("harvest: error: "), stderr
+    assert len(lines) == 1 and lines[0].startswith(("harvest: error: ", "harvest media: error: ")), stderr
     return lines[0]
 
 
@@ -42,7 +42,9 @@ def _one_error_line(stderr: str) -> str:
 def test_ray_options_without_engine_ray_are_one_line(tmp_path: Path, flags: list[str], named: str) -> None:
     result = harvest("media", tmp_path / "absent.toml", *flags)
     assert result.code == ExitCode.USAGE
-    assert _one_error_line(result.stderr) == f"harvest: error: {named} is an option of --engine ray"
+    assert _one_error_line(result.stderr) == (
+        f"harvest media: error: {named} is an option of --engine ray (see harvest media --help)"
+    )
 
 
 @pytest.mark.parametrize("address", ["127.0.0.1:1", "ray://127.0.0.1:1"])

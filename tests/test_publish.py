@@ -308,6 +308,7 @@ def test_refresh_segments_go_to_the_store_and_export_writes_parquet_there(
         assert harvest("refresh", config).code == ExitCode.OK
         result = harvest("export", config, "--to", target)
         assert result.code == ExitCode.OK, result.stderr
+        assert result.stderr.rstrip().endswith(f"images in {target}"), result.stderr  # the URL as given
         again = harvest("export", config, "--to", target)  # incremental: nothing new
         assert again.code == ExitCode.OK, again.stderr
         first = objectstore.objects()

@@ -108,6 +108,14 @@ def change(data: Dataset, ids: list[int]) -> dict[str, list[int]]:
     return changes
 
 
+def json_latest(folder: Path) -> list[dict[str, Any]]:
+    """The rows of a JSON lines export's latest file (`latest.jsonl.gz` or `latest-next.jsonl.gz`)."""
+    [path] = (folder / "latest").glob("latest*.jsonl.gz")
+    rows = [orjson.loads(line) for line in gzip.decompress(path.read_bytes()).splitlines()]
+    assert list(rows[0]) == OBSERVATION_SCHEMA.names  # every column, in the schema's order
+    return rows
+
+
 def segment_bytes(out: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(out.glob("images-*"))}
 
@@ -401,13 +409,18 @@ def test_export_and_sql_carry_the_latest_observation(tmp_path: Path) -> None:
         assert harvest("export", cfg).code == ExitCode.OK
         change(data, ids)
         assert harvest("refresh", cfg).code == ExitCode.OK
+        as_json = harvest("export", cfg, "--format", "jsonl.gz", "--to", tmp_path / "json")
+        assert as_json.code == ExitCode.OK, as_json.stderr
+        assert {r["pass"] for r in json_latest(tmp_path / "json")} == {1}
         data.react(ids[:10], like=5)  # changes again: the second pass is the latest
         assert harvest("refresh", cfg).code == ExitCode.OK
         exported = harvest("export", cfg)
         assert exported.code == ExitCode.OK, exported.stderr
         assert f"exported {2 * len(ids)} new observations" in exported.stderr
+        # The JSON lines' latest is made from the last one and the new pass (incremental).
         as_json = harvest("export", cfg, "--format", "jsonl.gz", "--to", tmp_path / "json")
         assert as_json.code == ExitCode.OK, as_json.stderr
+        assert f"exported {len(ids)} new observations" in as_json.stderr
     want = served_now(data, ids)
     folder = out / "export"
     # pyarrow: the latest observation per id, and every observation
@@ -422,9 +435,26 @@ def test_export_and_sql_carry_the_latest_observation(tmp_path: Path) -> None:
             assert (row["nsfwLevel"], row["browsingLevel"]) == (item["nsfwLevel"], item["browsingLevel"])
     assert pq.read_table(folder / "observations").num_rows == 2 * len(ids)
     assert sorted(p.name for p in (folder / "latest").iterdir()) == ["latest.parquet"]
-    [packed] = (tmp_path / "json" / "observations").glob("observations-*.jsonl.gz")
-    lines = gzip.decompress(packed.read_bytes()).splitlines()
+    packed = sorted((tmp_path / "json" / "observations").glob("observations-*.jsonl.gz"))
+    lines = [line for p in packed for line in gzip.decompress(p.read_bytes()).splitlines()]
     assert len(lines) == 2 * len(ids) and set(orjson.loads(lines[0])) == set(OBSERVATION_SCHEMA.names)
+    # The JSON lines carry the same latest observation (and `gone`) as the Parquet, column for column.
+    assert [p.name for p in (tmp_path / "json" / "latest").iterdir()] == ["latest-next.jsonl.gz"]
+    as_lines = json_latest(tmp_path / "json")
+    assert [r["id"] for r in as_lines] == sorted(latest)
+    for row in as_lines:
+        want_row = dict(latest[row["id"]])
+        want_row["observed_at"] = want_row["observed_at"].strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        assert row == want_row, row["id"]
+    # A JSON lines export dir from before they had a latest file gets it at its next export.
+    manifest_path = tmp_path / "json" / "manifest.json"
+    manifest = orjson.loads(manifest_path.read_bytes())
+    del manifest["latest"]["jsonl.gz"]
+    manifest_path.write_bytes(orjson.dumps(manifest))
+    (tmp_path / "json" / "latest" / "latest-next.jsonl.gz").unlink()
+    again = harvest("export", cfg, "--format", "jsonl.gz", "--to", tmp_path / "json")
+    assert again.code == ExitCode.OK and "nothing new to export" in again.stderr, again.stderr
+    assert json_latest(tmp_path / "json") == as_lines
     # DuckDB over the same files: the images joined with the latest observation
     with duckdb.connect() as con:
         rows = con.execute(

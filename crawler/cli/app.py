@@ -15,6 +15,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from crawler import __version__
 from crawler.cli import logs
@@ -126,8 +127,37 @@ def _media_reference() -> str:
 # -- the parser ------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+class Parser(argparse.ArgumentParser):
+    """argparse, with every command line error as one line naming the culprit, and exit 2.
+
+    argparse prints its usage block before the error; here the error is the whole answer, like
+    every other bad input, and points at `--help` for the usage. Subparsers are made of this class
+    too (`add_subparsers` takes the parent's), so this is the one place for every subcommand.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        line = " ".join(message.split())  # one line, whatever a type's message held
+        self.exit(ExitCode.USAGE, f"{self.prog}: error: {line} (see {self.prog} --help)\n")
+
+    def parse_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: None = None
+    ) -> argparse.Namespace:
+        parsed, extra = self.parse_known_args(args, namespace)
+        if extra:  # argparse names no subcommand here: name the one the flag was given to
+            self.subcommand(parsed).error(f"unrecognized arguments: {' '.join(extra)}")
+        return parsed
+
+    def subcommand(self, parsed: argparse.Namespace) -> argparse.ArgumentParser:
+        """The parser of the subcommand `parsed` holds (this one when there is none)."""
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                name = getattr(parsed, action.dest, None)
+                return action.choices[name] if isinstance(name, str) and name in action.choices else self
+        return self
+
+
+def build_parser() -> Parser:
+    parser = Parser(
         prog="harvest",
         description="Exactly-once, resumable bulk harvester for Civitai's images API.",
         epilog=EPILOG,
@@ -226,16 +256,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_export(
-    sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
-) -> None:
+def _add_export(sub: argparse._SubParsersAction[Parser], common: Parser) -> None:
     export = sub.add_parser(
         "export",
         parents=[common],
         help="write the harvested images (and refresh observations) as typed Parquet or gzipped JSON lines",
         description="Write the images of a config's harvest as typed Parquet files (or gzipped JSON "
         "lines): only what is new since the last export into the same dir, unless --full. The "
-        "observations of harvest refresh go to observations/, the latest per id to latest/ (Parquet). "
+        "observations of harvest refresh go to observations/, the latest per id to latest/. "
         "The columns are listed in the README.",
     )
     export.add_argument("config", type=Path, help="TOML config file")
@@ -255,9 +283,7 @@ def _add_export(
     )
 
 
-def _add_sql(
-    sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
-) -> None:
+def _add_sql(sub: argparse._SubParsersAction[Parser], common: Parser) -> None:
     sql = sub.add_parser(
         "sql",
         parents=[common],
@@ -289,9 +315,9 @@ def _megabytes(text: str) -> float:
     return value
 
 
-def _common_flags(progress: bool) -> argparse.ArgumentParser:
+def _common_flags(progress: bool) -> Parser:
     """`-v`, `-q`, `--log-format` and, where a harvest runs, `--progress-every`."""
-    flags = argparse.ArgumentParser(add_help=False)
+    flags = Parser(add_help=False)
     group = flags.add_mutually_exclusive_group()
     more = "log every page" if progress else "log debug lines"
     group.add_argument("-v", "--verbose", action="store_true", help=f"{more}; tracebacks of internal errors")
@@ -342,9 +368,8 @@ def log_options(args: argparse.Namespace) -> LogOptions:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if misplaced := _ray_only(args):  # one line, like every other error (no usage block)
-        print(f"harvest: error: {misplaced} is an option of --engine ray", file=sys.stderr)
-        return ExitCode.USAGE
+    if misplaced := _ray_only(args):
+        parser.subcommand(args).error(f"{misplaced} is an option of --engine ray")
     options = log_options(args)
     key = os.environ.get(API_KEY_ENV, "").strip() or None  # to redact, even one `api_key` refuses
     handler = setup_logging(options, key)

@@ -1,7 +1,8 @@
 """`harvest sql CONFIG "SELECT ..."`: SQL over the harvest in an embedded DuckDB.
 
 The result is a table (rich) by default, or CSV or a JSON array with `--format`.
-A query DuckDB refuses is one line (`harvest: error: SQL: ...`) and exit status 2.
+A query DuckDB refuses, or one with no statement in it, is one line (`harvest: error: SQL: ...`)
+and exit status 2.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ def cmd_sql(config: Config, query: str, fmt: str) -> int:
 
 
 def _sql(config: Config, query: str, fmt: str) -> int:
+    _statements(query)
     with State.open(config.output.dir, create=False) as state:
         con = session(config.output.dir, state, images=names_cached(query))
     with con:
@@ -58,6 +60,21 @@ def _sql(config: Config, query: str, fmt: str) -> int:
         except BrokenPipeError:  # `harvest sql ... | head`: the reader has gone, as intended
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return ExitCode.OK
+
+
+def _statements(query: str) -> None:
+    """Refuse a query with no statement in it ("", blanks, only comments) before the cache is
+    brought up to date for it: DuckDB runs it as nothing and gives no result to print."""
+    try:
+        with duckdb.connect() as parser:  # in memory: parsing needs no archive
+            count = len(parser.extract_statements(query))
+    except duckdb.Error:
+        return  # a syntax error: the query itself reports it below, as any other
+    if not count:
+        raise ConfigError(
+            "SQL: the query holds no statement (it is empty, blank or only comments); "
+            'give one, e.g. "SELECT count(*) FROM images"'
+        )
 
 
 def _rows(cursor: duckdb.DuckDBPyConnection) -> Iterator[tuple[Any, ...]]:

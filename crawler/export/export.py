@@ -9,8 +9,8 @@ later goes to the next export.
 
 The observations of `harvest refresh` are exported beside the images in the same way
 (their own files under `observations/`, their own marks over the refresh segments),
-and `latest/latest.parquet`, the latest observation per id, is made again from the
-last one and the new observations whenever there are new ones.
+and `latest/latest.parquet` (or `.jsonl.gz`), the latest observation per id, is made again
+from the last one and the new observations whenever there are new ones.
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ from typing import TypeVar
 
 import duckdb
 import pyarrow as pa
-import pyarrow.parquet as pq
+import pyarrow.json as pj
 
-from crawler.archive.fs import PART_SUFFIX, fsync_dir
+from crawler.archive.fs import PART_SUFFIX
 from crawler.archive.observations import RefreshLedger
 from crawler.archive.state import SegmentRow, State
 from crawler.errors import ConfigError, LockedError, OutputError, StateError
@@ -46,9 +46,13 @@ T = TypeVar("T")
 
 LOCK_FILE = ".export.lock"
 OBSERVATIONS_DIR = "observations"  # every observation of `harvest refresh`: observations-NNNNNN.*
-LATEST_DIR = "latest"  # the latest observation per id: one Parquet file, replaced by each export
-# Two names used in turn, so the new file never overwrites the one the manifest lists.
-LATEST_FILE, LATEST_NEXT = "latest.parquet", "latest-next.parquet"
+LATEST_DIR = "latest"  # the latest observation per id: one file per format, replaced by each export
+
+
+def latest_names(suffix: str) -> tuple[str, str]:
+    """The latest file's two names, used in turn, so the new file never overwrites the one the
+    manifest lists: `latest.parquet` and `latest-next.parquet` (or `.jsonl.gz`)."""
+    return f"latest{suffix}", f"latest-next{suffix}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +122,7 @@ class _Family:
 
 _IMAGES = _Family(PREFIX, "", SCHEMA)
 _OBSERVED = _Family("observations-", OBSERVATIONS_DIR, OBSERVATION_SCHEMA)
+_LATEST = _Family("latest", LATEST_DIR, OBSERVATION_SCHEMA)  # one file, named by `latest_names`
 
 
 @dataclass(slots=True)
@@ -150,7 +155,9 @@ def _export(out_dir: Path, state: State, folder: Path, fmt: str, full: bool, fil
     for plan in (images, observed):
         _sweep(folder / plan.family.sub, suffix, plan.folder_names, plan.family.prefix)
     _sweep_latest(folder, set(manifest.latest.values()))
-    if not images.parts and not observed.parts and not full and fmt in manifest.formats:
+    # An export dir from before latest files were written in every format gets one now.
+    latest_due = fmt not in manifest.latest and bool(observed.done.files)
+    if not images.parts and not observed.parts and not full and fmt in manifest.formats and not latest_due:
         return Result(folder, fmt, full, (), 0, images.previous.rows, 0.0)  # nothing new: nothing changes
     media = media_table(state) if images.parts else None
     con = typed.connect(media)
@@ -225,9 +232,10 @@ def _latest(
     previous: Written | None,
     con: duckdb.DuckDBPyConnection,
 ) -> Written | None:
-    """`latest/latest.parquet`: the latest observation per id, from the last one and what is new
-    (everything, when the observations were exported again whole). Parquet exports only."""
-    if fmt != "parquet" or not plan.parts:
+    """`latest/latest.parquet` (or `.jsonl.gz`): the latest observation per id, from the last one
+    and what is new (everything, when the observations were exported again whole, or when there is
+    no latest file yet)."""
+    if not plan.parts and (previous is not None or not plan.done.files):
         return None
     kept = {f.name for f in plan.done.files}
     sources = [folder / OBSERVATIONS_DIR / f.name for f in exported.files if f.name not in kept]
@@ -235,30 +243,28 @@ def _latest(
         sources.append(folder / LATEST_DIR / previous.name)
     elif plan.done.files:
         sources += [folder / OBSERVATIONS_DIR / name for name in sorted(kept)]
-    listed = ", ".join("'" + str(p).replace("'", "''") + "'" for p in sources)
-    table = con.sql(
-        f"SELECT * FROM read_parquet([{listed}]) "
-        "QUALIFY row_number() OVER (PARTITION BY id ORDER BY pass DESC, observed_at DESC) = 1 ORDER BY id"
-    ).to_arrow_table()
-    name = LATEST_FILE if previous is None or previous.name != LATEST_FILE else LATEST_NEXT
-    return _write_whole(folder / LATEST_DIR, name, table.cast(OBSERVATION_SCHEMA))
+    table = _latest_of(con, fmt, sources).cast(OBSERVATION_SCHEMA)
+    first, other = latest_names(_suffix(fmt))
+    name = first if previous is None or previous.name != first else other
+    return _files(fmt, folder / LATEST_DIR, 0, 0, con, _LATEST).write_whole(name, table)
 
 
-def _write_whole(target: Path, name: str, table: pa.Table) -> Written:
-    """One Parquet file, whole or absent (.part, fsync, rename)."""
-    target.mkdir(parents=True, exist_ok=True)
-    part = target / (name + PART_SUFFIX)
+_LATEST_OF = (
+    "SELECT * FROM {} "
+    "QUALIFY row_number() OVER (PARTITION BY id ORDER BY pass DESC, observed_at DESC) = 1 ORDER BY id"
+)
+
+
+def _latest_of(con: duckdb.DuckDBPyConnection, fmt: str, sources: list[Path]) -> pa.Table:
+    """The latest row per id of the observation files `sources` (of format `fmt`)."""
+    if fmt == "parquet":
+        listed = ", ".join("'" + str(p).replace("'", "''") + "'" for p in sources)
+        return con.sql(_LATEST_OF.format(f"read_parquet([{listed}])")).to_arrow_table()
+    con.register("_observed", pa.concat_tables([_json_lines(p) for p in sources]))
     try:
-        with part.open("wb") as raw:
-            pq.write_table(table, raw, compression="zstd", compression_level=1)
-            raw.flush()
-            os.fsync(raw.fileno())
-            size = raw.tell()
-        os.replace(part, target / name)
-        fsync_dir(target)
-    except OSError as exc:
-        raise OutputError(f"{part}: cannot write: {exc.strerror or exc}") from None
-    return Written(name, len(table), size)
+        return con.sql(_LATEST_OF.format("_observed")).to_arrow_table()
+    finally:
+        con.unregister("_observed")
 
 
 def _write(
@@ -369,6 +375,16 @@ def _suffix(fmt: str) -> str:
     return {"parquet": ParquetFiles.suffix, "jsonl.gz": JsonLinesFiles.suffix}[fmt]
 
 
+def _json_lines(path: Path) -> pa.Table:
+    """One of our own gzipped JSON lines files of observations, read back typed: their schema is
+    fixed, so pyarrow's reader (which fails a block on one mistyped value) is the right tool here."""
+    options = pj.ParseOptions(explicit_schema=OBSERVATION_SCHEMA, unexpected_field_behavior="error")
+    try:
+        return pj.read_json(pa.input_stream(str(path), compression="gzip"), parse_options=options)
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise StateError(f"{path}: cannot read it back ({exc}); export again with --full") from None
+
+
 def _sweep(folder: Path, suffix: str, listed: set[str], prefix: str = PREFIX) -> None:
     """Remove what an interrupted export left: files the manifest does not list."""
     for path in strays(folder, suffix, listed, prefix):
@@ -377,10 +393,10 @@ def _sweep(folder: Path, suffix: str, listed: set[str], prefix: str = PREFIX) ->
 
 
 def _sweep_latest(folder: Path, listed: set[Written]) -> None:
-    """The latest file the manifest does not list (the one it replaced, or a `.part`)."""
+    """The latest files the manifest does not list (the one it replaced, or a `.part`)."""
     keep = {f.name for f in listed}
     target = folder / LATEST_DIR
-    for name in (LATEST_FILE, LATEST_NEXT):
+    for name in (*latest_names(ParquetFiles.suffix), *latest_names(JsonLinesFiles.suffix)):
         for path in (target / name, target / (name + PART_SUFFIX)):
             if path.name not in keep and path.exists():
                 path.unlink(missing_ok=True)

@@ -24,6 +24,7 @@ from crawler.errors import OutputError
 from crawler.export.schema import SCHEMA
 
 PREFIX = "images-"
+_WHOLE_ROWS = 1 << 20  # rows per block of a whole file: a Parquet row group, a DuckDB JSON query
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +134,27 @@ class Files:
             self._raw.close()
             self._part().unlink(missing_ok=True)
         self._raw = self._encoder = None
+
+    def write_whole(self, name: str, table: pa.Table) -> Written:
+        """`table` as the one file `name` (not numbered), whole or absent (.part, fsync, rename):
+        the latest observations, which each export replaces."""
+        part = self.folder / (name + PART_SUFFIX)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            with part.open("wb") as raw:
+                encoder = self.encoder(raw)
+                for start in range(0, len(table), _WHOLE_ROWS):
+                    batch = self.prepare(table.slice(start, _WHOLE_ROWS))
+                    encoder.write(batch.data)
+                encoder.close()
+                raw.flush()
+                os.fsync(raw.fileno())
+                size = raw.tell()
+            os.replace(part, self.folder / name)
+            fsync_dir(self.folder)
+        except OSError as exc:
+            raise OutputError(f"{part}: cannot write: {exc.strerror or exc}") from None
+        return Written(name, len(table), size)
 
     def encoder(self, raw: BinaryIO) -> Encoder:
         raise NotImplementedError

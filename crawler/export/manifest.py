@@ -50,7 +50,7 @@ class Manifest:
     source: str  # the output dir exported (resolved path)
     formats: dict[str, Exported] = field(default_factory=dict)  # the images, per format
     # The observations of `harvest refresh` (their own files and marks over the refresh
-    # segments), per format, and the file of the latest observation per id (Parquet only).
+    # segments), per format, and the file of the latest observation per id, per format.
     observations: dict[str, Exported] = field(default_factory=dict)
     latest: dict[str, Written] = field(default_factory=dict)
 

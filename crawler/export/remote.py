@@ -9,8 +9,8 @@ dir: the next export uploads them before anything else changes. With `--full`, o
 the format the new manifest no longer lists are removed from the store after it is up.
 
 The observations of `harvest refresh` go to `observations/` the same way. The file of the
-latest observation per id (`latest/latest.parquet`, replaced by each export that has new
-observations) is uploaded and kept in the staging dir too: the next export builds the new one
+latest observation per id (`latest/latest.parquet` or `.jsonl.gz`, replaced by each export
+that has new observations) is uploaded and kept in the staging dir too: the next export builds the new one
 from it and the new observations; the one it replaced is removed from the store after the
 manifest.
 """

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 2  # 2: query, shard and media_* filled; media_status; observations
+SCHEMA_VERSION = 3  # 2: query, shard and media_* filled; media_status; observations. 3: civitaiResources
 
 STATS_KEYS = ("likeCount", "heartCount", "laughCount", "cryCount", "dislikeCount", "commentCount")
 
@@ -21,6 +21,17 @@ _STATS = pa.struct([(key, pa.int64()) for key in STATS_KEYS])
 _TAG = pa.struct([("id", pa.int64()), ("name", pa.string())])
 _RESOURCE = pa.struct(
     [("name", pa.string()), ("type", pa.string()), ("weight", pa.float64()), ("hash", pa.string())]
+)
+# What on-site generations list in `meta.civitaiResources` (their `meta.resources` is empty):
+# the version used, by id, as the real items and the fake API carry it.
+CIVITAI_RESOURCE_KEYS = ("type", "weight", "modelVersionId", "modelVersionName")
+_CIVITAI_RESOURCE = pa.struct(
+    [
+        ("type", pa.string()),
+        ("weight", pa.float64()),
+        ("modelVersionId", pa.int64()),
+        ("modelVersionName", pa.string()),
+    ]
 )
 
 
@@ -75,6 +86,12 @@ COLUMNS: tuple[Column, ...] = (
         "list<struct<name: string, type: string, weight: double, hash: string>>",
         "`meta.resources`",
     ),
+    Column(
+        "civitaiResources",
+        pa.list_(_CIVITAI_RESOURCE),
+        "list<struct<type: string, weight: double, modelVersionId: int64, modelVersionName: string>>",
+        "`meta.civitaiResources`: what an on-site generation used (its `resources` is empty)",
+    ),
     Column("meta", pa.string(), "string (JSON)", "`meta` exactly as served (its bytes); null when null"),
     Column("query", pa.string(), "string", "the query (its `name`) whose shard wrote the image's line"),
     Column(
@@ -113,6 +130,7 @@ GENERATION = (
     "clipSkip",
     "Size",
     "resources",
+    "civitaiResources",
 )
 
 SCHEMA = pa.schema(

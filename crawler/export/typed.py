@@ -26,6 +26,7 @@ from crawler import exactjson
 from crawler.errors import StateError
 from crawler.export.lines import Block
 from crawler.export.schema import (
+    CIVITAI_RESOURCE_KEYS,
     GENERATION,
     MEDIA_SCHEMA,
     OBSERVATION_SCHEMA,
@@ -58,6 +59,7 @@ _ITEM = {
 _GEN = {
     **dict.fromkeys(("id", "meta", *GENERATION), "JSON"),
     "resources": [dict.fromkeys(("name", "type", "weight", "hash"), "JSON")],
+    "civitaiResources": [dict.fromkeys(CIVITAI_RESOURCE_KEYS, "JSON")],
 }
 
 
@@ -95,6 +97,10 @@ SELECT
     list_transform(g.resources, lambda x: struct_pack(
         name := j_str(x.name), type := j_str(x.type), weight := j_num(x.weight), hash := j_str(x.hash)
     )) AS resources,
+    list_transform(g.civitaiResources, lambda x: struct_pack(
+        type := j_str(x.type), weight := j_num(x.weight), modelVersionId := j_int(x.modelVersionId),
+        modelVersionName := j_str(x.modelVersionName)
+    )) AS civitaiResources,
     t.meta::VARCHAR AS meta,
     NULL::VARCHAR AS query, NULL::VARCHAR AS shard, $segment AS segment, n AS line,
     $media_columns,
