@@ -82,6 +82,28 @@ def test_a_skewed_models_big_shard_is_walked_as_halves_and_comes_back_exactly_on
     assert harvest("verify", cfg).code == 0
 
 
+SMALL = {5001: 300, 5002: 260, 5003: 200, 5004: 150, 5005: 90}  # 3 pages of 100 at most
+
+
+def test_small_shards_are_walked_alone_in_the_requests_of_plain_walks(tmp_path: Path) -> None:
+    """A second walker on a shard of 3 pages or fewer would only add its meeting page."""
+    dataset = make_dataset(SMALL, overlap=0.0)
+    with ServerThread(dataset, options=SLOW) as api:
+        plain_cfg = write_config(
+            tmp_path / "p.toml", api.base_url, splittable_query(), out="p", concurrency=1
+        )
+        assert harvest("run", plain_cfg).code == 0
+        plain = len(api.log.for_path("/api/v1/images"))
+        cfg = write_config(tmp_path / "c.toml", api.base_url, splittable_query(), concurrency="auto")
+        result = harvest("run", cfg)
+        requests = len(api.log.for_path("/api/v1/images")) - plain
+    assert result.code == 0, result.stderr
+    assert "other end" not in result.stderr and "halves" not in result.stderr, result.stderr
+    assert requests == plain, f"{requests} requests, plain walks {plain}"
+    ids = ids_of(read_items(tmp_path / "out"))
+    assert len(ids) == len(set(ids)) and set(ids) == all_levels(dataset, list(SMALL))
+
+
 def halves_answered(api: FakeServer) -> list[RequestRecord]:
     """Pages of the PG half (the other half may be halved again at once)."""
     return [r for r in api.log.for_path("/api/v1/images") if r.query.get("browsingLevel") == "1"]

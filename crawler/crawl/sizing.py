@@ -10,8 +10,8 @@ every walker busy to the end only if no walker has much more than R / W pages
 ahead of it; a walk with far more would be the run's serial tail. Such a shard is
 walked as halves instead (each from both ends: four walkers; a half may be halved
 again), as early as its size is known; small shards never are, and the halvings of
-a run together cost at most a few percent of its requests (each walks a page or two
-again).
+a run together cost at most a few percent of its requests (each walks again the few
+pages its shard's two ends walked before it was sized).
 """
 
 from __future__ import annotations
@@ -25,7 +25,10 @@ from crawler.civitai.images import IMAGES
 
 SLACK = 1.3  # pages a walker may have ahead beyond the run's average before its shard is halved
 MIN_PAGES = 8  # pages per walker below which a shard is never halved
-HALVING_COST = 3  # requests a halving adds: the pages walked before it, a partial page, a meeting
+ALONE_PAGES = 3  # pages a walk takes alone before its other end may start (the walker's rule)
+# Requests a halving into two adds: the pages walked before it (the starting end's ALONE_PAGES, the
+# other end's first), which the halves walk again, and the second pair's meeting.
+HALVING_COST = ALONE_PAGES + 2
 OVERHEAD = 0.04  # of the run's pages, at most, spent on halvings
 CLOSE_PAGES = 1.0  # less than this between the ends: one end walks the rest alone
 DECIDE_WITHIN = 4  # pages of a pair: later, halving it costs too much walked again
