@@ -104,6 +104,41 @@ def test_small_shards_are_walked_alone_in_the_requests_of_plain_walks(tmp_path: 
     assert len(ids) == len(set(ids)) and set(ids) == all_levels(dataset, list(SMALL))
 
 
+def pg_only(dataset: Dataset, versions: list[int]) -> set[int]:
+    found: set[int] = set()
+    for version in versions:
+        found |= set(dataset.walk_ids(ImageQuery(model_version_id=version, levels=1, sort="Newest")))
+    return found
+
+
+def test_a_single_level_big_shard_is_split_by_type_and_comes_back_exactly_once(tmp_path: Path) -> None:
+    """One browsing level cannot be halved by level; its type is not fixed, so it is split by type."""
+    dataset = make_dataset(
+        {5001: 24000, 5002: 600, 5003: 300, 5004: 200}, overlap=0.0, level_weights=[90, 4, 3, 2, 1]
+    )
+    query = [{"modelId": MODEL, "browsingLevel": 1, "sort": "Newest", "limit": 100}]
+    with ServerThread(dataset, options=SLOW) as api:
+        plain_cfg = write_config(tmp_path / "p.toml", api.base_url, query, out="plain")
+        assert harvest("run", plain_cfg).code == 0  # concurrency 4, 4 shards: one walker each
+        plain = len(api.log.for_path("/api/v1/images"))
+        cfg = write_config(tmp_path / "c.toml", api.base_url, query, concurrency="auto")
+        result = harvest("run", cfg)
+        records = api.log.for_path("/api/v1/images")[plain:]
+        again = harvest("run", cfg)
+    assert result.code == 0, result.stderr
+    split = [line for line in result.stderr.splitlines() if "walking it as 3 parts, one per type" in line]
+    assert split and all("modelVersionId=5001" in line for line in split), result.stderr
+    walked = {
+        (r.query.get("type"), r.query.get("sort")) for r in records if r.query.get("modelVersionId") == "5001"
+    }
+    assert {(kind, sort) for kind in ("image", "video", "audio") for sort in ("Newest", "Oldest")} <= walked
+    ids = ids_of(read_items(tmp_path / "out"))
+    assert len(ids) == len(set(ids)) and set(ids) == pg_only(dataset, [5001, 5002, 5003, 5004])
+    assert len(records) <= 1.1 * plain, f"{len(records)} requests, plain walks {plain}"
+    assert again.code == 0 and "0 new images" in again.stderr, again.stderr
+    assert harvest("verify", cfg).code == 0
+
+
 def halves_answered(api: FakeServer) -> list[RequestRecord]:
     """Pages of the PG half (the other half may be halved again at once)."""
     return [r for r in api.log.for_path("/api/v1/images") if r.query.get("browsingLevel") == "1"]
@@ -139,3 +174,4 @@ def test_an_explicit_concurrency_is_never_exceeded(tmp_path: Path) -> None:
     assert most == 2
     ids = ids_of(read_items(tmp_path / "out"))
     assert len(ids) == len(set(ids)) and set(ids) == everything(dataset, [5001, 5002, 5003])
+

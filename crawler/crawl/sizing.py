@@ -9,9 +9,10 @@ A run whose budget needs W requests in flight, with R pages left in all, keeps
 every walker busy to the end only if no walker has much more than R / W pages
 ahead of it; a walk with far more would be the run's serial tail. Such a shard is
 walked as halves instead (each from both ends: four walkers; a half may be halved
-again), as early as its size is known; small shards never are, and the halvings of
-a run together cost at most a few percent of its requests (each walks again the few
-pages its shard's two ends walked before it was sized).
+again; a single browsing level is split by type instead, into three parts), as
+early as its size is known; small shards never are, and the halvings of a run
+together cost at most a few percent of its requests (each walks again the few pages
+its shard's two ends walked before it was sized).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ ALONE_PAGES = 3  # pages a walk takes alone before its other end may start (the 
 # Requests a halving into two adds: the pages walked before it (the starting end's ALONE_PAGES, the
 # other end's first), which the halves walk again, and the second pair's meeting.
 HALVING_COST = ALONE_PAGES + 2
+PART_COST = 2  # each part beyond two (a split by type): its two ends' first pages, however small it is
 OVERHEAD = 0.04  # of the run's pages, at most, spent on halvings
 CLOSE_PAGES = 1.0  # less than this between the ends: one end walks the rest alone
 DECIDE_WITHIN = 4  # pages of a pair: later, halving it costs too much walked again
@@ -111,6 +113,7 @@ class Sizes:
     pairs: dict[str, Pair] = field(default_factory=dict)  # by each end's shard key
     walked: int = 0  # pages the pairs have walked, live or not
     halvings: int = 0
+    spent: int = 0  # requests the halvings so far are reckoned to add
 
     def open(self, key: str, other: str, limit: int, walk_cap: int) -> Pair:
         self.pairs[key] = self.pairs[other] = pair = Pair(key, other, limit, walk_cap)
@@ -133,10 +136,11 @@ class Sizes:
     def live(self) -> list[Pair]:
         return list({id(p): p for p in self.pairs.values()}.values())
 
-    def decide(self, pair: Pair, in_flight: int, walkers: int) -> bool:
-        """Once `pair`'s size is known: whether to halve it. `walkers`: the walks fetching now;
-        those not sized yet are counted at the sized ones' average. Asked again at each page,
-        as more pairs are sized, for the first `DECIDE_WITHIN` pages of the pair; yes only once."""
+    def decide(self, pair: Pair, in_flight: int, walkers: int, parts: int = 2) -> bool:
+        """Once `pair`'s size is known: whether to halve it (into `parts`). `walkers`: the walks
+        fetching now; those not sized yet are counted at the sized ones' average. Asked again at
+        each page, as more pairs are sized, for the first `DECIDE_WITHIN` pages of the pair; yes
+        only once."""
         own = pair.pages_left()
         if pair.decided or own is None:
             return False
@@ -148,8 +152,10 @@ class Sizes:
         per_walker = own / 2
         average = sum(known) / (2 * len(known))
         left = sum(known) + max(0, walkers - 2 * len(known)) * average
-        affordable = (self.halvings + 1) * HALVING_COST <= OVERHEAD * (left + self.walked)
+        cost = self.spent + HALVING_COST + PART_COST * max(0, parts - 2)
+        affordable = cost <= OVERHEAD * (left + self.walked)
         pair.halve = affordable and per_walker >= MIN_PAGES and per_walker > SLACK * left / max(1, in_flight)
         self.halvings += pair.halve
+        self.spent = cost if pair.halve else self.spent
         pair.decided |= pair.halve
         return pair.halve

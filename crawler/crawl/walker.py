@@ -295,7 +295,8 @@ def _size(shard: Shard, walker: Walker, walk_: _Walk) -> None:
     pair = walk_.pair
     if pair is None:
         return
-    if halves(shard) and walker.sizes.decide(pair, walker.client.in_flight_target, walker.crew.active):
+    parts = len(halves(shard))
+    if parts and walker.sizes.decide(pair, walker.client.in_flight_target, walker.crew.active, parts):
         left = pair.pages_left() or 0
         log.info("%s: about %.0f pages left, too many for two walkers", describe(shard), left)
 
@@ -316,7 +317,8 @@ async def _until_sized(shard: Shard, walker: Walker, walk_: _Walk) -> None:
 async def _walk_halves(shard: Shard, other_end: str, walker: Walker) -> None:
     children = halves(shard)
     other = next(e for e in ends_of(shard) if e.key == other_end)
-    log.info("%s: walking it as %d halves, each from both ends", describe(shard), len(children))
+    parts = "2 halves" if len(children) == 2 else f"{len(children)} parts, one per type"
+    log.info("%s: walking it as %s, each from both ends", describe(shard), parts)
     await walker.queue.put(Split(shard, children, ends=True))  # before any page of theirs
     await walker.queue.put(Split(other, []))  # the other end's walk is over: its halves walk it
     async with asyncio.TaskGroup() as group:
