@@ -175,3 +175,27 @@ def test_an_explicit_concurrency_is_never_exceeded(tmp_path: Path) -> None:
     ids = ids_of(read_items(tmp_path / "out"))
     assert len(ids) == len(set(ids)) and set(ids) == everything(dataset, [5001, 5002, 5003])
 
+
+def first_pages(records: list[RequestRecord]) -> list[str]:
+    """The versions in the order their walks sent their first request."""
+    seen: list[str] = []
+    for record in records:
+        version = record.query.get("modelVersionId", "")
+        if "cursor" not in record.query and version not in seen:
+            seen.append(version)
+    return seen
+
+
+def test_walks_start_longest_first_by_the_previous_passs_sizes(tmp_path: Path) -> None:
+    """Unknown sizes keep config order; a later pass starts the shards a previous one found big
+    first. One request at a time, and every walker alone, so the requests go out in start order."""
+    dataset = make_dataset({5001: 150, 5002: 900, 5003: 450, 5004: 20}, overlap=0.0)
+    with ServerThread(dataset) as api:
+        cfg = write_config(tmp_path / "c.toml", api.base_url, splittable_query(), concurrency=1)
+        assert harvest("run", cfg).code == 0
+        first = first_pages(api.log.for_path("/api/v1/images"))
+        done = len(api.log.for_path("/api/v1/images"))
+        assert harvest("run", cfg).code == 0  # a new pass: every shard walks again from its head
+        again = first_pages(api.log.for_path("/api/v1/images")[done:])
+    assert first == ["5001", "5002", "5003", "5004"]
+    assert again == ["5002", "5003", "5001", "5004"]
