@@ -26,10 +26,9 @@ from crawler.civitai.images import IMAGES
 
 SLACK = 1.3  # pages a walker may have ahead beyond the run's average before its shard is halved
 MIN_PAGES = 8  # pages per walker below which a shard is never halved
-ALONE_PAGES = 3  # pages a walk takes alone before its other end may start (the walker's rule)
-# Requests a halving into two adds: the pages walked before it (the starting end's ALONE_PAGES, the
-# other end's first), which the halves walk again, and the second pair's meeting.
-HALVING_COST = ALONE_PAGES + 2
+# Requests a halving into two adds: the pages its two ends walked before it was sized (a page each:
+# the starting end waits for the other's first), which the halves walk again, and a meeting.
+HALVING_COST = 3
 PART_COST = 2  # each part beyond two (a split by type): its two ends' first pages, however small it is
 OVERHEAD = 0.04  # of the run's pages, at most, spent on halvings
 CLOSE_PAGES = 1.0  # less than this between the ends: one end walks the rest alone
@@ -72,14 +71,18 @@ class Pair:
     decided: bool = False
     halve: bool = False  # both walks stop; the shard is walked as halves
     met: bool = False  # one end met the other: both walks are over
-    sized: asyncio.Event = field(default_factory=asyncio.Event)  # both ends walked a stretch, or one ended
+    # The other end's first page is committed (the pair sized, and a meeting known), or a walk ended.
+    sized: asyncio.Event = field(default_factory=asyncio.Event)
 
     def page(self, end: str, items: Sequence[dict[str, Any]], depth: int) -> None:
         self.ends.setdefault(end, _EndWalked()).page(items)
         self.pages += 1
         if end == self.key:
             self.depth = depth
-        if self.pages_left() is not None:
+
+    def committed(self, end: str) -> None:
+        """A page of `end` is committed: after the other end's first, the starting end walks on."""
+        if end == self.other:
             self.sized.set()
 
     def stops(self, end: str) -> bool:

@@ -36,7 +36,7 @@ from crawler.civitai.images import IMAGES
 from crawler.crawl.api import CivitaiApi
 from crawler.crawl.plan import PageSize, WalkPlan
 from crawler.crawl.shards import Shard, check_items, describe, ends_of, halves, split, with_limit
-from crawler.crawl.sizing import ALONE_PAGES, Pair, Sizes
+from crawler.crawl.sizing import Pair, Sizes
 from crawler.crawl.stall import StallGuard
 from crawler.errors import CursorGoneError, CursorLoopError, SearchTimeoutError, ShardError
 from crawler.http.gate import PRIORITY
@@ -119,7 +119,6 @@ class _Walk:
 
     cursor: Cursor | None
     depth: int
-    pages: int = 0  # answered in this walk
     used: set[str] = field(default_factory=set)
     deepest: collections.deque[list[int]] = field(
         default_factory=lambda: collections.deque(maxlen=DEEPEST_PAGES)
@@ -210,7 +209,6 @@ async def _follow(
             log.warning("%s: timing out; asking for %d images a page", describe(shard), size.current)
             continue
         size.answered()
-        walk_.pages += 1
         check_items(shard, page)
         _check_loop(walk_, page)
         if page.next_cursor is not None:  # the last page ends the walk whatever it holds
@@ -220,7 +218,10 @@ async def _follow(
         walk_.capped = page.next_cursor is None and walk_.depth >= walker.walk_cap
         if walk_.pair is not None:  # before the commit: it decides whether the ends met
             walker.sizes.page(walk_.pair, shard.key, page.items, walk_.depth)
-        if await _hand_on(shard, plan, walker, walk_, page) or page.next_cursor is None:
+        done = await _hand_on(shard, plan, walker, walk_, page)
+        if walk_.pair is not None:
+            walk_.pair.committed(shard.key)
+        if done or page.next_cursor is None:
             return
         walk_.cursor = page.next_cursor
         if _wants_other_end(shard, plan, walker, walk_):
@@ -232,28 +233,22 @@ async def _follow(
 
 
 # -- more walkers --------------------------------------------------------------
-# With fewer walks fetching than requests the run wants in flight, a walk that is more
-# than `ALONE_PAGES` pages deep gets a second walker: the same query from its other end
-# (`sort=Oldest` for a `Newest` walk, and back), until the two meet. Nothing is walked
-# twice but the page where they meet: one request more than one walk, whatever the
-# shard's size. On a shard of two or three pages that one request is a third or half
-# again, and the second walker saves a page or two of latency at most; so a walk earns
-# its other end only by the pages behind it: one that has taken `ALONE_PAGES` pages and
-# still has a cursor is at least `ALONE_PAGES + 1` deep (the meeting then costs at most
-# a quarter of it, and a vanishing share of the big shards that matter), and a shard of
-# `ALONE_PAGES` pages or fewer is always walked by one walker, in exactly the requests of
-# a plain walk. Nothing but the pages walked says how deep a query is before its other
-# end has answered (the API gives no count). A big shard loses `ALONE_PAGES - 1` pages
-# of latency before its other end starts, a few seconds against its minutes. A shard
-# that can be split and is capped from both ends is split then, its children walked
-# from their heads.
+# With fewer walks fetching than requests the run wants in flight, a walk that has a
+# second page gets a second walker: the same query from its other end (`sort=Oldest`
+# for a `Newest` walk, and back), until the two meet. The walk that started it sends
+# its next request only once the other end's first page is committed: by then the two
+# have met (a shard of two pages, walked in a plain walk's two requests), or less than
+# a page lies between them (the other end stops, this one walks the rest), or the pair
+# is sized and perhaps halved. So nothing is walked twice but, at most, the page where
+# the two meet, and a small shard costs what one walk of it would. A shard that can be
+# split and is capped from both ends is split then, its children walked from their heads.
 
 
 def _wants_other_end(shard: Shard, plan: WalkPlan, walker: Walker, walk_: _Walk) -> bool:
     if walk_.other_end is not None or plan.stop_when_known or plan.known_from or plan.start is not None:
         return False  # already two-ended, or an incremental or resumed walk: it knows its frontier
-    if walk_.pages < ALONE_PAGES or not walker.crew.short(walker.client):
-        return False  # too shallow yet for the meeting page to be worth its request, or no need
+    if not walker.crew.short(walker.client):
+        return False
     return shard in ends_of(shard)  # its sort is one end's: the walk so far is that end's
 
 
@@ -302,10 +297,11 @@ def _size(shard: Shard, walker: Walker, walk_: _Walk) -> None:
 
 
 async def _until_sized(shard: Shard, walker: Walker, walk_: _Walk) -> None:
-    """The end that started its pair waits for the other end's first page before it walks on:
-    if the shard is halved, each page walked now is walked again by a half."""
+    """The end that started its pair waits for the other end's first page to be committed before
+    it walks on: if the shard is halved, each page walked now is walked again by a half; if the
+    two met there, or are less than a page apart, a page asked for now is one walked already."""
     pair = walk_.pair
-    if pair is None or pair.key != shard.key or not halves(shard) or pair.sized.is_set():
+    if pair is None or pair.key != shard.key or pair.sized.is_set():
         return
     walker.crew.active -= 1
     try:
