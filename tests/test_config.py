@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import harvest, write_config
 from crawler.civitai.images import LIST_KEYS, NSFW_LEVELS, PERIODS, SORTS, TYPES
 from crawler.config import (
     API_KEY_ENV,
@@ -284,7 +285,14 @@ ERRORS: list[tuple[str, list[str]]] = [
     ("[api]\ntimeout = inf\n" + MINIMAL, ["api.timeout", "got inf (float)"]),
     ("[api]\nmax_backoff = nan\n" + MINIMAL, ["api.max_backoff", "got nan"]),
     ("[api]\nmax_backoff = true\n" + MINIMAL, ["api.max_backoff", "(boolean)"]),
-    ("[api]\nconcurrency = 0\n" + MINIMAL, ['api.concurrency: expected a positive integer or "auto", got 0']),
+    (
+        "[api]\nconcurrency = 0\n" + MINIMAL,
+        ['api.concurrency: expected an integer from 1 to 256 or "auto", got 0'],
+    ),
+    (
+        "[api]\nconcurrency = 1000\n" + MINIMAL,
+        ['api.concurrency: expected an integer from 1 to 256 or "auto"', "1000"],
+    ),
     ("[api]\nconcurrency = 2.0\n" + MINIMAL, ["api.concurrency", "(float)"]),
     ("[api]\nmax_retries = -1\n" + MINIMAL, ["api.max_retries: expected an integer >= 0, got -1"]),
     ("[api]\nmax_retries = false\n" + MINIMAL, ["api.max_retries", "(boolean)"]),
@@ -468,3 +476,13 @@ def test_concurrency_is_auto_unless_set(tmp_path: Path) -> None:
     assert auto.api.concurrency is None
     fixed = load_config(write(tmp_path, "[api]\nconcurrency = 3\n" + MINIMAL))
     assert fixed.api.concurrency == 3
+    most = load_config(write(tmp_path, "[api]\nconcurrency = 256\n" + MINIMAL))
+    assert most.api.concurrency == 256  # the bound itself is allowed
+
+
+def test_a_concurrency_above_the_bound_stops_the_cli_with_one_line_and_exit_2(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path / "c.toml", "http://127.0.0.1:9/api/v1", [{"modelId": 1}], concurrency=1000)
+    result = harvest("run", cfg)
+    assert result.code == 2, result
+    (line,) = result.stderr.strip().splitlines()
+    assert "api.concurrency" in line and "from 1 to 256" in line and "1000" in line

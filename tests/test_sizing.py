@@ -1,13 +1,21 @@
-"""The size of a two-ended walk from its two ends' first pages, and the decision to halve it."""
+"""The size of a two-ended walk from its two ends' first pages, the decision to halve it, and
+whose requests go first."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime
+import math
 from typing import Any
 
 from crawler.crawl.sizing import MIN_PAGES, Sizes
+from crawler.crawl.walker import _urgency, _Walk
+from crawler.http.gate import PRIORITY, RateGate
+from crawler.http.outcomes import Kind, Outcome
+from crawler.testing.fakehttp import VirtualClock, run_virtual
 
 T0 = datetime.datetime(2025, 1, 1, tzinfo=datetime.UTC)
+OK = Outcome(Kind.OK, "ok", status=200)
 
 
 def items(first: int, count: int, step: int) -> list[dict[str, Any]]:
@@ -62,3 +70,49 @@ def test_the_other_end_stops_a_page_from_meeting_unless_the_cap_is_as_near() -> 
         sizes.page(pair, "a-old", items(0, 100, 1), 100)  # about half a page between them
     assert far.pairs["a"].stops("a-old") and not far.pairs["a"].stops("a")
     assert not near.pairs["a"].stops("a-old")  # the starting end is capped before it meets
+
+
+# -- longest work first ----------------------------------------------------------
+
+
+def urgent_first(urgencies: list[float]) -> list[int]:
+    """The order in which requests of these urgencies, queued in this order behind one held slot,
+    are let through the gate (on virtual time)."""
+    clock = VirtualClock()
+    gate = RateGate(100.0, 1, max_backoff=1.0, clock=clock, rng=lambda: 0.0)
+    served: list[int] = []
+
+    async def request(n: int, urgency: float) -> None:
+        PRIORITY.set(urgency)  # as a walk sets it before each request
+        async with gate.turn() as turn:
+            served.append(n)
+            turn.observe(OK)
+
+    async def main() -> None:
+        async with gate.turn() as holder:  # every request below queues behind this one
+            tasks = [asyncio.ensure_future(request(n, u)) for n, u in enumerate(urgencies)]
+            await asyncio.sleep(0)
+            holder.observe(OK)
+        await asyncio.gather(*tasks)
+
+    run_virtual(clock, main)
+    return served
+
+
+def test_a_lone_walker_or_an_unsized_end_goes_before_ends_with_few_pages_left() -> None:
+    sizes = Sizes()
+    sized(sizes, "big", 10_000)  # about 98 pages between its ends
+    sized(sizes, "small", 450)  # about 2.5 pages
+    unsized = sizes.open("new", "new-old", 100, walk_cap=50_000)  # its other end has not answered
+    walks = {
+        "few left": _Walk(None, 0, pair=sizes.pairs["small"]),
+        "many left": _Walk(None, 0, pair=sizes.pairs["big"]),
+        "unsized end": _Walk(None, 0, pair=unsized),
+        "lone walker": _Walk(None, 0),
+    }
+    urgency = {name: _urgency(walk) for name, walk in walks.items()}
+    assert urgency["lone walker"] == urgency["unsized end"] == math.inf
+    assert urgency["many left"] > urgency["few left"] > 0
+    names = list(walks)  # queued in this order: the least urgent first
+    order = [names[n] for n in urgent_first([urgency[name] for name in names])]
+    assert order == ["unsized end", "lone walker", "many left", "few left"]

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from conftest import expected_ids, harvest, ids_of, make_dataset, read_items, write_config
-from crawler.crawl.shards import make_shard, split
+from crawler.crawl.shards import halves, make_shard, split
 from crawler.testing.fakeapi import ServerOptions, ServerThread, SlowSearch
 
 # Any: the values are keyword arguments to write_config, which also has a str parameter.
@@ -22,6 +22,20 @@ def test_split_partitions_by_level_bits_then_type() -> None:
     assert [c.value("type") for c in by_type] == ["image", "video", "audio"]
     assert split(by_type[0]) == []
     assert split(make_shard("q", [("modelVersionId", "1")])) == []  # no explicit levels: no exact cover
+
+
+def test_halves_are_pg_against_the_rest_then_the_types_of_a_single_level() -> None:
+    shard = make_shard("q", [("modelVersionId", "1"), ("browsingLevel", "13")])
+    assert [c.value("browsingLevel") for c in halves(shard)] == ["1", "12"]
+    single = make_shard("q", [("modelVersionId", "1"), ("browsingLevel", "4")])
+    assert halves(single) == split(single)  # the same partition, so the state reads it either way
+    assert [(c.value("browsingLevel"), c.value("type")) for c in halves(single)] == [
+        ("4", "image"),
+        ("4", "video"),
+        ("4", "audio"),
+    ]
+    assert halves(halves(single)[0]) == []  # level and type fixed: nothing left to split
+    assert halves(make_shard("q", [("modelVersionId", "1")])) == []  # no explicit levels
 
 
 def test_timeouts_halve_the_page_size_then_recover(tmp_path: Path) -> None:

@@ -204,7 +204,8 @@ class Endpoint:
         return _each_set(tuple(params), self.partitions)
 
     def halve(self, params: Iterable[tuple[str, str]]) -> list[WireParams]:
-        """Like `split`, but into two parts at most (for more walkers, not for the cap), or []."""
+        """Like `split`, but into as few parts as `halving` says (for more walkers, not for the cap),
+        or []."""
         return _each_set(tuple(params), self.halving)
 
     def item_time(self, item: Mapping[str, Any]) -> float | None:

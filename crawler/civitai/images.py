@@ -137,11 +137,13 @@ def _partitions(params: Mapping[str, str]) -> list[tuple[str, str]]:
 
 def _halving(params: Mapping[str, str]) -> list[tuple[str, str]]:
     """The lowest browsing level against the others: PG holds about half of most models' images,
-    so the two halves are near even; a single level is not halved."""
+    so the two halves are near even. A single level is split by type instead, as `_partitions`
+    splits it (the parameter takes one value, so three parts, not two: most images are `image`,
+    the other two are small and walked quickly); with the type fixed too, there is nothing left."""
     levels = params.get("browsingLevel")
     bits = [bit for bit in LEVEL_BITS if levels is not None and int(levels) & bit]
     if len(bits) < 2:
-        return []
+        return _partitions(params)  # by type, or nothing (no explicit level, or the type fixed)
     return [("browsingLevel", str(bits[0])), ("browsingLevel", str(sum(bits[1:])))]
 
 

@@ -105,7 +105,8 @@ def ends_of(shard: Shard) -> list[Shard]:
 
 
 def halves(shard: Shard) -> list[Shard]:
-    """Two child shards that together select exactly what `shard` selects, or [] if none."""
+    """Child shards that together select exactly what `shard` selects, for more walkers: two by
+    browsing level, or, for a single level, one per type; [] if none."""
     return [make_shard(shard.query, params) for params in IMAGES.halve(shard.params)]
 
 

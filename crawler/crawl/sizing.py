@@ -9,9 +9,10 @@ A run whose budget needs W requests in flight, with R pages left in all, keeps
 every walker busy to the end only if no walker has much more than R / W pages
 ahead of it; a walk with far more would be the run's serial tail. Such a shard is
 walked as halves instead (each from both ends: four walkers; a half may be halved
-again), as early as its size is known; small shards never are, and the halvings of
-a run together cost at most a few percent of its requests (each walks a page or two
-again).
+again; a single browsing level is split by type instead, into three parts), as
+early as its size is known; small shards never are, and the halvings of a run
+together cost at most a few percent of its requests (each walks again the few pages
+its shard's two ends walked before it was sized).
 """
 
 from __future__ import annotations
@@ -25,7 +26,10 @@ from crawler.civitai.images import IMAGES
 
 SLACK = 1.3  # pages a walker may have ahead beyond the run's average before its shard is halved
 MIN_PAGES = 8  # pages per walker below which a shard is never halved
-HALVING_COST = 3  # requests a halving adds: the pages walked before it, a partial page, a meeting
+# Requests a halving into two adds: the pages its two ends walked before it was sized (a page each:
+# the starting end waits for the other's first), which the halves walk again, and a meeting.
+HALVING_COST = 3
+PART_COST = 2  # each part beyond two (a split by type): its two ends' first pages, however small it is
 OVERHEAD = 0.04  # of the run's pages, at most, spent on halvings
 CLOSE_PAGES = 1.0  # less than this between the ends: one end walks the rest alone
 DECIDE_WITHIN = 4  # pages of a pair: later, halving it costs too much walked again
@@ -67,14 +71,18 @@ class Pair:
     decided: bool = False
     halve: bool = False  # both walks stop; the shard is walked as halves
     met: bool = False  # one end met the other: both walks are over
-    sized: asyncio.Event = field(default_factory=asyncio.Event)  # both ends walked a stretch, or one ended
+    # The other end's first page is committed (the pair sized, and a meeting known), or a walk ended.
+    sized: asyncio.Event = field(default_factory=asyncio.Event)
 
     def page(self, end: str, items: Sequence[dict[str, Any]], depth: int) -> None:
         self.ends.setdefault(end, _EndWalked()).page(items)
         self.pages += 1
         if end == self.key:
             self.depth = depth
-        if self.pages_left() is not None:
+
+    def committed(self, end: str) -> None:
+        """A page of `end` is committed: after the other end's first, the starting end walks on."""
+        if end == self.other:
             self.sized.set()
 
     def stops(self, end: str) -> bool:
@@ -108,6 +116,7 @@ class Sizes:
     pairs: dict[str, Pair] = field(default_factory=dict)  # by each end's shard key
     walked: int = 0  # pages the pairs have walked, live or not
     halvings: int = 0
+    spent: int = 0  # requests the halvings so far are reckoned to add
 
     def open(self, key: str, other: str, limit: int, walk_cap: int) -> Pair:
         self.pairs[key] = self.pairs[other] = pair = Pair(key, other, limit, walk_cap)
@@ -130,10 +139,11 @@ class Sizes:
     def live(self) -> list[Pair]:
         return list({id(p): p for p in self.pairs.values()}.values())
 
-    def decide(self, pair: Pair, in_flight: int, walkers: int) -> bool:
-        """Once `pair`'s size is known: whether to halve it. `walkers`: the walks fetching now;
-        those not sized yet are counted at the sized ones' average. Asked again at each page,
-        as more pairs are sized, for the first `DECIDE_WITHIN` pages of the pair; yes only once."""
+    def decide(self, pair: Pair, in_flight: int, walkers: int, parts: int = 2) -> bool:
+        """Once `pair`'s size is known: whether to halve it (into `parts`). `walkers`: the walks
+        fetching now; those not sized yet are counted at the sized ones' average. Asked again at
+        each page, as more pairs are sized, for the first `DECIDE_WITHIN` pages of the pair; yes
+        only once."""
         own = pair.pages_left()
         if pair.decided or own is None:
             return False
@@ -145,8 +155,10 @@ class Sizes:
         per_walker = own / 2
         average = sum(known) / (2 * len(known))
         left = sum(known) + max(0, walkers - 2 * len(known)) * average
-        affordable = (self.halvings + 1) * HALVING_COST <= OVERHEAD * (left + self.walked)
+        cost = self.spent + HALVING_COST + PART_COST * max(0, parts - 2)
+        affordable = cost <= OVERHEAD * (left + self.walked)
         pair.halve = affordable and per_walker >= MIN_PAGES and per_walker > SLACK * left / max(1, in_flight)
         self.halvings += pair.halve
+        self.spent = cost if pair.halve else self.spent
         pair.decided |= pair.halve
         return pair.halve

@@ -218,7 +218,10 @@ async def _follow(
         walk_.capped = page.next_cursor is None and walk_.depth >= walker.walk_cap
         if walk_.pair is not None:  # before the commit: it decides whether the ends met
             walker.sizes.page(walk_.pair, shard.key, page.items, walk_.depth)
-        if await _hand_on(shard, plan, walker, walk_, page) or page.next_cursor is None:
+        done = await _hand_on(shard, plan, walker, walk_, page)
+        if walk_.pair is not None:
+            walk_.pair.committed(shard.key)
+        if done or page.next_cursor is None:
             return
         walk_.cursor = page.next_cursor
         if _wants_other_end(shard, plan, walker, walk_):
@@ -232,10 +235,13 @@ async def _follow(
 # -- more walkers --------------------------------------------------------------
 # With fewer walks fetching than requests the run wants in flight, a walk that has a
 # second page gets a second walker: the same query from its other end (`sort=Oldest`
-# for a `Newest` walk, and back), until the two meet. Nothing is walked twice but the
-# page where they meet (at most one request more than one walk), so it is done as
-# soon as walkers run short. A shard that can be split and is capped from both ends
-# is split then, its children walked from their heads.
+# for a `Newest` walk, and back), until the two meet. The walk that started it sends
+# its next request only once the other end's first page is committed: by then the two
+# have met (a shard of two pages, walked in a plain walk's two requests), or less than
+# a page lies between them (the other end stops, this one walks the rest), or the pair
+# is sized and perhaps halved. So nothing is walked twice but, at most, the page where
+# the two meet, and a small shard costs what one walk of it would. A shard that can be
+# split and is capped from both ends is split then, its children walked from their heads.
 
 
 def _wants_other_end(shard: Shard, plan: WalkPlan, walker: Walker, walk_: _Walk) -> bool:
@@ -284,16 +290,18 @@ def _size(shard: Shard, walker: Walker, walk_: _Walk) -> None:
     pair = walk_.pair
     if pair is None:
         return
-    if halves(shard) and walker.sizes.decide(pair, walker.client.in_flight_target, walker.crew.active):
+    parts = len(halves(shard))
+    if parts and walker.sizes.decide(pair, walker.client.in_flight_target, walker.crew.active, parts):
         left = pair.pages_left() or 0
         log.info("%s: about %.0f pages left, too many for two walkers", describe(shard), left)
 
 
 async def _until_sized(shard: Shard, walker: Walker, walk_: _Walk) -> None:
-    """The end that started its pair waits for the other end's first page before it walks on:
-    if the shard is halved, each page walked now is walked again by a half."""
+    """The end that started its pair waits for the other end's first page to be committed before
+    it walks on: if the shard is halved, each page walked now is walked again by a half; if the
+    two met there, or are less than a page apart, a page asked for now is one walked already."""
     pair = walk_.pair
-    if pair is None or pair.key != shard.key or not halves(shard) or pair.sized.is_set():
+    if pair is None or pair.key != shard.key or pair.sized.is_set():
         return
     walker.crew.active -= 1
     try:
@@ -305,7 +313,8 @@ async def _until_sized(shard: Shard, walker: Walker, walk_: _Walk) -> None:
 async def _walk_halves(shard: Shard, other_end: str, walker: Walker) -> None:
     children = halves(shard)
     other = next(e for e in ends_of(shard) if e.key == other_end)
-    log.info("%s: walking it as %d halves, each from both ends", describe(shard), len(children))
+    parts = "2 halves" if len(children) == 2 else f"{len(children)} parts, one per type"
+    log.info("%s: walking it as %s, each from both ends", describe(shard), parts)
     await walker.queue.put(Split(shard, children, ends=True))  # before any page of theirs
     await walker.queue.put(Split(other, []))  # the other end's walk is over: its halves walk it
     async with asyncio.TaskGroup() as group:
