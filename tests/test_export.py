@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 from conftest import harvest
 from crawler import exactjson
 from crawler.archive.reader import committed_lines
-from crawler.archive.state import State
+from crawler.archive.state import STATE_FILE, State
 from crawler.export import lines, typed
 from crawler.export.schema import (
     CIVITAI_RESOURCE_KEYS,
@@ -42,7 +42,7 @@ from crawler.export.schema import (
 )
 from crawler.export.sql import names_images
 from crawler.testing import configs
-from crawler.testing.fakeapi import Dataset, ServerOptions, ServerThread
+from crawler.testing.fakeapi import Dataset, ImageQuery, ServerOptions, ServerThread
 from crawler.testing.fakeapi.cdnfiles import CdnOptions
 from crawler.testing.fakeapi.dataset import DatasetSpec
 
@@ -322,10 +322,19 @@ def config(tmp_path: Path, base_url: str, output: Mapping[str, Any] | None = Non
 def harvested(
     tmp_path: Path, data: Dataset | None = None, output: Mapping[str, Any] | None = None, **query: Any
 ) -> Path:
-    with ServerThread(data or dataset(), options=ServerOptions(raw_items=RAW)) as api:
+    data = data or dataset()
+    with ServerThread(data, options=ServerOptions(raw_items=RAW)) as api:
         cfg = config(tmp_path, api.base_url, output, **query)
         result = harvest("run", cfg)
     assert result.code == 0, result.stderr
+    # Complete: the spliced raw items, served at the head of every page from both ends, end no
+    # walk early (the values below are compared with the archive; this, with the server).
+    served = {
+        i for v in VERSIONS for i in data.walk_ids(ImageQuery(model_version_id=v, levels=31, sort="Newest"))
+    }
+    with sqlite3.connect(tmp_path / "out" / STATE_FILE) as conn:
+        harvested_ids = {row[0] for row in conn.execute("SELECT id FROM seen")}
+    assert harvested_ids == served | {int(re.findall(rb'"id": ?(\d+)', raw)[0]) for _, _, raw in RAW}
     return cfg
 
 
@@ -439,9 +448,10 @@ def test_a_second_export_writes_only_what_is_new_and_full_rewrites(tmp_path: Pat
 
 @pytest.mark.parametrize("codec", ["zstd", "gzip"])
 def test_compressed_segments_export_and_an_uncommitted_tail_does_not(tmp_path: Path, codec: str) -> None:
-    # 359 images in pages of at most 50: two closed segments of 125..174 hold 250..348, a third
-    # never closes, so an active segment is left whatever order the pages are committed in.
-    cfg = harvested(tmp_path, output={"segment_items": 125, "compress": codec}, limit=50)
+    # 470 images in pages of at most 50 new ones (53 with the spliced raw items): two closed
+    # segments of 160..212 hold 320..424, the rest (46..150) never closes, so an active segment
+    # is left whatever order the pages are committed in.
+    cfg = harvested(tmp_path, output={"segment_items": 160, "compress": codec}, limit=50)
     out = tmp_path / "out"
     suffix = {"zstd": ".zst", "gzip": ".gz"}[codec]
     assert len(list(out.glob(f"images-*.ndjson{suffix}"))) >= 2

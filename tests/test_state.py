@@ -261,3 +261,23 @@ def test_a_commit_past_the_file_size_limit_says_so(tmp_path: Path) -> None:
     said = found.stdout.strip()
     assert said.startswith(f"{tmp_path / STATE_FILE}: ") and "file too large" in said, said
     assert "200000 bytes" in said and "disk I/O error" not in said
+
+
+@pytest.mark.parametrize(
+    ("page", "meets"),
+    [
+        ([10, 11, 12, 3, 2, 1], True),  # the page's last ids are the other end's: they met
+        ([3, 2, 1], True),  # all of it
+        ([10, 11, 1], True),  # only its last one
+        ([1, 10, 11, 12], False),  # an id served at the head of every page (pinned): not a meeting
+        ([1, 10, 2, 3], False),  # an id the other end never saw between its ids: something lies between
+        ([10, 11, 12], False),  # nothing in common
+        ([], False),
+    ],
+)
+def test_a_page_meets_the_other_end_only_where_its_last_ids_are_that_ends(
+    tmp_path: Path, page: list[int], meets: bool
+) -> None:
+    with State.open(tmp_path) as state:
+        state.record_ends("newest", ("oldest", "q"), [1, 2, 3])
+        assert state.meets("newest", page) is meets

@@ -111,7 +111,7 @@ class Checkpointer:
         fresh, fresh_ids = self._unseen(page)
         if walk.stop_when_known and page.ids and not fresh:
             next_cursor = None  # an incremental walk has reached what it already holds
-        met = walk.other_end is not None and walk.may_meet and self._state.walked_by(walk.other_end, page.ids)
+        met = walk.other_end is not None and walk.may_meet and self._state.meets(walk.other_end, page.ids)
         if met:
             next_cursor = None  # the two ends of a walk met: everything between is covered
         capped = walk.capped and next_cursor is None and not met

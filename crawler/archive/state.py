@@ -275,15 +275,25 @@ class State:
             self._conn.executemany("INSERT OR IGNORE INTO end_ids VALUES (?, ?)", ((key, i) for i in deepest))
             self._enrol(*other, pass_no, ends=True)
 
-    def walked_by(self, key: str, ids: Sequence[int]) -> bool:
-        """Whether the walk of `key` has served any of `ids` (for shards walked from both ends)."""
+    def meets(self, key: str, ids: Sequence[int]) -> bool:
+        """Whether a page of `ids` meets the walk of `key` (its shard's other end): the ids that
+        walk served are the page's last ones, none before them missing. Two ends that met walked
+        the same stretch from opposite sides, so a page overlaps the other end only past some
+        point of its own order; an id it shares before an id it does not is one served out of
+        order (an image pinned on every page, say), never proof that nothing lies between."""
+        served = self._served_by(key, ids)
+        first = next((n for n, i in enumerate(ids) if i in served), None)
+        return first is not None and all(i in served for i in ids[first:])
+
+    def _served_by(self, key: str, ids: Sequence[int]) -> set[int]:
+        """Those of `ids` that the walk of `key` has served (for shards walked from both ends)."""
+        served: set[int] = set()
         for start in range(0, len(ids), 500):
             chunk = ids[start : start + 500]
             marks = ",".join("?" * len(chunk))
-            query = f"SELECT 1 FROM end_ids WHERE shard=? AND id IN ({marks}) LIMIT 1"
-            if self._conn.execute(query, (key, *chunk)).fetchone() is not None:
-                return True
-        return False
+            query = f"SELECT id FROM end_ids WHERE shard=? AND id IN ({marks})"
+            served.update(row[0] for row in self._conn.execute(query, (key, *chunk)))
+        return served
 
     def _set_walk(self, key: str, *, depth: int | None = None, ends: bool | None = None) -> None:
         self._conn.execute(
