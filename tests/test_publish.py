@@ -145,6 +145,21 @@ def _start(config: Path) -> subprocess.Popen[bytes]:
     )
 
 
+def _kill_while_held(
+    objectstore: ObjectStoreFixture, config: Path, match: Any, *, answered: bool = False
+) -> None:
+    """`harvest run` killed (-9) while the store's proxy holds the first request `match` takes
+    (its body unread, or with `answered` its answer held back); then the proxy lets go."""
+    objectstore.proxy.hold_next(match, answered=answered)
+    proc = _start(config)
+    try:
+        assert objectstore.proxy.wait_held(timeout=120), "no request was held"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    objectstore.proxy.release()
+
+
 def _segment_put(method: str, path: str, query: str) -> bool:
     return method == "PUT" and path.endswith(".ndjson.zst")
 
@@ -166,14 +181,7 @@ def test_kill_mid_upload_then_resume_every_object_once(
     with ServerThread(dataset, options=options) as api:
         types = ["video"] if video_mb else ["image", "video"]
         config = _config(tmp_path / "c.toml", api, objectstore, types=types, segment_items=5)
-        objectstore.proxy.hold_next(match)
-        proc = _start(config)
-        try:
-            assert objectstore.proxy.wait_held(timeout=120), "no upload was held"
-        finally:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait(timeout=30)
-        objectstore.proxy.release()
+        _kill_while_held(objectstore, config, match)
         held = [p for p in objectstore.proxy.log if match(p.method, p.path, p.query)]
         assert not any(p.creates for p in held)  # the held request never reached the store
         result = harvest("run", config)
@@ -193,14 +201,7 @@ def test_kill_after_the_store_has_a_segment_before_it_is_recorded_then_resume_up
     options = ServerOptions(cdn=CdnOptions(seed=3, gone_rate=0, cache_miss_rate=0))
     with ServerThread(_dataset(), options=options) as api:
         config = _config(tmp_path / "c.toml", api, objectstore, types=["image"], segment_items=5)
-        objectstore.proxy.hold_next(_segment_put, answered=True)
-        proc = _start(config)
-        try:
-            assert objectstore.proxy.wait_held(timeout=120), "no segment's answer was held"
-        finally:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait(timeout=30)
-        objectstore.proxy.release()
+        _kill_while_held(objectstore, config, _segment_put, answered=True)
         (held,) = [p for p in objectstore.proxy.log if _segment_put(p.method, p.path, p.query)]
         assert held.creates  # the store has the object ...
         key = held.path.removeprefix(f"/{objectstore.bucket}/")
