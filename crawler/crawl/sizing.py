@@ -115,7 +115,6 @@ class Sizes:
 
     pairs: dict[str, Pair] = field(default_factory=dict)  # by each end's shard key
     walked: int = 0  # pages the pairs have walked, live or not
-    halvings: int = 0
     spent: int = 0  # requests the halvings so far are reckoned to add
 
     def open(self, key: str, other: str, limit: int, walk_cap: int) -> Pair:
@@ -158,7 +157,7 @@ class Sizes:
         cost = self.spent + HALVING_COST + PART_COST * max(0, parts - 2)
         affordable = cost <= OVERHEAD * (left + self.walked)
         pair.halve = affordable and per_walker >= MIN_PAGES and per_walker > SLACK * left / max(1, in_flight)
-        self.halvings += pair.halve
-        self.spent = cost if pair.halve else self.spent
+        if pair.halve:
+            self.spent = cost
         pair.decided |= pair.halve
         return pair.halve
