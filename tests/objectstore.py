@@ -235,14 +235,14 @@ class FaultProxy:
                 return web.Response(status=answer.status, headers=out)
             return web.Response(status=answer.status, body=data, headers=out)
 
-
     async def _hold_here(self) -> None:
         self._held.set()
         while not self._release.is_set():  # polled: the event is a thread's, not this loop's
             await asyncio.sleep(0.01)
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on now (for a server a test starts)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -306,7 +306,7 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
 
 @pytest.fixture(scope="session")
 def moto_server() -> Iterator[MotoServer]:
-    port = _free_port()
+    port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,

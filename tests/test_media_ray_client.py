@@ -6,7 +6,6 @@ and the recording still go through it, so the run ends as with a local Ray."""
 from __future__ import annotations
 
 import gc
-import socket
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,22 +17,17 @@ from crawler.errors import ExitCode
 from crawler.testing.fakeapi import ServerOptions
 from crawler.testing.fakeapi.background import ServerThread
 from crawler.testing.fakeapi.cdnfiles import CdnOptions
+from objectstore import free_port
 from test_media import assert_complete, media_config, media_dataset, media_rows
 
 # Ray takes the machine's address for its processes unless told this is a one-machine cluster.
 _LOOPBACK = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def ray_client_address() -> Iterator[str]:
     """A Ray head of 1 CPU on 127.0.0.1 with a Ray Client server: its ray://127.0.0.1:PORT."""
-    port = _free_port()
+    port = free_port()
     with pytest.MonkeyPatch.context() as patch:
         for name, value in _LOOPBACK.items():
             patch.setenv(name, value)  # the head's processes inherit it
@@ -69,4 +63,3 @@ def test_media_through_a_ray_client_address(ray_client_address: str, tmp_path: P
         assert_complete(api, out)
         assert {row["tries"] for row in media_rows(out).values()} == {1}
         assert harvest("verify", config).code == ExitCode.OK
-
